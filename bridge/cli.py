@@ -1,0 +1,137 @@
+"""The ``fieldbridge`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from bridge import __version__
+from bridge.config import load_config, root_model
+from bridge.errors import BridgeError, ConfigError
+
+logger = logging.getLogger("bridge")
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr; under systemd (journald) leave timestamps to the journal."""
+    if os.environ.get("JOURNAL_STREAM"):
+        layout = "<%(levelno)s>%(name)s: %(message)s"
+        logging.addLevelName(logging.DEBUG, "7")
+    else:
+        layout = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=layout, stream=sys.stderr)
+    # Library chatter at INFO (every reconnect attempt) is ours to report, once.
+    for noisy in ("pymodbus", "asyncua", "pika", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def run_config(path: str) -> int:
+    """Load a configuration and run it until SIGTERM or SIGINT."""
+    from bridge.runtime import Runtime
+
+    config = load_config(path)
+    runtime = Runtime(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, runtime.stop)
+    try:
+        await runtime.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+def _validate(paths: Sequence[str]) -> int:
+    status = 0
+    for path in paths:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                print(f"error: {issue}", file=sys.stderr)
+            status = 1
+            continue
+        count = sum(len(points) for points in config.points.values())
+        print(f"{path}: ok ({len(config.sources)} sources, {count} points, "
+              f"{len(config.profiles)} profiles)")
+    return status
+
+
+def _hash_key(read_stdin: bool) -> int:
+    key = sys.stdin.readline().rstrip("\n") if read_stdin else getpass.getpass("API key: ")
+    if len(key) < 16:
+        print("error: use a key of at least 16 characters", file=sys.stderr)
+        return 1
+    print(hashlib.sha256(key.encode()).hexdigest())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="fieldbridge",
+        description="Bridge Modbus, OPC-UA, MQTT and AMQP endpoints into normalized events.")
+    parser.add_argument("--version", action="version", version=f"fieldbridge {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("FIELDBRIDGE_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the daemon on a configuration file")
+    run.add_argument("-c", "--config", required=True, help="the configuration file")
+    validate = commands.add_parser("validate", help="check configuration files, touch nothing")
+    validate.add_argument("files", nargs="+")
+    demo = commands.add_parser("demo", help="run a simulated plant and the daemon on it")
+    demo.add_argument("--port", type=int, default=8780, help="API port (0: any free port)")
+    demo.add_argument("--state-dir", help="where the demo keeps its store (default: a temp dir)")
+    commands.add_parser("schema", help="print the JSON Schema of the configuration file")
+    commands.add_parser("event-schema", help="print the JSON Schema of the normalized event")
+    commands.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    hash_key = commands.add_parser("hash-key", help="print the SHA-256 of an API key for config")
+    hash_key.add_argument("--stdin", action="store_true", help="read the key from stdin")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fieldbridge`` and ``python -m bridge``."""
+    arguments = build_parser().parse_args(argv)
+    setup_logging(arguments.log_level)
+    try:
+        if arguments.command == "validate":
+            return _validate(arguments.files)
+        if arguments.command == "schema":
+            print(json.dumps(root_model().model_json_schema(), indent=2))
+            return 0
+        if arguments.command == "event-schema":
+            from bridge.schema import event_schema
+
+            print(json.dumps(event_schema(), indent=2))
+            return 0
+        if arguments.command == "config-reference":
+            from bridge.reference import render
+
+            print(render(), end="")
+            return 0
+        if arguments.command == "hash-key":
+            return _hash_key(arguments.stdin)
+        if arguments.command == "demo":
+            from bridge.demo import run_demo
+
+            return asyncio.run(run_demo(port=arguments.port, state_dir=arguments.state_dir))
+        return asyncio.run(run_config(arguments.config))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except BridgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,76 @@
+"""The few exception classes of Fieldbridge, each carrying where and why."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ErrorCategory(enum.StrEnum):
+    """What kind of failure an endpoint error is; shown in the inventory."""
+
+    TRANSIENT = "transient"
+    """Network trouble, timeouts, a peer that went away: retry with backoff."""
+    AUTH = "auth"
+    """Credentials or certificates were refused."""
+    CONFIG = "config"
+    """The configuration cannot work against this endpoint (bad address, unknown node)."""
+    PROTOCOL = "protocol"
+    """The peer spoke something we could not parse."""
+    DEVICE = "device"
+    """The device answered, but with an exception or a refusal."""
+
+
+class BridgeError(Exception):
+    """Base of every error Fieldbridge raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One configuration mistake, located in its file."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(BridgeError):
+    """The configuration is invalid; carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+class ConnectorError(BridgeError):
+    """A connection to an endpoint failed; the supervisor decides what happens next."""
+
+    def __init__(self, endpoint: str, reason: str, category: ErrorCategory) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        self.category = category
+        super().__init__(f"{endpoint}: {reason} ({category})")
+
+
+class DecodeError(BridgeError):
+    """A raw value could not be turned into a point value."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class WriteError(BridgeError):
+    """A write-back to a device was refused or could not be carried out."""
+
+    def __init__(self, point: str, reason: str, category: ErrorCategory) -> None:
+        self.point = point
+        self.reason = reason
+        self.category = category
+        super().__init__(f"{point}: {reason}")

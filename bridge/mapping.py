@@ -1,0 +1,162 @@
+"""The protocol-independent half of the mapping engine, compiled once per point.
+
+A protocol's mapper extracts a raw value for a point (decoding registers, evaluating JMESPath,
+reading a variant) and hands it to the point's ``PointProgram``, which applies enum or
+scale/offset/round and report-by-exception, and stamps the normalized event.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bridge.config import PointBase, ReportSpec, ResolvedPoint
+from bridge.errors import DecodeError
+from bridge.model import Event, Quality, Value, new_event_id
+
+Transform = Callable[[Any], Value]
+
+
+def compile_transform(spec: PointBase) -> Transform:
+    """One callable applying the point's enum or scale, offset and rounding."""
+    if spec.enum is not None:
+        return _enum_transform(spec.enum)
+    scale, offset, digits = spec.scale, spec.offset, spec.round
+    identity = scale == 1.0 and offset == 0.0
+
+    def number(raw: Any) -> Value:
+        if isinstance(raw, bool) or raw is None or isinstance(raw, str):
+            if identity and digits is None:
+                return raw
+            raise DecodeError(f"cannot scale a {type(raw).__name__} value {raw!r}")
+        if not isinstance(raw, int | float):
+            raise DecodeError(f"expected a number, got {type(raw).__name__}")
+        if isinstance(raw, float) and not math.isfinite(raw):
+            raise DecodeError(f"value is {raw}")
+        value: float | int = raw if identity else raw * scale + offset
+        if digits is not None:
+            value = round(value, digits)
+        return value
+
+    return number
+
+
+def _enum_transform(labels: Mapping[int | str, str]) -> Transform:
+    table: dict[Any, str] = {}
+    for key, label in labels.items():
+        table[key] = label
+        if isinstance(key, str) and key.lstrip("-").isdigit():
+            table[int(key)] = label
+
+    def lookup(raw: Any) -> Value:
+        key = int(raw) if isinstance(raw, bool) else raw
+        if isinstance(key, float) and key.is_integer():
+            key = int(key)
+        try:
+            return table[key]
+        except (KeyError, TypeError):
+            raise DecodeError(f"value {raw!r} is not in the enum map") from None
+
+    return lookup
+
+
+class PointProgram:
+    """A point, compiled: transform, report-by-exception state, and event identity."""
+
+    __slots__ = (
+        "_deadband",
+        "_heartbeat",
+        "_last_quality",
+        "_last_reported",
+        "_last_value",
+        "_on_change",
+        "_percent",
+        "_transform",
+        "bridge_id",
+        "point_id",
+        "protocol",
+        "source",
+        "suppressed",
+        "tags",
+        "unit",
+    )
+
+    def __init__(self, point: ResolvedPoint, *, protocol: str, bridge_id: str) -> None:
+        self.point_id = point.id
+        self.source = point.source
+        self.protocol = protocol
+        self.bridge_id = bridge_id
+        self.unit = point.spec.unit
+        self.tags: Mapping[str, str] = dict(point.tags)
+        self._transform = compile_transform(point.spec)
+        report: ReportSpec = point.report
+        self._on_change = report.on_change
+        self._deadband = report.deadband
+        self._percent = report.deadband_percent
+        self._heartbeat = report.heartbeat
+        self._last_value: Value = None
+        self._last_quality: Quality | None = None
+        self._last_reported = 0.0
+        self.suppressed = 0
+        """Readings not reported because the value did not change enough."""
+
+    def produce(
+        self,
+        raw: Any,
+        *,
+        received_at: float,
+        ts: float | None = None,
+        quality: Quality = Quality.GOOD,
+        reason: str | None = None,
+    ) -> Event | None:
+        """The event for one raw value, or ``None`` when report-by-exception suppresses it."""
+        value: Value = None
+        if quality is not Quality.BAD:
+            try:
+                value = self._transform(raw)
+            except DecodeError as exc:
+                quality, reason, value = Quality.BAD, exc.reason, None
+        if self._on_change and not self._changed(value, quality, received_at):
+            self.suppressed += 1
+            return None
+        self._last_value = value
+        self._last_quality = quality
+        self._last_reported = received_at
+        return Event(
+            id=new_event_id(),
+            source=self.source,
+            point=self.point_id,
+            value=value,
+            unit=self.unit,
+            quality=quality,
+            ts=ts if ts is not None else received_at,
+            received_at=received_at,
+            protocol=self.protocol,
+            bridge=self.bridge_id,
+            tags=self.tags,
+            reason=reason,
+        )
+
+    def bad(self, reason: str, *, received_at: float, ts: float | None = None) -> Event | None:
+        """A ``bad`` event (device exception, decode failure, unreachable device)."""
+        return self.produce(None, received_at=received_at, ts=ts, quality=Quality.BAD,
+                            reason=reason)
+
+    def _changed(self, value: Value, quality: Quality, now: float) -> bool:
+        if self._last_quality is None or quality is not self._last_quality:
+            return True
+        if self._heartbeat is not None and now - self._last_reported >= self._heartbeat:
+            return True
+        last = self._last_value
+        if (
+            isinstance(value, int | float) and not isinstance(value, bool)
+            and isinstance(last, int | float) and not isinstance(last, bool)
+        ):
+            difference = abs(value - last)
+            if self._deadband is not None:
+                return difference > self._deadband
+            if self._percent is not None:
+                return difference > abs(last) * self._percent / 100.0
+            return difference != 0
+        return value != last

@@ -1,0 +1,133 @@
+"""The contracts every part of the flow shares: readings in, events out.
+
+Timestamps are POSIX seconds (float) inside the daemon and ISO 8601 UTC at every edge.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+Value = float | int | bool | str | None
+"""A normalized point value."""
+
+
+class Quality(enum.StrEnum):
+    """OPC-style quality of a point value."""
+
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+class Acknowledger(Protocol):
+    """Settles a message upstream once its events are safe (MQTT QoS>0, AMQP)."""
+
+    async def accept(self) -> None:
+        """The message's events are stored: the upstream may forget it."""
+
+    async def reject(self, reason: str) -> None:
+        """The message cannot be mapped: dead-letter it or drop it, never redeliver forever."""
+
+
+@dataclass(slots=True)
+class Reading:
+    """One raw observation from a source, before any meaning is applied.
+
+    ``address`` is what the source was asked to serve (a Modbus block, an OPC-UA node id,
+    an MQTT topic, an AMQP routing key); ``value`` is raw (registers, bits, bytes, a variant).
+    """
+
+    source: str
+    address: Hashable
+    value: Any
+    received_at: float
+    ts: float | None = None
+    quality: Quality = Quality.GOOD
+    reason: str | None = None
+    ack: Acknowledger | None = None
+    meta: Mapping[str, Any] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """The normalized event: one shape for every protocol (see schema/event.schema.json)."""
+
+    id: str
+    source: str
+    point: str
+    value: Value
+    unit: str | None
+    quality: Quality
+    ts: float
+    received_at: float
+    protocol: str
+    bridge: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as the documented JSON object."""
+        return {
+            "id": self.id,
+            "source": self.source,
+            "point": self.point,
+            "value": self.value,
+            "unit": self.unit,
+            "quality": self.quality.value,
+            "reason": self.reason,
+            "ts": isoformat(self.ts),
+            "received_at": isoformat(self.received_at),
+            "protocol": self.protocol,
+            "tags": dict(self.tags),
+            "bridge": self.bridge,
+        }
+
+
+def isoformat(timestamp: float) -> str:
+    """POSIX seconds as ISO 8601 UTC with millisecond precision and a ``Z``."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: str) -> float:
+    """ISO 8601 (``Z`` or offset; naive means UTC) to POSIX seconds."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+_id_lock = threading.Lock()
+_id_state = [0, 0]  # last millisecond, sequence within it
+
+
+def new_event_id() -> str:
+    """A time-ordered unique id in the UUIDv7 layout.
+
+    48 bits of Unix milliseconds, a 12-bit sequence that orders ids made in the same
+    millisecond, then 62 random bits. Ids sort by creation, which keeps store and outbox
+    indexes append-only and lets consumers de-duplicate on them.
+    """
+    with _id_lock:
+        milliseconds = time.time_ns() // 1_000_000
+        if milliseconds <= _id_state[0]:
+            milliseconds = _id_state[0]
+            sequence = _id_state[1] + 1
+            if sequence > 0xFFF:
+                milliseconds += 1
+                sequence = 0
+        else:
+            sequence = int.from_bytes(os.urandom(1), "big")  # random start, room to count
+        _id_state[0], _id_state[1] = milliseconds, sequence
+    random_bits = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (milliseconds & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | sequence << 64
+    value |= 0x2 << 62 | random_bits
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

@@ -1,0 +1,102 @@
+"""The router: stores events in batches, settles acknowledgements, fans events out.
+
+Sources hand in events through ``submit``; when more than ``max_pending`` events wait to be
+stored, ``submit`` waits, so a fast source slows down instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bridge.model import Acknowledger, Event
+from bridge.store import Store
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[Sequence[Event]], None]
+"""Called on the event loop with each stored batch; must not block."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    events: Sequence[Event]
+    acks: Sequence[Acknowledger]
+
+
+class Router:
+    """Routes events from sources to the store and to listeners, in order."""
+
+    def __init__(self, store: Store, *, max_pending: int = 20_000, max_batch: int = 5_000) -> None:
+        self.store = store
+        self.max_pending = max_pending
+        self.max_batch = max_batch
+        self.latest: dict[str, Event] = {}
+        """The last event of every point, kept in memory for the API."""
+        self.counters: Counter[str] = Counter()
+        self._queue: deque[_Batch] = deque()
+        self._pending = 0
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._listeners: list[Listener] = []
+
+    def restore(self) -> None:
+        """Load last values from the store (after a restart)."""
+        self.latest.update(self.store.latest())
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with every stored batch; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    @property
+    def pending(self) -> int:
+        """Events accepted but not yet stored."""
+        return self._pending
+
+    async def submit(self, events: Sequence[Event], acks: Sequence[Acknowledger] = ()) -> None:
+        """Queue events for storing; acknowledgements are settled once they are stored."""
+        if not events and not acks:
+            return
+        if self._pending >= self.max_pending:
+            self.counters["backpressure_waits"] += 1
+            async with self._room:
+                await self._room.wait_for(lambda: self._pending < self.max_pending)
+        self._queue.append(_Batch(events, acks))
+        self._pending += len(events)
+        self._arrived.set()
+
+    async def run(self) -> None:
+        """Store queued events until cancelled; then store what is left."""
+        try:
+            while True:
+                await self._arrived.wait()
+                await self._flush()
+        finally:
+            # Cancelled (shutdown): store what sources already handed in before returning.
+            while self._queue:
+                await asyncio.shield(self._flush())
+
+    async def _flush(self) -> None:
+        events: list[Event] = []
+        acks: list[Acknowledger] = []
+        while self._queue and len(events) < self.max_batch:
+            batch = self._queue.popleft()
+            events.extend(batch.events)
+            acks.extend(batch.acks)
+        if not self._queue:
+            self._arrived.clear()
+        await self.store.write(events)
+        for event in events:
+            self.latest[event.point] = event
+        self.counters["events"] += len(events)
+        self._pending -= len(events)
+        async with self._room:
+            self._room.notify_all()
+        for ack in acks:
+            await ack.accept()
+        for listener in list(self._listeners):
+            listener(events)

@@ -1,0 +1,147 @@
+"""The runtime: builds sources from the config and runs them, the router and the API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from bridge.config import Config, ResolvedPoint
+from bridge.errors import DecodeError
+from bridge.model import Acknowledger, Event, Reading
+from bridge.notify import notify, watchdog_interval
+from bridge.registry import protocols
+from bridge.router import Router
+from bridge.source import BuildContext, SourceContext, SourceUnit
+from bridge.status import EndpointStatus
+from bridge.store import Retention, Store
+from bridge.supervisor import Backoff, source_status, supervise
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningSource:
+    """A configured source with its compiled mapping and live status."""
+
+    unit: SourceUnit
+    status: EndpointStatus
+    enabled: bool
+
+
+class Runtime:
+    """One Fieldbridge instance: sources, router, store and API, for one configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.bridge_id = config.bridge.id
+        self.store = Store(config.store_path, Retention(
+            max_age=config.store.history_max_age, max_rows=config.store.history_max_rows))
+        self.router = Router(self.store)
+        self.points: dict[str, ResolvedPoint] = config.point_index()
+        self.sources: dict[str, RunningSource] = {}
+        self.started_at = time.time()
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.api_port: int | None = None
+        """The port the API listens on, once it does."""
+        registry = protocols()
+        context = BuildContext(bridge_id=self.bridge_id, state_dir=config.state_dir)
+        for source_config in config.sources:
+            spec = registry[source_config.protocol]
+            unit = spec.build(source_config, config.points[source_config.id], context)
+            status = source_status(unit)
+            if not source_config.enabled:
+                status.disabled()
+            self.sources[source_config.id] = RunningSource(unit, status, source_config.enabled)
+
+    def stop(self) -> None:
+        """Ask the runtime to shut down (safe to call from a signal handler)."""
+        self._stop.set()
+
+    def publisher(self, running: RunningSource) -> Callable[[Sequence[Reading]], Awaitable[None]]:
+        """The ``publish`` callback for one source: map, count, route."""
+        mapper = running.unit.mapper
+        status = running.status
+        counters = status.counters
+        router = self.router
+
+        async def publish(readings: Sequence[Reading]) -> None:
+            events: list[Event] = []
+            acks: list[Acknowledger] = []
+            for reading in readings:
+                counters["readings"] += 1
+                try:
+                    mapped = mapper.map(reading)
+                except DecodeError as exc:
+                    counters["rejected"] += 1
+                    status.details["last_rejection"] = {
+                        "address": str(reading.address), "reason": exc.reason,
+                        "at": time.time()}
+                    if reading.ack is not None:
+                        await reading.ack.reject(exc.reason)
+                    continue
+                events.extend(mapped)
+                if reading.ack is not None:
+                    acks.append(reading.ack)
+            counters["events"] += len(events)
+            await router.submit(events, acks)
+
+        return publish
+
+    async def run(self, *, serve_api: bool = True) -> None:
+        """Run until ``stop()``; raises ``StoreError`` if the store cannot be opened."""
+        self.store.open()
+        try:
+            self.router.restore()
+            await self._run(serve_api)
+        finally:
+            self.store.close()
+
+    async def _run(self, serve_api: bool) -> None:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.router.run(), name="router")]
+            server = None
+            if serve_api and self.config.api.enabled:
+                from bridge.api import ApiServer
+
+                server = ApiServer(self)
+                await server.start()
+                self.api_port = server.port
+            for source_id, running in self.sources.items():
+                if not running.enabled:
+                    continue
+                context = SourceContext(status=running.status, publish=self.publisher(running))
+                tasks.append(group.create_task(
+                    supervise(running.unit, context, Backoff()),
+                    name=f"{running.unit.source.protocol}[{source_id}]"))
+            interval = watchdog_interval()
+            if interval is not None:
+                tasks.append(group.create_task(self._watchdog(interval), name="watchdog"))
+            self.ready.set()
+            notify("READY=1", f"STATUS=serving {len(self.points)} points from "
+                   f"{len(self.sources)} sources")
+            logger.info("fieldbridge %s ready: %d sources, %d points%s", self.bridge_id,
+                        len(self.sources), len(self.points),
+                        f", API on port {self.api_port}" if self.api_port else "")
+            await self._stop.wait()
+            notify("STOPPING=1")
+            logger.info("stopping")
+            if server is not None:
+                await server.stop()
+            # Sources first, then the router, so it stores what they handed in.
+            for task in tasks[1:]:
+                task.cancel()
+            await asyncio.gather(*tasks[1:], return_exceptions=True)
+            tasks[0].cancel()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def inventory(self) -> list[dict[str, object]]:
+        """Every source with its state, devices and counters."""
+        return [running.status.to_dict() for running in self.sources.values()]

@@ -1,0 +1,93 @@
+"""The Source contract: what every protocol connector implements.
+
+A source knows transport and addressing only. It is built with the addresses it must serve
+(derived from the compiled mapping), connects, yields ``Reading``s through its context, and
+raises ``ConnectorError`` when the connection fails. It never retries the connection itself:
+the supervisor owns reconnecting and backoff.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bridge.errors import ErrorCategory, WriteError
+from bridge.model import Event, Reading, Value
+from bridge.status import EndpointStatus
+
+Publish = Callable[[Sequence[Reading]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a running source is handed by the supervisor."""
+
+    status: EndpointStatus
+    """The source's status; devices are ``status.child(device_id)``."""
+    publish: Publish
+    """Hand readings on to mapping and routing; waits when the router applies backpressure."""
+
+
+class Source(abc.ABC):
+    """One supervised connection to an endpoint."""
+
+    def __init__(self, *, source_id: str, protocol: str, endpoint: str) -> None:
+        self.id = source_id
+        self.protocol = protocol
+        self.endpoint = endpoint
+        """Where it connects, secrets redacted: shown in the inventory and logs."""
+
+    @abc.abstractmethod
+    async def run(self, context: SourceContext) -> None:
+        """Connect, then serve until cancelled.
+
+        Call ``context.status.up()`` once connected. Raise ``ConnectorError`` when the
+        connection fails or is lost; the supervisor logs it once, backs off and calls ``run``
+        again. Per-device trouble that leaves the connection usable is reported on the
+        device's status and as ``bad`` readings, not raised.
+        """
+
+    def device_endpoints(self) -> dict[str, str]:
+        """Devices behind this source and where each is reached, for the inventory."""
+        return {}
+
+    async def read(self, point_id: str) -> list[Reading]:
+        """Read one point from the device now (live read-through), bypassing the poll cycle."""
+        raise WriteError(point_id, f"{self.protocol} sources do not support live reads",
+                         ErrorCategory.CONFIG)
+
+    async def write(self, point_id: str, value: Value) -> None:
+        """Write a value to a writable point."""
+        raise WriteError(point_id, f"{self.protocol} sources do not support write-back",
+                         ErrorCategory.CONFIG)
+
+
+class Mapper(Protocol):
+    """A compiled mapping: raw readings in, normalized events out."""
+
+    def map(self, reading: Reading) -> list[Event]:
+        """Events for one reading; may be empty (report-by-exception).
+
+        A reading that cannot be mapped as a whole (malformed payload) raises ``DecodeError``;
+        a point that cannot be decoded yields a ``bad`` event instead.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a protocol needs to build its source and mapping."""
+
+    bridge_id: str
+    state_dir: Path
+
+
+@dataclass
+class SourceUnit:
+    """A configured source: its connection and its compiled mapping."""
+
+    source: Source
+    mapper: Mapper

@@ -1,0 +1,131 @@
+"""Connection state and counters of every source and device, as the inventory shows them."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.errors import ErrorCategory
+from bridge.model import isoformat
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectionState(enum.StrEnum):
+    """Where a connection stands."""
+
+    CONNECTING = "connecting"
+    UP = "up"
+    DEGRADED = "degraded"
+    """Connected, but some points or devices fail."""
+    DOWN = "down"
+    DISABLED = "disabled"
+
+
+@dataclass
+class EndpointStatus:
+    """State, last error and counters of one source or device.
+
+    State changes are logged once each way, not on every failed poll.
+    """
+
+    name: str
+    kind: str
+    """``source`` or ``device``."""
+    protocol: str
+    endpoint: str
+    state: ConnectionState = ConnectionState.CONNECTING
+    since: float = field(default_factory=time.time)
+    last_success: float | None = None
+    last_error: str | None = None
+    error_category: ErrorCategory | None = None
+    last_error_at: float | None = None
+    counters: Counter[str] = field(default_factory=Counter)
+    children: dict[str, EndpointStatus] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def child(self, name: str, endpoint: str | None = None) -> EndpointStatus:
+        """The status of a device under this source, created on first use."""
+        status = self.children.get(name)
+        if status is None:
+            status = EndpointStatus(name=name, kind="device", protocol=self.protocol,
+                                    endpoint=endpoint or self.endpoint)
+            self.children[name] = status
+        return status
+
+    def _move(self, state: ConnectionState) -> bool:
+        if state is self.state:
+            return False
+        self.state = state
+        self.since = time.time()
+        return True
+
+    def connecting(self) -> None:
+        """A connection attempt starts."""
+        self._move(ConnectionState.CONNECTING)
+
+    def up(self) -> None:
+        """The endpoint answered as expected."""
+        self.last_success = time.time()
+        previous = self.state
+        if self._move(ConnectionState.UP) and previous in (
+            ConnectionState.DOWN, ConnectionState.DEGRADED
+        ):
+            logger.info("%s %s recovered", self.kind, self.name)
+
+    def degraded(self, reason: str, category: ErrorCategory) -> None:
+        """Connected, but something under it fails."""
+        self._record(reason, category)
+        if self._move(ConnectionState.DEGRADED):
+            logger.warning("%s %s degraded: %s", self.kind, self.name, reason)
+
+    def down(self, reason: str, category: ErrorCategory) -> None:
+        """The endpoint is unreachable or refused us."""
+        self._record(reason, category)
+        if self._move(ConnectionState.DOWN):
+            logger.warning("%s %s down: %s (%s)", self.kind, self.name, reason, category)
+
+    def disabled(self) -> None:
+        """Configured but not run."""
+        self._move(ConnectionState.DISABLED)
+
+    def success(self) -> None:
+        """One exchange went well: remember when, and recover from down or degraded."""
+        self.last_success = time.time()
+        if self.state is not ConnectionState.UP:
+            self.up()
+
+    def _record(self, reason: str, category: ErrorCategory) -> None:
+        self.last_error = reason
+        self.error_category = category
+        self.last_error_at = time.time()
+        self.counters["errors"] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The inventory entry."""
+
+        def stamp(value: float | None) -> str | None:
+            return isoformat(value) if value is not None else None
+
+        entry: dict[str, Any] = {
+            "id": self.name,
+            "kind": self.kind,
+            "protocol": self.protocol,
+            "endpoint": self.endpoint,
+            "state": self.state.value,
+            "since": stamp(self.since),
+            "last_success": stamp(self.last_success),
+            "last_error": self.last_error,
+            "error_category": self.error_category.value if self.error_category else None,
+            "last_error_at": stamp(self.last_error_at),
+            "counters": dict(self.counters),
+        }
+        if self.details:
+            entry["details"] = dict(self.details)
+        if self.children:
+            entry["devices"] = [child.to_dict() for child in self.children.values()]
+        return entry

@@ -1,0 +1,84 @@
+"""The supervisor: runs every source, reconnects with jittered exponential backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from bridge.errors import ConnectorError, ErrorCategory
+from bridge.source import SourceContext, SourceUnit
+from bridge.status import ConnectionState, EndpointStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter between ``initial`` and ``maximum`` seconds."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+    attempts: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next(self) -> float:
+        """The delay before the next attempt."""
+        ceiling = min(self.maximum, self.initial * self.factor ** self.attempts)
+        self.attempts += 1
+        # Half fixed, half random: spreads reconnect storms while keeping a floor.
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        """The connection worked: start again from the shortest delay."""
+        self.attempts = 0
+
+
+STABLE_AFTER = 10.0
+"""Seconds a connection must stay up before its backoff starts again from the shortest delay."""
+
+
+async def supervise(
+    unit: SourceUnit,
+    context: SourceContext,
+    backoff: Backoff | None = None,
+) -> None:
+    """Run one source forever: connect, serve, and on failure back off and reconnect."""
+    backoff = backoff or Backoff()
+    status = context.status
+    source = unit.source
+    while True:
+        status.connecting()
+        started = time.monotonic()
+        try:
+            await source.run(context)
+            reason, category = "connection closed by the source", ErrorCategory.TRANSIENT
+        except ConnectorError as exc:
+            reason, category = exc.reason, exc.category
+        except Exception as exc:
+            # A bug in one connector must not take the others down: log it with its
+            # traceback, show it in the inventory, and restart that source alone.
+            logger.exception("source %s failed unexpectedly", source.id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            category = ErrorCategory.PROTOCOL
+        was_up = status.state in (ConnectionState.UP, ConnectionState.DEGRADED)
+        status.down(reason, category)
+        status.counters["reconnects"] += 1
+        if was_up and time.monotonic() - started >= STABLE_AFTER:
+            backoff.reset()
+        delay = backoff.next()
+        status.details["retry_in"] = round(delay, 3)
+        await asyncio.sleep(delay)
+
+
+def source_status(unit: SourceUnit) -> EndpointStatus:
+    """A fresh status for a source, with its devices listed."""
+    source = unit.source
+    status = EndpointStatus(name=source.id, kind="source", protocol=source.protocol,
+                            endpoint=source.endpoint)
+    for device, endpoint in source.device_endpoints().items():
+        status.child(device, endpoint)
+    return status

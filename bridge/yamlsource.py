@@ -1,0 +1,179 @@
+"""YAML loading that remembers where every key came from, with ``${...}`` substitution.
+
+PyYAML builds the node tree; we construct plain Python data from it ourselves so that each
+key path keeps its file and line, which config errors then point at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bridge.errors import ConfigIssue
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a key or item was written."""
+
+    file: str
+    line: int
+
+
+@dataclass
+class Document:
+    """Plain data from one or more YAML files, with the location of every key path."""
+
+    data: Any
+    locations: dict[KeyPath, Location] = field(default_factory=dict)
+    substituted: set[KeyPath] = field(default_factory=set)
+    """Key paths whose value came from ``${...}``: treated as secret in any message."""
+
+    def locate(self, path: KeyPath) -> Location | None:
+        """The location of the longest known prefix of ``path``."""
+        for end in range(len(path), -1, -1):
+            location = self.locations.get(path[:end])
+            if location is not None:
+                return location
+        return None
+
+    def issue(self, path: KeyPath, message: str) -> ConfigIssue:
+        """A config issue at ``path``, located by its longest known prefix."""
+        location = self.locate(path)
+        file = location.file if location else "<config>"
+        line = location.line if location else None
+        return ConfigIssue(file=file, line=line, path=format_path(path), message=message)
+
+
+def format_path(path: KeyPath) -> str:
+    """``("sources", 0, "port")`` as ``sources[0].port``."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+_REFERENCE = re.compile(r"\$\$|\$\{([^}]*)\}")
+
+
+def substitute(text: str, base: Path) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``${file:/path}``; ``$$`` is a literal ``$``.
+
+    Raises ``ValueError`` naming what is missing; the caller adds the location.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        reference = match.group(1)
+        if reference.startswith("file:"):
+            path = Path(reference[5:]).expanduser()
+            if not path.is_absolute():
+                path = base / path
+            try:
+                return path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from exc
+        name, has_default, default = reference.partition(":-")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"'${{{reference}}}' is not a valid reference")
+        value = os.environ.get(name)
+        if value is None or (has_default and value == ""):
+            if has_default:
+                return default
+            raise ValueError(f"environment variable {name} is not set")
+        return value
+
+    return _REFERENCE.sub(replace, text)
+
+
+def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
+    """Parse one YAML file; problems are appended to ``issues`` with their line."""
+    document = Document(data=None)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        issues.append(ConfigIssue(name, None, "", f"cannot read file: {exc.strerror}"))
+        return document
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            document.data = {}
+            return document
+        document.data = _construct(loader, node, (), document, name, path.parent, issues)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = " ".join(part for part in (exc.context, exc.problem) if part)
+        issues.append(ConfigIssue(name, line, "", f"invalid YAML: {problem}"))
+    except yaml.YAMLError as exc:
+        issues.append(ConfigIssue(name, None, "", f"invalid YAML: {exc}"))
+    finally:
+        loader.dispose()
+    return document
+
+
+def _construct(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: KeyPath,
+    document: Document,
+    name: str,
+    base: Path,
+    issues: list[ConfigIssue],
+) -> Any:
+    document.locations.setdefault(path, Location(name, node.start_mark.line + 1))
+    if isinstance(node, yaml.MappingNode):
+        explicit = sum(1 for key_node, _ in node.value
+                       if key_node.tag != "tag:yaml.org,2002:merge")
+        loader.flatten_mapping(node)
+        merged = len(node.value) - explicit
+        result: dict[Any, Any] = {}
+        written: set[Any] = set()
+        for position, (key_node, value_node) in enumerate(node.value):
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                issues.append(ConfigIssue(name, key_node.start_mark.line + 1, "",
+                                          "a mapping key must be a plain scalar"))
+                continue
+            child: KeyPath = (*path, key if isinstance(key, str | int) else str(key))
+            if key in written:
+                issues.append(ConfigIssue(name, key_node.start_mark.line + 1,
+                                          format_path(child), "duplicate key"))
+                continue
+            if position >= merged:
+                # Keys written out override keys merged in with `<<`; twice written is an error.
+                written.add(key)
+            document.locations[child] = Location(name, key_node.start_mark.line + 1)
+            result[key] = _construct(loader, value_node, child, document, name, base, issues)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _construct(loader, item, (*path, index), document, name, base, issues)
+            for index, item in enumerate(node.value)
+        ]
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, str) and "$" in value:
+        try:
+            expanded = substitute(value, base)
+        except ValueError as exc:
+            issues.append(ConfigIssue(name, node.start_mark.line + 1, format_path(path), str(exc)))
+            return value
+        if expanded != value:
+            # Kept a string: pydantic's lax mode turns "5020" into an int where one is
+            # expected, and a password such as "yes" stays a password.
+            document.substituted.add(path)
+        return expanded
+    return value

@@ -1,0 +1,1 @@
+"""Mapping files: device profiles, connector examples and the demo configuration."""

@@ -1,0 +1,154 @@
+"""The SQLite store and the router in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.model import Event, Quality, new_event_id
+from bridge.router import Router
+from bridge.store import Retention, Store
+
+
+def make_event(
+    point: str, value: float, ts: float | None = None, received_at: float | None = None
+) -> Event:
+    """A good event for ``point``."""
+    now = time.time()
+    return Event(id=new_event_id(), source="src", point=point, value=value, unit="u",
+                 quality=Quality.GOOD, ts=now if ts is None else ts,
+                 received_at=now if received_at is None else received_at, protocol="modbus",
+                 bridge="edge", tags={"k": "v"})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(tmp_path / "state" / "fb.db", Retention(max_age=3600, max_rows=5))
+    opened.open()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+async def router(store: Store) -> AsyncIterator[Router]:
+    routed = Router(store, max_pending=10)
+    task = asyncio.create_task(routed.run(), name="router")
+    yield routed
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+class CountingAck:
+    """Records how it was settled."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.accepted = 0
+        self.written_when_accepted = -1
+
+    async def accept(self) -> None:
+        self.accepted += 1
+        self.written_when_accepted = self.store.written
+
+    async def reject(self, reason: str) -> None:
+        raise AssertionError(f"unexpected reject: {reason}")
+
+
+async def settled(router: Router) -> None:
+    """Wait until the router stored everything handed to it."""
+    stored = asyncio.Event()
+    remove = router.add_listener(lambda events: stored.set() if router.pending == 0 else None)
+    try:
+        if router.pending:
+            await asyncio.wait_for(stored.wait(), 5)
+    finally:
+        remove()
+
+
+async def test_events_are_stored_with_history_and_latest(router: Router, store: Store) -> None:
+    for value in range(3):
+        await router.submit([make_event("a.p", value, ts=1000.0 + value)])
+    await settled(router)
+    assert router.latest["a.p"].value == 2
+    restored = store.latest()
+    assert restored["a.p"].value == 2 and restored["a.p"].tags == {"k": "v"}
+    history = store.history("a.p")
+    assert [event.value for event in history] == [2, 1, 0]
+    oldest_first = store.history("a.p", newest_first=False, since=1001.0)
+    assert [event.value for event in oldest_first] == [1, 2]
+
+
+async def test_ack_settles_only_after_the_events_are_stored(router: Router, store: Store) -> None:
+    ack = CountingAck(store)
+    await router.submit([make_event("a.p", 1), make_event("a.q", 2)], [ack])
+    await settled(router)
+    assert ack.accepted == 1
+    assert ack.written_when_accepted == 2
+
+
+async def test_backpressure_bounds_pending_events(store: Store) -> None:
+    routed = Router(store, max_pending=10)
+    # No run() yet: nothing drains, so the second submit must wait for room.
+    await routed.submit([make_event("a.p", value) for value in range(10)])
+    blocked = asyncio.create_task(routed.submit([make_event("a.p", 99)]))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    assert routed.counters["backpressure_waits"] == 1
+    runner = asyncio.create_task(routed.run())
+    await asyncio.wait_for(blocked, 5)
+    await settled(routed)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert routed.latest["a.p"].value == 99
+    assert store.written == 11
+
+
+async def test_router_stores_what_is_left_when_cancelled(store: Store) -> None:
+    routed = Router(store)
+    runner = asyncio.create_task(routed.run())
+    await asyncio.sleep(0)  # let the router start waiting
+    await routed.submit([make_event("a.p", 5)])
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert store.latest()["a.p"].value == 5
+
+
+async def test_retention_by_count_and_age(store: Store) -> None:
+    now = time.time()
+    await store.write([make_event("a.p", value, ts=now + value) for value in range(12)])
+    await store.write([make_event("old.p", 1, received_at=now - 7200)])
+    await store.prune()
+    assert store.history_count("a.p") == 5
+    assert [event.value for event in store.history("a.p")] == [11, 10, 9, 8, 7]
+    assert store.history_count("old.p") == 0
+    assert store.latest()["old.p"].value == 1  # the last value outlives its history
+
+
+async def test_restart_restores_latest(tmp_path: Path) -> None:
+    path = tmp_path / "fb.db"
+    first = Store(path, Retention(max_age=3600, max_rows=100))
+    first.open()
+    await first.write([make_event("a.p", 42)])
+    first.close()
+    second = Store(path, Retention(max_age=3600, max_rows=100))
+    second.open()
+    try:
+        routed = Router(second)
+        routed.restore()
+        assert routed.latest["a.p"].value == 42
+    finally:
+        second.close()
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
+    from bridge.store import StoreError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    broken = Store(blocker / "sub" / "fb.db", Retention(max_age=1, max_rows=1))
+    with pytest.raises(StoreError, match="cannot open store"):
+        broken.open()

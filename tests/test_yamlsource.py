@@ -1,0 +1,81 @@
+"""YAML loading with locations and ``${...}`` substitution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import ConfigIssue
+from bridge.yamlsource import format_path, load_yaml, substitute
+
+
+def _load(tmp_path: Path, text: str) -> tuple[object, list[ConfigIssue], object]:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    issues: list[ConfigIssue] = []
+    document = load_yaml(path, issues)
+    return document.data, issues, document
+
+
+def test_every_key_and_item_keeps_its_line(tmp_path: Path) -> None:
+    _, issues, document = _load(tmp_path, "a: 1\nlist:\n  - x: 2\n  - y: 3\n")
+    assert issues == []
+    locations = document.locations  # type: ignore[attr-defined]
+    assert locations[("a",)].line == 1
+    assert locations[("list", 1, "y")].line == 4
+    assert document.locate(("list", 0, "x", "deeper")).line == 3  # type: ignore[attr-defined]
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    _, issues, _ = _load(tmp_path, "a: 1\nb: [1, 2\nc: 3\n")
+    assert len(issues) == 1
+    assert issues[0].file.endswith("config.yaml")
+    assert issues[0].line is not None and issues[0].line >= 2
+    assert "invalid YAML" in issues[0].message
+
+
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    _, issues, _ = _load(tmp_path, "a: 1\nb: 2\na: 3\n")
+    assert [(issue.line, issue.path, issue.message) for issue in issues] == [
+        (3, "a", "duplicate key")]
+
+
+def test_environment_and_file_substitution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("FB_PORT", "5020")
+    monkeypatch.delenv("FB_UNSET", raising=False)
+    data, issues, document = _load(
+        tmp_path,
+        f"port: ${{FB_PORT}}\npassword: ${{file:{secret}}}\nrelative: ${{file:secret.txt}}\n"
+        "fallback: ${FB_UNSET:-7}\nliteral: $${FB_PORT}\n")
+    assert issues == []
+    assert data == {"port": "5020", "password": "s3cret", "relative": "s3cret",
+                    "fallback": "7", "literal": "${FB_PORT}"}
+    assert ("password",) in document.substituted  # type: ignore[attr-defined]
+
+
+def test_missing_variable_is_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FB_MISSING", raising=False)
+    _, issues, _ = _load(tmp_path, "a:\n  b: ${FB_MISSING}\n")
+    assert [(issue.line, issue.path) for issue in issues] == [(2, "a.b")]
+    assert "FB_MISSING is not set" in issues[0].message
+
+
+def test_missing_secret_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read secret file"):
+        substitute("${file:/nonexistent/secret}", tmp_path)
+
+
+def test_merge_keys_are_flattened(tmp_path: Path) -> None:
+    data, issues, _ = _load(tmp_path, "base: &b {x: 1, y: 2}\nitem:\n  <<: *b\n  y: 3\n")
+    assert issues == []
+    assert data == {"base": {"x": 1, "y": 2}, "item": {"x": 1, "y": 3}}
+
+
+def test_format_path() -> None:
+    assert format_path(("sources", 0, "devices", 2, "unit")) == "sources[0].devices[2].unit"
+    assert format_path(()) == ""
