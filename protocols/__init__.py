@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from bridge.registry import ProtocolSpec
+from protocols.amqp import SPEC as AMQP
 from protocols.modbus import SPEC as MODBUS
+from protocols.mqtt import SPEC as MQTT
+from protocols.opcua import SPEC as OPCUA
 
 PROTOCOLS: dict[str, ProtocolSpec] = {
-    spec.name: spec for spec in (MODBUS,)
+    spec.name: spec for spec in (MODBUS, OPCUA, MQTT, AMQP)
 }
