@@ -20,16 +20,28 @@ from bridge.errors import BridgeError, ConfigError
 logger = logging.getLogger("bridge")
 
 
+class JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority (``<4>``) so journald files it correctly."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record with its priority prefix; timestamps are left to the journal."""
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
 def setup_logging(level: str) -> None:
-    """Log to stderr; under systemd (journald) leave timestamps to the journal."""
+    """Log to stderr; under systemd (journald) with syslog priorities and no timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
-        layout = "<%(levelno)s>%(name)s: %(message)s"
-        logging.addLevelName(logging.DEBUG, "7")
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        layout = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=layout, stream=sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # Library chatter at INFO (every reconnect attempt) is ours to report, once.
-    for noisy in ("pymodbus", "asyncua", "pika", "uvicorn.access"):
+    for noisy in ("pymodbus", "asyncua", "pika", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -42,12 +54,19 @@ async def run_config(path: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runtime.stop)
+    # Without a handler SIGHUP would end the daemon with a status systemd calls clean.
+    loop.add_signal_handler(signal.SIGHUP, _reload_unsupported)
     try:
         await runtime.run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def _reload_unsupported() -> None:
+    logger.warning("SIGHUP: live reload is not supported yet; restart the service to apply "
+                   "a new configuration")
 
 
 def _validate(paths: Sequence[str]) -> int:

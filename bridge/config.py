@@ -484,26 +484,41 @@ def _device_points(
                 f"profile '{device.profile}' is for {profile.protocol}, not {source.protocol}"))
             return []
         tags.update(profile.tags)
-        report = report.merged(profile.report)
+        report = report.merged(profile.report)  # valid alone: nothing merged yet
         for index, point in enumerate(profile.points):
             declared[point.name] = (point, ("profiles", device.profile, "points", index))
     tags.update(device.tags)
-    report = report.merged(device.report)
+    try:
+        report = report.merged(device.report)
+    except ValidationError:
+        issues.append(document.issue((*device_path, "report"),
+                                     "report settings conflict with the profile's"))
+        return []
     for index, point in enumerate(device.points):
         declared[point.name] = (point, (*device_path, "points", index))
     prefix = device.prefix if device.prefix is not None else f"{device.id}."
-    return [
-        ResolvedPoint(
+    resolved = []
+    for point, path in declared.values():
+        try:
+            merged = report.merged(point.report)
+        except ValidationError as exc:
+            # Each level is valid alone; together they may contradict (mode vs deadband).
+            reason = "; ".join(error["msg"].removeprefix("Value error, ")
+                               for error in exc.errors(include_url=False))
+            issues.append(document.issue((*path, "report"),
+                                         f"report settings conflict with the device's or "
+                                         f"profile's: {reason}"))
+            continue
+        resolved.append(ResolvedPoint(
             id=f"{prefix}{point.name}",
             source=source.id,
             device=device.id,
             spec=point,
             tags={**tags, **point.tags},
-            report=report.merged(point.report),
+            report=merged,
             path=path,
-        )
-        for point, path in declared.values()
-    ]
+        ))
+    return resolved
 
 
 def location_of(config: Config, path: KeyPath) -> Location | None:

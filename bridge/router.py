@@ -21,10 +21,14 @@ Listener = Callable[[Sequence[Event]], None]
 """Called on the event loop with each stored batch; must not block."""
 
 
+Settlement = tuple[Acknowledger, str | None]
+"""An upstream message to settle once the batch is stored: accept it, or reject it with a reason."""
+
+
 @dataclass(slots=True)
 class _Batch:
     events: Sequence[Event]
-    acks: Sequence[Acknowledger]
+    settlements: Sequence[Settlement]
 
 
 class Router:
@@ -57,15 +61,17 @@ class Router:
         """Events accepted but not yet stored."""
         return self._pending
 
-    async def submit(self, events: Sequence[Event], acks: Sequence[Acknowledger] = ()) -> None:
-        """Queue events for storing; acknowledgements are settled once they are stored."""
-        if not events and not acks:
+    async def submit(
+        self, events: Sequence[Event], settlements: Sequence[Settlement] = ()
+    ) -> None:
+        """Queue events for storing; upstream messages are settled, in order, once stored."""
+        if not events and not settlements:
             return
         if self._pending >= self.max_pending:
             self.counters["backpressure_waits"] += 1
             async with self._room:
                 await self._room.wait_for(lambda: self._pending < self.max_pending)
-        self._queue.append(_Batch(events, acks))
+        self._queue.append(_Batch(events, settlements))
         self._pending += len(events)
         self._arrived.set()
 
@@ -82,11 +88,11 @@ class Router:
 
     async def _flush(self) -> None:
         events: list[Event] = []
-        acks: list[Acknowledger] = []
+        settlements: list[Settlement] = []
         while self._queue and len(events) < self.max_batch:
             batch = self._queue.popleft()
             events.extend(batch.events)
-            acks.extend(batch.acks)
+            settlements.extend(batch.settlements)
         if not self._queue:
             self._arrived.clear()
         await self.store.write(events)
@@ -96,7 +102,16 @@ class Router:
         self._pending -= len(events)
         async with self._room:
             self._room.notify_all()
-        for ack in acks:
-            await ack.accept()
+        for ack, reason in settlements:
+            try:
+                if reason is None:
+                    await ack.accept()
+                else:
+                    await ack.reject(reason)
+            except Exception:
+                # The upstream connection may be gone; it will redeliver. One failed settle
+                # must not stop the router.
+                self.counters["settle_errors"] += 1
+                logger.exception("cannot settle an upstream message")
         for listener in list(self._listeners):
             listener(events)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from bridge.config import Config, ResolvedPoint
 from bridge.errors import DecodeError
-from bridge.model import Acknowledger, Event, Reading
+from bridge.model import Event, Reading
 from bridge.notify import notify, watchdog_interval
 from bridge.registry import protocols
-from bridge.router import Router
+from bridge.router import Router, Settlement
 from bridge.source import BuildContext, SourceContext, SourceUnit
 from bridge.status import EndpointStatus
 from bridge.store import Retention, Store
@@ -48,7 +48,8 @@ class Runtime:
         self.api_port: int | None = None
         """The port the API listens on, once it does."""
         registry = protocols()
-        context = BuildContext(bridge_id=self.bridge_id, state_dir=config.state_dir)
+        context = BuildContext(bridge_id=self.bridge_id, state_dir=config.state_dir,
+                               config_dir=config.path.parent)
         for source_config in config.sources:
             spec = registry[source_config.protocol]
             unit = spec.build(source_config, config.points[source_config.id], context)
@@ -70,7 +71,7 @@ class Runtime:
 
         async def publish(readings: Sequence[Reading]) -> None:
             events: list[Event] = []
-            acks: list[Acknowledger] = []
+            settlements: list[Settlement] = []
             for reading in readings:
                 counters["readings"] += 1
                 try:
@@ -81,13 +82,13 @@ class Runtime:
                         "address": str(reading.address), "reason": exc.reason,
                         "at": time.time()}
                     if reading.ack is not None:
-                        await reading.ack.reject(exc.reason)
+                        settlements.append((reading.ack, exc.reason))
                     continue
                 events.extend(mapped)
                 if reading.ack is not None:
-                    acks.append(reading.ack)
+                    settlements.append((reading.ack, None))
             counters["events"] += len(events)
-            await router.submit(events, acks)
+            await router.submit(events, settlements)
 
         return publish
 
@@ -101,41 +102,49 @@ class Runtime:
             self.store.close()
 
     async def _run(self, serve_api: bool) -> None:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self.router.run(), name="router")]
-            server = None
-            if serve_api and self.config.api.enabled:
-                from bridge.api import ApiServer
+        server = None
+        if serve_api and self.config.api.enabled:
+            from bridge.api import ApiServer
 
-                server = ApiServer(self)
-                await server.start()
-                self.api_port = server.port
-            for source_id, running in self.sources.items():
-                if not running.enabled:
-                    continue
-                context = SourceContext(status=running.status, publish=self.publisher(running))
-                tasks.append(group.create_task(
-                    supervise(running.unit, context, Backoff()),
-                    name=f"{running.unit.source.protocol}[{source_id}]"))
-            interval = watchdog_interval()
-            if interval is not None:
-                tasks.append(group.create_task(self._watchdog(interval), name="watchdog"))
-            self.ready.set()
-            notify("READY=1", f"STATUS=serving {len(self.points)} points from "
-                   f"{len(self.sources)} sources")
-            logger.info("fieldbridge %s ready: %d sources, %d points%s", self.bridge_id,
-                        len(self.sources), len(self.points),
-                        f", API on port {self.api_port}" if self.api_port else "")
-            await self._stop.wait()
-            notify("STOPPING=1")
-            logger.info("stopping")
+            server = ApiServer(self)
+            await server.start()  # before the task group: a busy port is a plain error
+            self.api_port = server.port
+        try:
+            async with asyncio.TaskGroup() as group:
+                await self._serve(group)
+                if server is not None:
+                    await server.stop()
+        finally:
             if server is not None:
                 await server.stop()
-            # Sources first, then the router, so it stores what they handed in.
-            for task in tasks[1:]:
-                task.cancel()
-            await asyncio.gather(*tasks[1:], return_exceptions=True)
-            tasks[0].cancel()
+
+    async def _serve(self, group: asyncio.TaskGroup) -> None:
+        router_task = group.create_task(self.router.run(), name="router")
+        tasks: list[asyncio.Task[None]] = []
+        for source_id, running in self.sources.items():
+            if not running.enabled:
+                continue
+            context = SourceContext(status=running.status, publish=self.publisher(running))
+            tasks.append(group.create_task(
+                supervise(running.unit, context, Backoff()),
+                name=f"{running.unit.source.protocol}[{source_id}]"))
+        interval = watchdog_interval()
+        if interval is not None:
+            tasks.append(group.create_task(self._watchdog(interval), name="watchdog"))
+        self.ready.set()
+        notify("READY=1", f"STATUS=serving {len(self.points)} points from "
+               f"{len(self.sources)} sources")
+        logger.info("fieldbridge %s ready: %d sources, %d points%s", self.bridge_id,
+                    len(self.sources), len(self.points),
+                    f", API on port {self.api_port}" if self.api_port else "")
+        await self._stop.wait()
+        notify("STOPPING=1")
+        logger.info("stopping")
+        # Sources first, then the router, so it stores what they handed in.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        router_task.cancel()
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -83,6 +83,15 @@ class BuildContext:
 
     bridge_id: str
     state_dir: Path
+    config_dir: Path | None = None
+    """Where the configuration file is: relative file names in a source's config (TLS
+    certificates, say) are relative to it."""
+
+    def resolve(self, path: Path) -> Path:
+        """``path`` made absolute against the configuration's directory."""
+        if path.is_absolute() or self.config_dir is None:
+            return path.expanduser()
+        return self.config_dir / path
 
 
 @dataclass

@@ -65,8 +65,10 @@ class EndpointStatus:
         return True
 
     def connecting(self) -> None:
-        """A connection attempt starts."""
-        self._move(ConnectionState.CONNECTING)
+        """A connection attempt starts; a connection that is down stays down until it is up."""
+        self.counters["connects"] += 1
+        if self.state is not ConnectionState.DOWN:
+            self._move(ConnectionState.CONNECTING)
 
     def up(self) -> None:
         """The endpoint answered as expected."""

@@ -149,8 +149,9 @@ class Store:
             latest[point] = (point, ts, body)
         with writer:
             writer.execute("BEGIN")
-            writer.executemany("INSERT INTO history (point, ts, received_at, id, body) VALUES (?, ?, ?, ?, ?)",
-                               rows)
+            writer.executemany(
+                "INSERT INTO history (point, ts, received_at, id, body) VALUES (?, ?, ?, ?, ?)",
+                rows)
             writer.executemany(
                 "INSERT INTO latest (point, ts, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (point) DO UPDATE SET ts = excluded.ts, body = excluded.body",
@@ -198,6 +199,11 @@ class Store:
         rows = self._read().execute("SELECT body FROM latest").fetchall()
         return {event.point: event for event in (event_from_json(body) for (body,) in rows)}
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the store can be read and written."""
+        return self._reader is not None and self._executor is not None
+
     def history(
         self,
         point: str,
@@ -208,6 +214,20 @@ class Store:
         newest_first: bool = True,
     ) -> list[Event]:
         """A point's stored events between two times, newest first by default."""
+        bodies = self.history_json(point, since=since, until=until, limit=limit,
+                                   newest_first=newest_first)
+        return [event_from_json(body) for body in bodies]
+
+    def history_json(
+        self,
+        point: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        newest_first: bool = True,
+    ) -> list[str]:
+        """Like ``history``, as the stored JSON bodies (the API joins them unparsed)."""
         clauses = ["point = ?"]
         arguments: list[Any] = [point]
         if since is not None:
@@ -221,7 +241,7 @@ class Store:
         rows = self._read().execute(
             f"SELECT body FROM history WHERE {' AND '.join(clauses)} "
             f"ORDER BY seq {order} LIMIT ?", arguments).fetchall()
-        return [event_from_json(body) for (body,) in rows]
+        return [body for (body,) in rows]
 
     def history_count(self, point: str) -> int:
         """How many history rows a point has."""

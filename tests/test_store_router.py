@@ -75,7 +75,8 @@ async def test_events_are_stored_with_history_and_latest(router: Router, store: 
     await settled(router)
     assert router.latest["a.p"].value == 2
     restored = store.latest()
-    assert restored["a.p"].value == 2 and restored["a.p"].tags == {"k": "v"}
+    assert restored["a.p"].value == 2
+    assert restored["a.p"].tags == {"k": "v"}
     history = store.history("a.p")
     assert [event.value for event in history] == [2, 1, 0]
     oldest_first = store.history("a.p", newest_first=False, since=1001.0)
@@ -84,7 +85,7 @@ async def test_events_are_stored_with_history_and_latest(router: Router, store: 
 
 async def test_ack_settles_only_after_the_events_are_stored(router: Router, store: Store) -> None:
     ack = CountingAck(store)
-    await router.submit([make_event("a.p", 1), make_event("a.q", 2)], [ack])
+    await router.submit([make_event("a.p", 1), make_event("a.q", 2)], [(ack, None)])
     await settled(router)
     assert ack.accepted == 1
     assert ack.written_when_accepted == 2

@@ -1,0 +1,836 @@
+"""The REST API: latest values, history, inventory, health and metrics.
+
+FastAPI serves it on uvicorn inside the daemon's event loop. Handlers are cheap on purpose:
+latest values come from memory, history is one indexed query on the store's reader
+connection, and nothing runs in a thread pool.
+
+The API listens on loopback (``127.0.0.1:8780``) unless ``api.host`` says otherwise. With no
+``api.keys`` configured it needs no authentication, so expose it beyond loopback only with keys
+(and ``api.tls``). Health endpoints, ``/docs`` and ``/openapi.json`` are always open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import math
+import socket
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, cast
+
+import pydantic_core
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bridge import __version__, metrics
+from bridge.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
+from bridge.config import ResolvedPoint, parse_duration
+from bridge.errors import BridgeError
+from bridge.model import Event, Quality, isoformat, parse_timestamp
+from bridge.runtime import Runtime
+from bridge.store import StoreError
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE = 10_000
+"""The most points or history rows one request returns."""
+
+
+class ApiServerError(BridgeError):
+    """The API cannot serve: its address cannot be bound or its certificate not loaded."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(f"API cannot listen on {_address(host, port)}: {reason}")
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- response models ------------------------------------------------------------------------
+
+ISO_TIME: JsonDict = {"format": "date-time", "examples": ["2025-01-31T12:00:00.000Z"]}
+
+JsonValue = bool | int | float | str | None
+
+
+class ErrorBody(BaseModel):
+    """What went wrong and what to do about it."""
+
+    code: str = Field(description="Stable machine-readable code, e.g. `not_found`.")
+    message: str = Field(description="What went wrong, for a person.")
+    hint: str | None = Field(default=None, description="What to do about it.")
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="Per-field problems of an invalid request.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorBody
+
+
+class PointValue(BaseModel):
+    """A point's metadata and latest value."""
+
+    id: str = Field(description="Point id.")
+    source: str = Field(description="Source id.")
+    device: str | None = Field(description="Device id, when the point belongs to a device.")
+    description: str | None = None
+    unit: str | None = None
+    writable: bool = Field(description="Whether the point accepts write-back.")
+    configured: bool = Field(
+        description="False for a point that has a stored value but is no longer configured.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    value: JsonValue = Field(description="Latest value; null when there is no data yet.")
+    quality: Quality | None = Field(description="Quality of the latest value; null: no data.")
+    reason: str | None = Field(default=None, description="Why the quality is not good.")
+    ts: str | None = Field(description="Source (or bridge) time of the latest value.",
+                           json_schema_extra=ISO_TIME)
+    received_at: str | None = Field(description="When the bridge received it.",
+                                    json_schema_extra=ISO_TIME)
+    event_id: str | None = Field(description="Id of the event that carried the latest value.")
+
+
+class PointPage(BaseModel):
+    """One page of points, sorted by id."""
+
+    total: int = Field(description="Points matching the filters, on all pages.")
+    offset: int
+    limit: int
+    items: list[PointValue]
+
+
+class EventModel(BaseModel):
+    """The normalized event (see the event JSON Schema)."""
+
+    id: str = Field(description="Unique, stable across re-delivery; sorts by creation time.")
+    source: str
+    point: str
+    value: JsonValue
+    unit: str | None
+    quality: Quality
+    reason: str | None = None
+    ts: str = Field(json_schema_extra=ISO_TIME)
+    received_at: str = Field(json_schema_extra=ISO_TIME)
+    protocol: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    bridge: str
+
+
+class History(BaseModel):
+    """Stored events of one point."""
+
+    point: str
+    order: Literal["asc", "desc"]
+    count: int = Field(description="Events in `items`.")
+    has_more: bool = Field(description="More events match than `limit` allowed.")
+    items: list[EventModel]
+
+
+class EndpointModel(BaseModel):
+    """A source or device: connection state, last error and counters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    kind: Literal["source", "device"]
+    protocol: str
+    endpoint: str = Field(description="Where it connects; secrets redacted.")
+    state: Literal["connecting", "up", "degraded", "down", "disabled"]
+    since: str | None = Field(description="When it entered this state.",
+                              json_schema_extra=ISO_TIME)
+    last_success: str | None = Field(json_schema_extra=ISO_TIME)
+    last_error: str | None
+    error_category: Literal["transient", "auth", "config", "protocol", "device"] | None
+    last_error_at: str | None = Field(json_schema_extra=ISO_TIME)
+    counters: dict[str, int]
+    details: dict[str, Any] | None = None
+    points: int = Field(description="Configured points served through it.")
+    devices: list[EndpointModel] | None = None
+
+
+class SourceModel(EndpointModel):
+    """A configured source, with its devices."""
+
+    enabled: bool
+
+
+class SourceList(BaseModel):
+    """Every configured source."""
+
+    items: list[SourceModel]
+
+
+class Liveness(BaseModel):
+    """The process is alive and its event loop turns."""
+
+    status: Literal["alive"]
+    version: str
+    uptime_seconds: float
+
+
+class Readiness(BaseModel):
+    """Whether the bridge serves, and the state of each source."""
+
+    status: Literal["ready", "not_ready"]
+    reasons: list[str] = Field(description="Why it is not ready; empty when it is.")
+    sources: dict[str, str] = Field(description="State of every source, by id.")
+    summary: dict[str, int] = Field(description="How many sources are in each state.")
+    error: ErrorBody | None = Field(default=None, description="Set when not ready.")
+
+
+class JsonBody(Response):
+    """JSON built by the handler itself and serialized in Rust.
+
+    The handlers build their bodies from data that is already validated; running them through
+    the response model again would double the cost of a large page, on the event loop. The
+    models are still declared on each route, for the OpenAPI, and the tests hold the bodies to
+    them.
+    """
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        """The body as compact UTF-8 JSON."""
+        return pydantic_core.to_json(content)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error response: status, code, message and hint."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        *,
+        details: list[dict[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = ErrorBody(code=code, message=message, hint=hint, details=details)
+        self.headers = dict(headers or {})
+        super().__init__(message)
+
+
+def _error_response(
+    status: int, body: ErrorBody, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=body).model_dump(mode="json", exclude_none=True),
+                        status_code=status, headers=headers)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    problem = cast(ApiError, exc)
+    return _error_response(problem.status, problem.body, problem.headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
+    413: "too_large", 415: "unsupported_media_type",
+}
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    error = cast(StarletteHTTPException, exc)
+    code = _HTTP_CODES.get(error.status_code, "http_error")
+    message = str(error.detail)
+    hint = None
+    if error.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+        hint = "see /docs (or /openapi.json) for the routes this API serves"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+        allow = (error.headers or {}).get("Allow")
+        hint = f"use {allow}" if allow else None
+    return _error_response(error.status_code, ErrorBody(code=code, message=message, hint=hint),
+                           error.headers)
+
+
+async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
+    error = cast(RequestValidationError, exc)
+    details = [
+        {"location": ".".join(str(part) for part in issue.get("loc", ())),
+         "message": issue.get("msg", "invalid"),
+         **({"input": issue["input"]} if _is_scalar(issue.get("input")) else {})}
+        for issue in error.errors()
+    ]
+    first = details[0] if details else {"location": "request", "message": "invalid"}
+    extra = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return _error_response(422, ErrorBody(
+        code="invalid_request",
+        message=f"{first['location']}: {first['message']}{extra}",
+        hint="fix the listed parameters; /docs describes each one",
+        details=details))
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
+    # The server logs the exception itself once this response is sent.
+    return _error_response(500, ErrorBody(
+        code="internal", message="the bridge failed to handle this request",
+        hint="this is a bug; the daemon log has the traceback"))
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "No API key, or an unknown one."},
+    403: {"model": ErrorResponse, "description": "The key lacks the scope this route needs."},
+    422: {"model": ErrorResponse, "description": "Invalid parameters."},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "No such point or source."}}
+
+
+# --- dependencies ---------------------------------------------------------------------------
+
+
+@dataclass
+class ApiContext:
+    """What the handlers serve from; kept in ``app.state.fieldbridge``."""
+
+    runtime: Runtime
+    keys: KeyRing
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the server stops: long-lived responses (event streams) must end on it."""
+
+
+async def _context(request: Request) -> ApiContext:
+    return cast(ApiContext, request.app.state.fieldbridge)
+
+
+Context = Annotated[ApiContext, Depends(_context)]
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`.")
+
+
+async def authorize(
+    request: Request,
+    context: Context,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> Principal:
+    """The caller, if its key has the scope the request needs: ``read`` to read (GET),
+    ``write`` for anything else; ``admin`` has both."""
+    scope = Scope.READ if request.method in ("GET", "HEAD") else Scope.WRITE
+    presented = bearer.credentials if bearer is not None else api_key
+    try:
+        return context.keys.authorize(presented, scope)
+    except AuthError as exc:
+        logger.debug("refused %s %s: %s", request.method, request.url.path, exc.message)
+        unauthenticated = exc.failure is AuthFailure.UNAUTHENTICATED
+        raise ApiError(
+            401 if unauthenticated else 403, exc.failure.value, exc.message, exc.hint,
+            headers={"WWW-Authenticate": 'Bearer realm="fieldbridge"'} if unauthenticated
+            else None) from None
+
+
+Authorized = Depends(authorize)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def parse_time(text: str, now: float) -> float:
+    """ISO 8601 (naive means UTC), POSIX seconds, ``now``, or relative like ``-1h``/``-90s``."""
+    text = text.strip()
+    if text == "now":
+        return now
+    if text.startswith("-"):
+        return now - float(parse_duration(text[1:]))
+    try:
+        seconds = float(text)
+    except ValueError:
+        return parse_timestamp(text)
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite number of seconds")
+    return seconds
+
+
+def _time_parameter(name: str, text: str | None, now: float) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text, now)
+    except (ValueError, OverflowError):
+        raise ApiError(
+            422, "invalid_request", f"query.{name}: cannot read '{text}' as a time",
+            "give ISO 8601 (2025-01-31T12:00:00Z), POSIX seconds, 'now', or a relative time "
+            "such as -15m, -1h or -7d",
+            details=[{"location": f"query.{name}", "message": "expected a time",
+                      "input": text}]) from None
+
+
+def _point_value(
+    point_id: str, point: ResolvedPoint | None, event: Event | None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": point_id,
+        "configured": point is not None,
+        "value": None, "quality": None, "reason": None, "ts": None, "received_at": None,
+        "event_id": None,
+    }
+    if point is not None:
+        spec = point.spec
+        entry.update(source=point.source, device=point.device, description=spec.description,
+                     unit=spec.unit, writable=spec.writable, tags=point.tags)
+    elif event is not None:
+        entry.update(source=event.source, device=None, description=None, unit=event.unit,
+                     writable=False, tags=dict(event.tags))
+    if event is not None:
+        entry.update(value=event.value, quality=event.quality, reason=event.reason,
+                     ts=isoformat(event.ts), received_at=isoformat(event.received_at),
+                     event_id=event.id)
+        if entry["unit"] is None:
+            entry["unit"] = event.unit
+    return entry
+
+
+@dataclass(frozen=True)
+class _TagFilter:
+    key: str
+    value: str | None
+
+
+def _tag_filters(tags: Sequence[str]) -> list[_TagFilter]:
+    filters = []
+    for text in tags:
+        key, equals, value = text.partition("=")
+        if not key:
+            raise ApiError(
+                422, "invalid_request", f"query.tag: '{text}' has no tag name",
+                "write tag=key=value (or tag=key for any value); repeat it to require several",
+                details=[{"location": "query.tag", "message": "expected key=value",
+                          "input": text}])
+        filters.append(_TagFilter(key, value if equals else None))
+    return filters
+
+
+def _store_problem(exc: Exception) -> ApiError:
+    return ApiError(503, "store_unavailable", f"the store cannot be read: {exc}",
+                    "check /health/ready and the daemon log")
+
+
+def _known_point(context: ApiContext, point_id: str) -> ResolvedPoint | None:
+    point = context.runtime.points.get(point_id)
+    if point is None and point_id not in context.runtime.router.latest:
+        raise ApiError(404, "not_found", f"no point '{point_id}'",
+                       "GET /v1/points lists the points this bridge serves")
+    return point
+
+
+def _source_entry(
+    entry: Mapping[str, Any], enabled: bool, counts: Counter[tuple[str, str | None]]
+) -> dict[str, Any]:
+    source_id = entry["id"]
+    entry = {**entry, "enabled": enabled,
+             "points": sum(count for (source, _), count in counts.items()
+                           if source == source_id)}
+    if "devices" in entry:
+        entry["devices"] = [{**device, "points": counts[source_id, device["id"]]}
+                            for device in entry["devices"]]
+    return entry
+
+
+def _point_counts(points: Mapping[str, ResolvedPoint]) -> Counter[tuple[str, str | None]]:
+    return Counter((point.source, point.device) for point in points.values())
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+health = APIRouter(prefix="/health", tags=["health"])
+v1 = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERROR_RESPONSES)
+monitoring = APIRouter(tags=["monitoring"], dependencies=[Authorized],
+                       responses=ERROR_RESPONSES)
+
+PointId = Annotated[str, Path(description="Point id, e.g. `boiler.supply_temp`.")]
+
+
+@v1.get("/points", response_model=PointPage, tags=["points"])
+async def list_points(
+    context: Context,
+    source: Annotated[str | None, Query(description="Only points of this source.")] = None,
+    device: Annotated[str | None, Query(description="Only points of this device.")] = None,
+    tag: Annotated[list[str] | None, Query(
+        description="`key=value` (or `key` for any value); repeat to require several.",
+    )] = None,
+    prefix: Annotated[str | None, Query(description="Only ids starting with this.")] = None,
+    quality: Annotated[list[Literal["good", "uncertain", "bad", "none"]] | None, Query(
+        description="Only these qualities (`none`: no data yet); repeatable.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JsonBody:
+    """Latest value and metadata of every point, sorted by id.
+
+    Configured points without data yet have `value` and `quality` null. Points that have a
+    stored value but are no longer configured are listed with `configured: false`.
+    """
+    tag_filters = _tag_filters(tag or ())
+    qualities = set(quality or ())
+    runtime = context.runtime
+    points = runtime.points
+    latest = runtime.router.latest
+    matched: list[dict[str, Any]] = []
+    total = 0
+    for point_id in sorted(points.keys() | latest.keys()):
+        if prefix is not None and not point_id.startswith(prefix):
+            continue
+        point = points.get(point_id)
+        event = latest.get(point_id)
+        point_source = point.source if point is not None else event.source if event else None
+        if source is not None and point_source != source:
+            continue
+        if device is not None and (point is None or point.device != device):
+            continue
+        if tag_filters:
+            tags = point.tags if point is not None else event.tags if event else {}
+            if not all(wanted.key in tags
+                       and (wanted.value is None or tags[wanted.key] == wanted.value)
+                       for wanted in tag_filters):
+                continue
+        if qualities and (event.quality.value if event is not None else "none") not in qualities:
+            continue
+        if offset <= total < offset + limit:
+            matched.append(_point_value(point_id, point, event))
+        total += 1
+    return JsonBody({"total": total, "offset": offset, "limit": limit, "items": matched})
+
+
+@v1.get("/points/{point_id}", response_model=PointValue, tags=["points"],
+        responses=NOT_FOUND)
+async def get_point(context: Context, point_id: PointId) -> JsonBody:
+    """Latest value and metadata of one point."""
+    point = _known_point(context, point_id)
+    return JsonBody(_point_value(point_id, point, context.runtime.router.latest.get(point_id)))
+
+
+@v1.get("/points/{point_id}/history", response_model=History, tags=["points"],
+        responses={**NOT_FOUND, 503: {"model": ErrorResponse,
+                                      "description": "The store cannot be read."}})
+async def point_history(
+    context: Context,
+    point_id: PointId,
+    since: Annotated[str | None, Query(
+        description="Oldest time: ISO 8601, POSIX seconds, `now` or relative (`-1h`).")] = None,
+    until: Annotated[str | None, Query(
+        description="Newest time, in the same forms as `since`.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
+    order: Annotated[Literal["asc", "desc"], Query(
+        description="`desc`: newest first (the default); `asc`: oldest first.")] = "desc",
+) -> Response:
+    """Stored events of one point between two times, in the order they were stored.
+
+    `limit` applies from the end `order` starts at: the newest events for `desc`, the oldest
+    for `asc`. History is bounded by the store's retention (`store.history_max_age`,
+    `store.history_max_rows`).
+    """
+    _known_point(context, point_id)
+    now = time.time()
+    start = _time_parameter("since", since, now)
+    end = _time_parameter("until", until, now)
+    if start is not None and end is not None and start > end:
+        raise ApiError(422, "invalid_request", "query.since is after query.until",
+                       "swap them, or leave one out",
+                       details=[{"location": "query.since", "message": "after until"}])
+    try:
+        bodies = context.runtime.store.history_json(
+            point_id, since=start, until=end, limit=limit + 1, newest_first=order == "desc")
+    except (StoreError, sqlite3.Error) as exc:
+        raise _store_problem(exc) from exc
+    items = bodies[:limit]
+    # The store keeps each event as its documented JSON: join the bodies, don't re-encode.
+    head = pydantic_core.to_json({"point": point_id, "order": order, "count": len(items),
+                                  "has_more": len(bodies) > limit})
+    return Response(head[:-1] + b',"items":[' + ",".join(items).encode() + b"]}",
+                    media_type="application/json")
+
+
+@v1.get("/sources", response_model=SourceList, tags=["sources"])
+async def list_sources(context: Context) -> JsonBody:
+    """Every configured source with its state, last error, counters and devices."""
+    runtime = context.runtime
+    counts = _point_counts(runtime.points)
+    return JsonBody({"items": [
+        _source_entry(entry, runtime.sources[str(entry["id"])].enabled, counts)
+        for entry in runtime.inventory()
+    ]})
+
+
+@v1.get("/sources/{source_id}", response_model=SourceModel, tags=["sources"],
+        responses=NOT_FOUND)
+async def get_source(
+    context: Context, source_id: Annotated[str, Path(description="Source id.")]
+) -> JsonBody:
+    """One source with its state, last error, counters and devices."""
+    runtime = context.runtime
+    running = runtime.sources.get(source_id)
+    if running is None:
+        raise ApiError(404, "not_found", f"no source '{source_id}'",
+                       "GET /v1/sources lists the configured sources")
+    return JsonBody(_source_entry(running.status.to_dict(), running.enabled,
+                                  _point_counts(runtime.points)))
+
+
+@health.get("/live", response_model=Liveness)
+async def live(context: Context) -> dict[str, Any]:
+    """200 while the daemon's event loop runs (this handler runs on it)."""
+    return {"status": "alive", "version": __version__,
+            "uptime_seconds": round(time.time() - context.runtime.started_at, 3)}
+
+
+@health.get("/ready", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready; see `reasons`."}})
+async def ready(context: Context) -> Any:
+    """200 once every source is started and the store can be read; 503 with reasons before.
+
+    A source being down does not make the bridge unready (it still serves the last values);
+    the per-source states are listed so a probe or a person can see it.
+    """
+    runtime = context.runtime
+    reasons = []
+    if not runtime.ready.is_set():
+        reasons.append("starting: the sources are not all started yet")
+    try:
+        # One indexed lookup: proves the store is open and readable.
+        runtime.store.history_count("")
+    except (StoreError, sqlite3.Error) as exc:
+        reasons.append(f"the store cannot be read: {exc}")
+    states = {source_id: running.status.state.value
+              for source_id, running in runtime.sources.items()}
+    body: dict[str, Any] = {
+        "status": "not_ready" if reasons else "ready",
+        "reasons": reasons,
+        "sources": states,
+        "summary": dict(Counter(states.values())),
+    }
+    if not reasons:
+        return body
+    body["error"] = ErrorBody(
+        code="not_ready", message="; ".join(reasons),
+        hint="wait for startup to finish; if it does not, check the daemon log").model_dump(
+        exclude_none=True)
+    return JSONResponse(Readiness.model_validate(body).model_dump(mode="json"), status_code=503)
+
+
+@monitoring.get("/metrics", response_class=PlainTextResponse, responses={
+    200: {"content": {metrics.CONTENT_TYPE: {}},
+          "description": "Prometheus text exposition format 0.0.4."}})
+async def prometheus_metrics(context: Context) -> PlainTextResponse:
+    """Counters and states of the router, the store and every source and device."""
+    return PlainTextResponse(metrics.render(context.runtime, context.keys),
+                             media_type=metrics.CONTENT_TYPE)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The FastAPI application serving ``runtime``."""
+    keys = KeyRing(runtime.config.api.keys)
+    auth_note = ("Every `/v1` route and `/metrics` need an API key, as `Authorization: Bearer "
+                 "<key>` or `X-API-Key: <key>`, with the `read` scope (`write` to change "
+                 "anything; `admin` has all scopes)." if keys.enabled else
+                 "No API keys are configured: every route is open. The API listens on "
+                 "loopback unless `api.host` says otherwise; configure `api.keys` before "
+                 "exposing it.")
+    app = FastAPI(
+        title="Fieldbridge",
+        version=__version__,
+        description="Latest values, history and inventory of a Fieldbridge instance "
+        f"(`{runtime.bridge_id}`). Errors are `{{\"error\": {{\"code\", \"message\", "
+        f"\"hint\"}}}}`.\n\n{auth_note} Health endpoints are always open.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.fieldbridge = ApiContext(runtime=runtime, keys=keys)
+    app.include_router(v1)
+    app.include_router(health)
+    app.include_router(monitoring)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(Exception, _on_crash)
+    return app
+
+
+# --- server ---------------------------------------------------------------------------------
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the daemon: no signal handling of its own, and an event once serving."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.settled = asyncio.Event()
+        """Set once the server accepts connections, or once it has failed to."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # The daemon owns SIGTERM and SIGINT; it stops the server through ApiServer.stop().
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.settled.set()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            self.settled.set()
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` resolves to, all on one port."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ApiServerError(host, port, f"cannot resolve '{host}': {exc.strerror}") from exc
+    addresses = list(dict.fromkeys(
+        (family, proto, address) for family, _, proto, _, address in infos))
+    sockets: list[socket.socket] = []
+    try:
+        for family, proto, address in addresses:
+            if sockets:  # port 0: every address on the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            # The protocol must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only then, and
+            # without it small responses wait ~40 ms for a delayed ACK.
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and len(addresses) > 1:
+                    # The IPv4 address gets its own socket, as asyncio does it.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+            except OSError as exc:
+                sock.close()
+                if sockets and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue  # e.g. "localhost" resolves to ::1 but IPv6 is disabled
+                raise
+            sockets.append(sock)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ApiServerError(host, port, exc.strerror or str(exc)) from exc
+    return sockets
+
+
+def _loopback_only(sockets: Sequence[socket.socket]) -> bool:
+    return all(ipaddress.ip_address(sock.getsockname()[0]).is_loopback for sock in sockets)
+
+
+class ApiServer:
+    """The API served by uvicorn as the task ``api``, on the daemon's event loop."""
+
+    STOP_TIMEOUT = 2.5
+    """Seconds ``stop()`` waits for requests to finish before cancelling them."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.app = create_app(runtime)
+        self.context: ApiContext = self.app.state.fieldbridge
+        self.port: int | None = None
+        """The port it listens on, once started (the real one when configured as 0)."""
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The base URL, once started."""
+        if self.port is None:
+            return None
+        api = self.runtime.config.api
+        return f"{'https' if api.tls else 'http'}://{_address(api.host, self.port)}"
+
+    async def start(self) -> None:
+        """Bind, start serving, and return once connections are accepted.
+
+        Raises ``ApiServerError`` naming host:port when the address cannot be bound or the
+        TLS certificate cannot be loaded.
+        """
+        if self._task is not None:
+            raise RuntimeError("the API server is already started")
+        api = self.runtime.config.api
+        sockets = _bind(api.host, api.port)
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=1,
+            ssl_certfile=api.tls.cert if api.tls else None,
+            ssl_keyfile=api.tls.key if api.tls else None,
+        )
+        try:
+            config.load()
+        except OSError as exc:  # ssl.SSLError is an OSError; only TLS files are read here
+            for sock in sockets:
+                sock.close()
+            files = f" {api.tls.cert} with key {api.tls.key}" if api.tls else ""
+            raise ApiServerError(api.host, api.port,
+                                 f"cannot load TLS certificate{files}: {exc}") from exc
+        server = _EmbeddedServer(config)
+        task = asyncio.create_task(server.serve(sockets=sockets), name="api")
+        await server.settled.wait()
+        if task.done():
+            for sock in sockets:
+                sock.close()
+            failure = task.exception() if not task.cancelled() else None
+            raise ApiServerError(api.host, api.port, f"the server did not start: {failure}")
+        task.add_done_callback(self._finished)
+        self._server, self._task = server, task
+        self.port = int(sockets[0].getsockname()[1])
+        logger.info("API listening on %s", self.url)
+        if not self.runtime.config.api.keys and not _loopback_only(sockets):
+            logger.warning("API listens on %s without api.keys: anyone who can reach it can "
+                           "read every point", self.url)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("API server failed", exc_info=task.exception())
+
+    async def stop(self) -> None:
+        """Stop accepting, let running requests finish briefly, and leave no task behind."""
+        server, task = self._server, self._task
+        if server is None or task is None:
+            return
+        self._server = self._task = None
+        self.context.closing.set()
+        server.should_exit = True
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.STOP_TIMEOUT)
+            if not done:
+                server.force_exit = True
+                task.cancel()
+            # Requests past uvicorn's graceful timeout are cancelled, maybe not yet finished.
+            requests = set(server.server_state.tasks)
+            for request in requests:
+                request.cancel()
+            await asyncio.wait({task, *requests})
+        finally:
+            if not task.done():
+                task.cancel()
+        self.port = None
