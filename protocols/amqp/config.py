@@ -1,0 +1,168 @@
+"""Configuration of AMQP (RabbitMQ) sources: connection, queue, dead-lettering and points."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+from urllib.parse import quote
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from bridge.config import Duration, StrictModel
+from bridge.payload import (
+    AMQP_ROUTING_KEY,
+    AddressPattern,
+    ClientTls,
+    MessagePoint,
+    MessageSourceBase,
+)
+
+ArgumentValue = str | int | float | bool
+"""An AMQP queue or binding argument."""
+
+METADATA_VARIABLES = ("routing_key", "exchange")
+"""Placeholders every AMQP point may use, besides `{headers.NAME}` and routing-key levels."""
+
+
+class AmqpBinding(StrictModel):
+    """Bind the queue to an exchange."""
+
+    exchange: str = Field(min_length=1, max_length=255, description="The exchange to bind to.")
+    routing_key: str = Field(
+        default="", max_length=255, description="Binding key, e.g. `sensors.*.telemetry` on a "
+        "topic exchange; ignored by fanout exchanges.")
+    arguments: dict[str, ArgumentValue] = Field(
+        default_factory=dict, description="Binding arguments (headers exchanges: `x-match`...).")
+
+
+class AmqpQueue(StrictModel):
+    """The queue the source consumes from."""
+
+    name: str = Field(min_length=1, max_length=255, description="Queue name.")
+    declare: bool = Field(
+        default=False, description="Declare the queue (idempotent; a queue that exists with "
+        "other settings is a config error). Unset: the queue must exist.")
+    durable: bool = Field(default=True, description="Declared queue survives a broker restart.")
+    auto_delete: bool = Field(
+        default=False, description="Declared queue is deleted when its last consumer leaves.")
+    arguments: dict[str, ArgumentValue] = Field(
+        default_factory=dict, description="Declare arguments, e.g. `x-queue-type: quorum`.")
+    bindings: list[AmqpBinding] = Field(
+        default_factory=list, description="Bindings made on every connect (idempotent).")
+
+    @field_validator("arguments")
+    @classmethod
+    def _no_dead_letter_arguments(
+        cls, value: dict[str, ArgumentValue]
+    ) -> dict[str, ArgumentValue]:
+        for key in ("x-dead-letter-exchange", "x-dead-letter-routing-key"):
+            if key in value:
+                raise ValueError(f"set `dead_letter` on the source instead of `{key}`: the "
+                                 "source must know whether rejected messages are kept")
+        return value
+
+
+class DeadLetter(StrictModel):
+    """Where messages that cannot be mapped go, instead of being acknowledged and dropped."""
+
+    exchange: str = Field(min_length=1, max_length=255, description="Dead-letter exchange.")
+    routing_key: str | None = Field(
+        default=None, max_length=255, description="Routing key of dead-lettered messages; "
+        "unset: their original routing key.")
+    declare: bool = Field(
+        default=True, description="Declare the exchange (durable) and `queue` if given.")
+    exchange_type: Literal["fanout", "topic", "direct"] = Field(
+        default="fanout", description="Type of the declared exchange.")
+    queue: str | None = Field(
+        default=None, min_length=1, max_length=255,
+        description="Declare this durable queue and bind it to the exchange, so rejected "
+        "messages are kept for inspection.")
+
+    @model_validator(mode="after")
+    def _routable(self) -> DeadLetter:
+        if self.queue is not None and self.exchange_type == "direct" and self.routing_key is None:
+            raise ValueError("a direct dead-letter exchange needs `routing_key` to route "
+                             "rejected messages to `queue`")
+        return self
+
+    @property
+    def binding_key(self) -> str:
+        """The key binding ``queue`` to the exchange so that it gets every rejected message."""
+        if self.exchange_type == "topic":
+            return self.routing_key if self.routing_key is not None else "#"
+        return self.routing_key or ""
+
+
+class AmqpPoint(MessagePoint):
+    """A point read from the messages consumed from the source's queue."""
+
+    routing_key: str = Field(
+        default="#", description="Routing-key pattern of the messages this point reads: "
+        "`*` one word, `#` any words, `{name}` one word whose value fills `{name}` in the "
+        "name and tags, e.g. `sensors.{site}.{device}`. Besides level names, `{routing_key}`, "
+        "`{exchange}` and `{headers.NAME}` may be used.")
+
+    @field_validator("routing_key")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        AddressPattern.parse(value, AMQP_ROUTING_KEY)
+        return value
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> AmqpPoint:
+        self.check_variables((*self.pattern().names, *METADATA_VARIABLES), ("headers.",))
+        return self
+
+    def pattern(self) -> AddressPattern:
+        """The compiled routing-key pattern."""
+        return AddressPattern.parse(self.routing_key, AMQP_ROUTING_KEY)
+
+
+class AmqpSourceConfig(MessageSourceBase):
+    """A queue on an AMQP 0-9-1 broker (RabbitMQ) and the points its messages carry."""
+
+    protocol: Literal["amqp"]
+    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Broker port; default 5672, 5671 with TLS.")
+    virtual_host: str = Field(default="/", description="Virtual host.")
+    username: str = Field(default="guest", min_length=1, description="User name.")
+    password: SecretStr = Field(
+        default=SecretStr("guest"), description="Password; use ${ENV} or ${file:...}.")
+    tls: ClientTls | None = Field(default=None, description="Connect with TLS.")
+    heartbeat: Duration | None = Field(
+        default=None, description="Heartbeat interval; unset: what the broker proposes.")
+    timeout: Duration = Field(
+        default=10.0, gt=0, description="How long connecting and each setup step may take.")
+    queue: AmqpQueue = Field(description="The queue to consume from.")
+    dead_letter: DeadLetter | None = Field(
+        default=None, description="Reject unmappable messages to this dead-letter exchange. "
+        "With `queue.declare` the queue is declared with it; otherwise the existing queue must "
+        "already dead-letter there (by argument or policy). Unset: unmappable messages are "
+        "acknowledged, counted and dropped.")
+    prefetch: int = Field(
+        default=100, ge=1, le=65535, description="Messages delivered but not yet acknowledged, "
+        "at most (basic.qos prefetch count).")
+    points: Sequence[AmqpPoint] = Field(min_length=1, description="The points to read.")
+
+    @property
+    def port_number(self) -> int:
+        """The port, defaulted by TLS."""
+        if self.port is not None:
+            return self.port
+        return 5671 if self.tls is not None else 5672
+
+    def endpoint(self) -> str:
+        """``amqp://user@host:port/vhost?queue=name`` without the password."""
+        scheme = "amqps" if self.tls is not None else "amqp"
+        return (f"{scheme}://{self.username}@{self.host}:{self.port_number}/"
+                f"{quote(self.virtual_host, safe='')}?queue={quote(self.queue.name, safe='')}")
+
+    def queue_arguments(self) -> dict[str, ArgumentValue]:
+        """The declare arguments of the queue, dead-lettering included."""
+        arguments = dict(self.queue.arguments)
+        if self.dead_letter is not None:
+            arguments["x-dead-letter-exchange"] = self.dead_letter.exchange
+            if self.dead_letter.routing_key is not None:
+                arguments["x-dead-letter-routing-key"] = self.dead_letter.routing_key
+        return arguments

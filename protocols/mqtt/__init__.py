@@ -1,0 +1,47 @@
+"""The MQTT connector: subscribes to topic filters and maps JSON, text, number and binary
+payloads to points (see README.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bridge.config import ResolvedPoint, SourceBase
+from bridge.payload import resolve_points
+from bridge.registry import ProtocolSpec
+from bridge.source import BuildContext, SourceUnit
+from bridge.yamlsource import KeyPath
+from protocols.mqtt.config import MqttPoint, MqttSourceConfig
+from protocols.mqtt.mapping import compile_mapper
+from protocols.mqtt.source import PROTOCOL, MqttAcknowledger, MqttSource
+
+__all__ = ["SPEC", "MqttAcknowledger", "MqttPoint", "MqttSource", "MqttSourceConfig", "build"]
+
+
+def _mqtt_source(source: SourceBase) -> MqttSourceConfig:
+    if not isinstance(source, MqttSourceConfig):
+        raise TypeError(f"source {source.id} is not an MQTT source")
+    return source
+
+
+def build(source: SourceBase, points: Sequence[ResolvedPoint],
+          context: BuildContext) -> SourceUnit:
+    """Compile the mapping and create the source."""
+    config = _mqtt_source(source)
+    mapper = compile_mapper(config, points, bridge_id=context.bridge_id)
+    client_id = config.client_id
+    if client_id is None and not config.clean_session:
+        client_id = f"fieldbridge-{context.bridge_id}-{config.id}"
+    return SourceUnit(source=MqttSource(config, mapper, client_id=client_id), mapper=mapper)
+
+
+def _points(source: SourceBase, path: KeyPath) -> list[ResolvedPoint]:
+    return resolve_points(_mqtt_source(source), path)
+
+
+SPEC = ProtocolSpec(
+    name=PROTOCOL,
+    source_model=MqttSourceConfig,
+    build=build,
+    source_points=_points,
+)
+"""The MQTT entry of the protocol registry."""

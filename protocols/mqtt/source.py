@@ -1,0 +1,188 @@
+"""The MQTT source: one aiomqtt client per connection, subscriptions restored on every connect.
+
+QoS 1 and 2 messages are acknowledged by hand, after the router has stored their events:
+aiomqtt 2.5 has no manual-ack API yet (empicano/aiomqtt#345), so the source switches the
+underlying paho client to ``manual_ack`` before connecting and acks through it. The broker
+re-delivers what was not acknowledged when the bridge reconnects with a persistent session
+(``clean_session: false``, the default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bridge.errors import ConnectorError, ErrorCategory
+from bridge.model import Reading
+from bridge.payload import MessageMapper
+from bridge.source import Source, SourceContext
+from protocols.mqtt.config import MqttSourceConfig
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "mqtt"
+MAX_BATCH = 500
+"""At most this many messages are handed on together."""
+
+ClientFactory = Callable[..., aiomqtt.Client]
+"""Creates the client from keyword arguments; tests pass a fake."""
+
+_AUTH_CODES = frozenset({4, 5, 0x86, 0x87, 0x8C})
+"""3.1.1 bad user name or password / not authorized; 5: the same, and bad auth method."""
+_CONFIG_CODES = frozenset({1, 2, 0x84, 0x85, 0x95})
+"""Unacceptable protocol version, client id rejected, packet too large."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAcknowledger:
+    """Sends PUBACK (QoS 1) or PUBCOMP (QoS 2) for one message once its events are stored."""
+
+    client: paho.Client
+    mid: int
+    qos: int
+
+    async def accept(self) -> None:
+        """Acknowledge the message; after a disconnect the broker re-delivers it instead."""
+        if self.client.is_connected():
+            self.client.ack(self.mid, self.qos)
+
+    async def reject(self, reason: str) -> None:
+        """MQTT has no negative acknowledgement: acknowledge, or it returns on every connect.
+
+        The runtime has counted the message as rejected, with ``reason``.
+        """
+        await self.accept()
+
+
+class MqttSource(Source):
+    """Subscribes to the topic filters of its points and hands each message on as a reading."""
+
+    def __init__(
+        self,
+        config: MqttSourceConfig,
+        mapper: MessageMapper,
+        *,
+        client_id: str | None,
+        client_factory: ClientFactory = aiomqtt.Client,
+    ) -> None:
+        super().__init__(source_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint())
+        self.config = config
+        self.mapper = mapper
+        self.client_id = client_id
+        self.subscriptions = config.subscriptions()
+        """Topic filter to QoS, subscribed on every connect."""
+        self._client_factory = client_factory
+        self._manual_ack = max(self.subscriptions.values()) > 0
+
+    async def run(self, context: SourceContext) -> None:
+        """Connect, subscribe, and hand messages on until cancelled or disconnected."""
+        self.mapper.attach(context.status)
+        client = self._client_factory(**await self._client_arguments())
+        if self._manual_ack:
+            # Before connecting: a persistent session's queued messages arrive right after
+            # CONNACK and must not be acknowledged automatically.
+            client._client.manual_ack_set(True)
+        try:
+            async with client:
+                await self._subscribe(client)
+                context.status.up()
+                await self._receive(client, context)
+        except aiomqtt.MqttError as exc:
+            raise _connector_error(self.endpoint, exc) from exc
+        raise ConnectorError(self.endpoint, "the broker ended the subscription",
+                             ErrorCategory.TRANSIENT)
+
+    async def _client_arguments(self) -> dict[str, Any]:
+        config = self.config
+        arguments: dict[str, Any] = {
+            "hostname": config.host,
+            "port": config.port_number,
+            "identifier": self.client_id,
+            "keepalive": config.keepalive,
+            "timeout": config.timeout,
+            "logger": logger,
+        }
+        if config.username is not None:
+            arguments["username"] = config.username
+            if config.password is not None:
+                arguments["password"] = config.password.get_secret_value()
+        if config.tls is not None:
+            try:
+                arguments["tls_context"] = await asyncio.to_thread(config.tls.context)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConnectorError(self.endpoint, f"TLS setup failed: {exc}",
+                                     ErrorCategory.CONFIG) from exc
+            arguments["tls_insecure"] = not config.tls.verify_hostname
+        if config.mqtt_version == "5":
+            arguments["protocol"] = aiomqtt.ProtocolVersion.V5
+            arguments["clean_start"] = config.clean_session
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0 if config.clean_session else int(
+                config.session_expiry)
+            arguments["properties"] = properties
+        else:
+            arguments["protocol"] = aiomqtt.ProtocolVersion.V311
+            arguments["clean_session"] = config.clean_session
+        return arguments
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        filters = list(self.subscriptions.items())
+        granted = await client.subscribe(filters, timeout=self.config.timeout)
+        for (topic, _), code in zip(filters, granted, strict=False):
+            value = _code(code)
+            if value is not None and value >= 0x80:
+                raise ConnectorError(self.endpoint, f"the broker refused the subscription to "
+                                     f"{topic!r} (code {value:#x})", ErrorCategory.AUTH)
+
+    async def _receive(self, client: aiomqtt.Client, context: SourceContext) -> None:
+        messages = client.messages
+        paho_client = client._client
+        batch: list[Reading] = []
+        async for message in messages:
+            ack = (MqttAcknowledger(paho_client, message.mid, message.qos)
+                   if message.qos > 0 and self._manual_ack else None)
+            batch.append(Reading(
+                source=self.id,
+                address=message.topic.value,
+                value=message.payload,
+                received_at=time.time(),
+                ack=ack,
+                meta={"qos": message.qos, "retain": message.retain},
+            ))
+            if len(messages) == 0 or len(batch) >= MAX_BATCH:
+                await context.publish(batch)
+                context.status.success()
+                batch = []
+
+
+def _connector_error(endpoint: str, exc: aiomqtt.MqttError) -> ConnectorError:
+    category = ErrorCategory.TRANSIENT
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        code = _code(exc.rc)
+        if isinstance(exc, MqttConnectError) and code in _AUTH_CODES:
+            category = ErrorCategory.AUTH
+        elif isinstance(exc, MqttConnectError) and code in _CONFIG_CODES:
+            category = ErrorCategory.CONFIG
+    reason = str(exc) or type(exc).__name__
+    if exc.__cause__ is not None and str(exc.__cause__):
+        reason = f"{reason}: {exc.__cause__}"
+    return ConnectorError(endpoint, reason, category)
+
+
+def _code(code: object) -> int | None:
+    """The number of an MQTT 3.1.1 return code or MQTT 5 reason code."""
+    if isinstance(code, ReasonCode):
+        return code.value
+    return code if isinstance(code, int) else None
