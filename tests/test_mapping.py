@@ -32,7 +32,9 @@ def test_scale_offset_round() -> None:
     event = program.produce(655, received_at=1.0, ts=0.5)
     assert event is not None
     assert (event.value, event.unit, event.ts, event.received_at) == (25.5, "degC", 0.5, 1.0)
-    assert event.tags == {"site": "a"} and event.point == "dev.p" and event.bridge == "edge"
+    assert event.tags == {"site": "a"}
+    assert event.point == "dev.p"
+    assert event.bridge == "edge"
 
 
 def test_identity_keeps_integers_and_strings() -> None:
@@ -45,19 +47,22 @@ def test_enum_maps_and_rejects_unknown() -> None:
     assert _values(program, [1, 0, True]) == ["on", "off", "on"]
     event = program.produce(7, received_at=9.0)
     assert event is not None
-    assert event.quality is Quality.BAD and event.value is None
+    assert event.quality is Quality.BAD
+    assert event.value is None
     assert event.reason == "value 7 is not in the enum map"
 
 
 def test_scaling_a_string_is_bad_not_a_crash() -> None:
     event = _program(scale=2).produce("abc", received_at=1.0)
-    assert event is not None and event.quality is Quality.BAD
+    assert event is not None
+    assert event.quality is Quality.BAD
     assert "cannot scale" in (event.reason or "")
 
 
 def test_non_finite_float_is_bad() -> None:
     event = _program(scale=2).produce(float("nan"), received_at=1.0)
-    assert event is not None and event.quality is Quality.BAD
+    assert event is not None
+    assert event.quality is Quality.BAD
 
 
 def test_every_reading_by_default() -> None:
@@ -90,10 +95,13 @@ def test_quality_change_always_reported() -> None:
     program = _program({"mode": "change"})
     assert program.produce(1, received_at=1.0) is not None
     bad = program.bad("device exception: illegal data address (2)", received_at=2.0)
-    assert bad is not None and bad.quality is Quality.BAD and bad.value is None
+    assert bad is not None
+    assert bad.quality is Quality.BAD
+    assert bad.value is None
     assert program.bad("again", received_at=3.0) is None
     recovered = program.produce(1, received_at=4.0)
-    assert recovered is not None and recovered.quality is Quality.GOOD
+    assert recovered is not None
+    assert recovered.quality is Quality.GOOD
 
 
 def test_report_spec_rejects_contradictions() -> None:

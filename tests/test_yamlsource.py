@@ -31,7 +31,8 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
     _, issues, _ = _load(tmp_path, "a: 1\nb: [1, 2\nc: 3\n")
     assert len(issues) == 1
     assert issues[0].file.endswith("config.yaml")
-    assert issues[0].line is not None and issues[0].line >= 2
+    assert issues[0].line is not None
+    assert issues[0].line >= 2
     assert "invalid YAML" in issues[0].message
 
 
