@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a simulated plant and the daemon on it")
     demo.add_argument("--port", type=int, default=8780, help="API port (0: any free port)")
     demo.add_argument("--state-dir", help="where the demo keeps its store (default: a temp dir)")
+    demo.add_argument("--opcua", action="store_true",
+                      help="also run an OPC-UA server and bridge three of its variables")
     commands.add_parser("schema", help="print the JSON Schema of the configuration file")
     commands.add_parser("event-schema", help="print the JSON Schema of the normalized event")
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)")
@@ -143,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "demo":
             from bridge.demo import run_demo
 
-            return asyncio.run(run_demo(port=arguments.port, state_dir=arguments.state_dir))
+            return asyncio.run(run_demo(port=arguments.port, state_dir=arguments.state_dir,
+                                        opcua=arguments.opcua))
         return asyncio.run(run_config(arguments.config))
     except ConfigError as exc:
         for issue in exc.issues:

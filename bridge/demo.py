@@ -87,38 +87,63 @@ def _state_directory(state_dir: str | None) -> Iterator[Path]:
         yield Path(temporary)
 
 
-async def run_demo(*, port: int, state_dir: str | None) -> int:
+async def run_demo(*, port: int, state_dir: str | None, opcua: bool = False) -> int:
     """Run the simulator and the daemon on it until SIGINT or SIGTERM; returns the exit status.
 
     ``port`` is the API port (0: any free port); ``state_dir`` keeps the store, else a
-    temporary directory removed on exit.
+    temporary directory removed on exit; ``opcua`` also runs an OPC-UA server and the
+    demo's OPC-UA source.
     """
     with _state_directory(state_dir) as directory:
-        async with PlantSimulator(host="127.0.0.1", port=0) as simulator:
-            with _environment(PORT_VARIABLE, str(simulator.port)):
-                config = load_demo_config(state_dir=directory, api_port=port)
-                runtime = Runtime(config)
-                announcer = asyncio.create_task(
-                    _announce(runtime, simulator, config), name="demo.announce")
-                loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            simulator = await stack.enter_async_context(
+                PlantSimulator(host="127.0.0.1", port=0))
+            stack.enter_context(_environment(PORT_VARIABLE, str(simulator.port)))
+            if opcua:
+                await _start_opcua(stack)
+            config = load_demo_config(state_dir=directory, api_port=port)
+            runtime = Runtime(config)
+            announcer = asyncio.create_task(
+                _announce(runtime, simulator, config), name="demo.announce")
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, runtime.stop)
+            try:
+                await runtime.run()
+            finally:
                 for signum in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(signum, runtime.stop)
-                try:
-                    await runtime.run()
-                finally:
-                    for signum in (signal.SIGTERM, signal.SIGINT):
-                        loop.remove_signal_handler(signum)
-                    announcer.cancel()
-                    await asyncio.wait([announcer])
+                    loop.remove_signal_handler(signum)
+                announcer.cancel()
+                await asyncio.wait([announcer])
     return 0
+
+
+async def _start_opcua(stack: contextlib.AsyncExitStack) -> None:
+    """An in-process OPC-UA server whose variables move, and the demo source turned on."""
+    from protocols.opcua.server import PlantServer
+
+    server = await stack.enter_async_context(PlantServer(host="127.0.0.1", port=0))
+    animation = asyncio.create_task(server.animate(0.5), name="demo.opcua.animate")
+
+    async def stop_animation() -> None:
+        animation.cancel()
+        await asyncio.gather(animation, return_exceptions=True)
+
+    stack.push_async_callback(stop_animation)
+    stack.enter_context(_environment("FIELDBRIDGE_DEMO_OPCUA", "true"))
+    stack.enter_context(_environment("FIELDBRIDGE_DEMO_OPCUA_URL", server.url))
 
 
 async def _announce(runtime: Runtime, simulator: PlantSimulator, config: Config) -> None:
     await runtime.ready.wait()
     base = f"http://{_url_host(config.api.host)}:{runtime.api_port}"
+    served = [running for running in runtime.sources.values() if running.enabled]
+    count = sum(1 for point in runtime.points.values()
+                if runtime.sources[point.source].enabled)
+    endpoints = ", ".join(f"{running.unit.source.protocol} {running.unit.source.endpoint}"
+                          for running in served)
     lines = [
-        f"Fieldbridge demo: {len(runtime.points)} points of a simulated boiler on Modbus TCP "
-        f"{simulator.host}:{simulator.port}.",
+        f"Fieldbridge demo: {count} points of a simulated plant ({endpoints}).",
         f"  REST API: {base}/v1/points",
         f"  try:      curl -s {base}/v1/points/{DEMO_POINT}",
         f"  docs:     {base}/docs",

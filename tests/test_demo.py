@@ -122,7 +122,7 @@ async def test_demo_serves_moving_points_and_stops_on_ctrl_c(
         # way: wait for every point to have a value.
         deadline = time.monotonic() + STARTUP
         while True:
-            response = await client.get("/v1/points")
+            response = await client.get("/v1/points", params={"source": "plant"})
             assert response.status_code == 200, response.text
             first = values(response.json())
             if first and all(value is not None for value in first.values()):
@@ -133,7 +133,7 @@ async def test_demo_serves_moving_points_and_stops_on_ctrl_c(
                 "boiler.energy", "boiler.pump_running", "boiler.mode"} <= first.keys()
         # The simulator moves every half second and the demo polls every second.
         while True:
-            second = values((await client.get("/v1/points")).json())
+            second = values((await client.get("/v1/points", params={"source": "plant"})).json())
             if second != first:
                 break
             assert time.monotonic() < deadline + STARTUP, "the values never changed"
@@ -146,6 +146,29 @@ async def test_demo_serves_moving_points_and_stops_on_ctrl_c(
     assert await demo.interrupt() == 0, demo.diagnostics()
     assert list((tmp_path / "cwd").iterdir()) == [], "the demo wrote into the current directory"
     assert list((tmp_path / "tmp").iterdir()) == [], "the demo left its temporary files"
+
+
+async def test_demo_with_opcua_bridges_the_opcua_server_too(tmp_path: Path) -> None:
+    demo = await start_demo(tmp_path, "--opcua")
+    try:
+        base = await demo.base_url()
+        async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:
+            deadline = time.monotonic() + STARTUP
+            while True:
+                page = (await client.get("/v1/points", params={"source": "opcua-plant"})).json()
+                found = values(page)
+                if found and all(value is not None for value in found.values()):
+                    break
+                assert time.monotonic() < deadline, f"OPC-UA points without values: {found}"
+                await asyncio.sleep(0.2)
+            assert set(found) == {"opcua.boiler_temperature", "opcua.pump_speed",
+                                  "opcua.boiler_running"}
+            assert found["opcua.boiler_running"] is True
+            source = (await client.get("/v1/sources/opcua-plant")).json()
+            assert source["state"] == "up"
+        assert await demo.interrupt() == 0, demo.diagnostics()
+    finally:
+        await demo.kill()
 
 
 async def test_demo_keeps_its_store_in_the_given_state_dir(tmp_path: Path) -> None:
@@ -168,7 +191,7 @@ async def test_demo_configuration_validates_without_its_variable(tmp_path: Path)
     async with asyncio.timeout(STARTUP):
         stdout, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()
-    assert "ok (1 sources, 11 points" in stdout.decode()
+    assert "ok (2 sources, 14 points" in stdout.decode()
 
 
 def test_demo_configuration_is_found_with_its_profiles() -> None:
