@@ -8,7 +8,7 @@ register, ``400001`` the first holding register in 6-digit form) or, when ``tabl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -22,6 +22,7 @@ from bridge.config import (
     ProfileBase,
     StrictModel,
 )
+from bridge.validation import field_error
 
 Table = Literal["coil", "discrete", "input", "holding"]
 """The four Modbus data tables."""
@@ -47,19 +48,7 @@ _MODICON: tuple[tuple[int, int, Table], ...] = (
 )
 
 
-_NOT_GIVEN: dict[str, Any] = {}
 """The input of an error about a key that was not written: nothing to quote back."""
-
-
-def _fail(field: str, message: str, value: Any = _NOT_GIVEN) -> ValidationError:
-    """A validation error located at ``field`` of the model being validated.
-
-    Raised from a model validator, pydantic prefixes the location of the model, so the
-    config error names the exact key rather than the whole point.
-    """
-    error = InitErrorDetails(
-        type=PydanticCustomError("modbus", message), loc=(field,), input=value)
-    return ValidationError.from_exception_data("modbus", [error])
 
 
 def modicon_table(address: int) -> tuple[Table, int] | None:
@@ -150,7 +139,7 @@ class ModbusPoint(PointBase):
         if table is None:
             located = modicon_table(self.address)
             if located is None:
-                raise _fail(
+                raise field_error(
                     "address",
                     "a Modicon address needs its table prefix: 1xxxx discrete input, "
                     "3xxxx input register, 4xxxx holding register (or 6-digit 1xxxxx, 3xxxxx, "
@@ -158,47 +147,48 @@ class ModbusPoint(PointBase):
                     self.address)
             table = located[0]
         elif self.address >= ADDRESS_SPACE:
-            raise _fail("address", f"with `table` the address is a 0-based offset 0.."
+            raise field_error("address", f"with `table` the address is a 0-based offset 0.."
                         f"{ADDRESS_SPACE - 1}", self.address)
         data_type = self.type
         if table in BIT_TABLES:
             if data_type not in (None, "bool"):
-                raise _fail("type", f"a {table} holds one bit: its type is bool", data_type)
+                raise field_error("type", f"a {table} holds one bit: its type is bool", data_type)
             register_only = {"bit": self.bit, "order": self.order, "length": self.length}
             for key, value in register_only.items():
                 if value is not None:
-                    raise _fail(key, f"`{key}` applies to registers, not to a {table}", value)
+                    raise field_error(key, f"`{key}` applies to registers, not to a {table}", value)
         else:
             if data_type == "bool" and self.bit is None:
-                raise _fail("type", "bool needs a coil or discrete table; for one bit of a "
+                raise field_error("type", "bool needs a coil or discrete table; for one bit of a "
                             "register give `bit`", data_type)
             if self.bit is not None and data_type not in (None, "bool", "uint16", "int16"):
-                raise _fail("bit", f"a bit is read from a 16-bit register, not from "
+                raise field_error("bit", f"a bit is read from a 16-bit register, not from "
                             f"{data_type}", self.bit)
             if data_type == "string" and self.length is None:
-                raise _fail("length", "a string needs `length` in registers")
+                raise field_error("length", "a string needs `length` in registers")
             if data_type != "string" and self.length is not None:
-                raise _fail("length", "`length` applies to strings only", self.length)
+                raise field_error("length", "`length` applies to strings only", self.length)
             if data_type == "string" and self.order is not None \
                     and parse_order(self.order).swap_words:
-                raise _fail("order", "a string accepts byte order ABCD or BADC only",
+                raise field_error("order", "a string accepts byte order ABCD or BADC only",
                             self.order)
         end = self.start + self.count
         if end > ADDRESS_SPACE:
-            raise _fail("address", f"the point's {self.count} registers end past the last "
+            raise field_error("address", f"the point's {self.count} registers end past the last "
                         f"address ({table} offset {end - 1} > {ADDRESS_SPACE - 1})",
                         self.address)
         if self.writable and table in ("input", "discrete"):
-            raise _fail("writable", f"{table} {'registers' if table == 'input' else 'inputs'} "
-                        "are read-only: `writable` applies to coils and holding registers",
-                        self.writable)
+            kind = "registers" if table == "input" else "inputs"
+            raise field_error(
+                "writable", f"{table} {kind} are read-only: `writable` applies to coils and "
+                "holding registers", self.writable)
         if self.writable and self.scale == 0.0:
-            raise _fail("scale", "a writable point needs a non-zero scale", self.scale)
+            raise field_error("scale", "a writable point needs a non-zero scale", self.scale)
         kind = self.value_kind
         if kind != "number" and self.enum is None and (
             self.scale != 1.0 or self.offset != 0.0 or self.round is not None
         ):
-            raise _fail("scale", f"scale, offset and round apply to numbers, not to a {kind}",
+            raise field_error("scale", f"scale, offset and round apply to numbers, not to a {kind}",
                         self.scale)
         return self
 
@@ -269,16 +259,16 @@ class ModbusSourceConfig(DeviceSourceBase):
     def _transport_settings(self) -> ModbusSourceConfig:
         if self.transport == "rtu":
             if self.serial is None:
-                raise _fail("serial", "transport rtu needs `serial` settings")
+                raise field_error("serial", "transport rtu needs `serial` settings")
             for key in ("host", "port"):
                 if key in self.model_fields_set:
-                    raise _fail(key, f"`{key}` applies to tcp and rtu-over-tcp; rtu uses "
+                    raise field_error(key, f"`{key}` applies to tcp and rtu-over-tcp; rtu uses "
                                 "`serial`", getattr(self, key))
         else:
             if self.host is None:
-                raise _fail("host", f"transport {self.transport} needs `host`")
+                raise field_error("host", f"transport {self.transport} needs `host`")
             if self.serial is not None:
-                raise _fail("serial", "`serial` applies to transport rtu only")
+                raise field_error("serial", "`serial` applies to transport rtu only")
         errors: list[InitErrorDetails] = []
         seen: dict[int, str] = {}
         for index, device in enumerate(self.devices):

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from asyncua import ua
 from asyncua.ua.uaerrors import UaError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from bridge.config import (
     Duration,
@@ -26,6 +25,7 @@ from bridge.config import (
     SourceBase,
     StrictModel,
 )
+from bridge.validation import field_error
 from bridge.yamlsource import KeyPath
 
 PROTOCOL = "opcua"
@@ -35,17 +35,6 @@ SecurityPolicyName = Literal[
 """Security policies offered; the deprecated Basic128Rsa15 and Basic256 are not."""
 
 SecurityModeName = Literal["None", "Sign", "SignAndEncrypt"]
-
-
-def _fail(field: str, message: str, value: Any) -> ValidationError:
-    """A validation error located at ``field`` of the model being validated.
-
-    Raised from a model validator, pydantic prefixes the model's own location, so the
-    config error names the exact key instead of the whole block.
-    """
-    error = InitErrorDetails(
-        type=PydanticCustomError("opcua", message), loc=(field,), input=value)
-    return ValidationError.from_exception_data("opcua", [error])
 
 
 def parse_node_id(text: str) -> ua.NodeId:
@@ -97,7 +86,7 @@ class Deadband(StrictModel):
     @model_validator(mode="after")
     def _percent_range(self) -> Deadband:
         if self.type == "percent" and self.value > 100:
-            raise _fail("value", "a percent deadband is between 0 and 100", self.value)
+            raise field_error("value", "a percent deadband is between 0 and 100", self.value)
         return self
 
 
@@ -128,15 +117,15 @@ class SecurityConfig(StrictModel):
     def _consistent(self) -> SecurityConfig:
         if (self.policy == "None") != (self.mode == "None"):
             key = "mode" if self.policy != "None" else "policy"
-            raise _fail(key, "policy None goes with mode None, and a policy other than None "
+            raise field_error(key, "policy None goes with mode None, and a policy other than None "
                         "with mode Sign or SignAndEncrypt", getattr(self, key))
         if (self.client_certificate is None) != (self.private_key is None):
             key = "private_key" if self.private_key is None else "client_certificate"
-            raise _fail(key, "give client_certificate and private_key together", None)
+            raise field_error(key, "give client_certificate and private_key together", None)
         if self.private_key_password is not None and self.private_key is None:
-            raise _fail("private_key_password", "a key password needs private_key", None)
+            raise field_error("private_key_password", "a key password needs private_key", None)
         if self.policy == "None" and (self.client_certificate or self.server_certificate):
-            raise _fail("policy", "certificates are used with a security policy other than "
+            raise field_error("policy", "certificates are used with a security policy other than "
                         "None", self.policy)
         return self
 
@@ -168,18 +157,18 @@ class AuthConfig(StrictModel):
     @model_validator(mode="after")
     def _one_identity(self) -> AuthConfig:
         if self.username is not None and self.certificate is not None:
-            raise _fail("certificate", "give username/password or certificate/private_key, "
+            raise field_error("certificate", "give username/password or certificate/private_key, "
                         "not both", None)
         if self.password is not None and self.username is None:
-            raise _fail("username", "a password needs a username", None)
+            raise field_error("username", "a password needs a username", None)
         if self.username is not None and self.password is None:
-            raise _fail("password", "a username needs a password (use ${ENV_VAR} or "
+            raise field_error("password", "a username needs a password (use ${ENV_VAR} or "
                         "${file:/path} to keep it out of the file)", None)
         if (self.certificate is None) != (self.private_key is None):
             key = "private_key" if self.private_key is None else "certificate"
-            raise _fail(key, "give certificate and private_key together", None)
+            raise field_error(key, "give certificate and private_key together", None)
         if self.private_key_password is not None and self.private_key is None:
-            raise _fail("private_key_password", "a key password needs private_key", None)
+            raise field_error("private_key_password", "a key password needs private_key", None)
         return self
 
 
@@ -202,7 +191,7 @@ class OpcuaPoint(PointBase):
     @model_validator(mode="after")
     def _one_address(self) -> OpcuaPoint:
         if (self.node is None) == (self.path is None):
-            raise _fail("node", "give exactly one of `node` (a NodeId) or `path` (a browse "
+            raise field_error("node", "give exactly one of `node` (a NodeId) or `path` (a browse "
                         "path from Objects)", None)
         try:
             if self.node is not None:
@@ -210,7 +199,7 @@ class OpcuaPoint(PointBase):
             if self.path is not None:
                 parse_browse_path(self.path)
         except ValueError as exc:
-            raise _fail("node" if self.node is not None else "path", str(exc),
+            raise field_error("node" if self.node is not None else "path", str(exc),
                         self.node or self.path) from None
         return self
 
@@ -266,7 +255,7 @@ class OpcuaSourceConfig(SourceBase):
         url = data.get("url") if isinstance(data, dict) else None
         if isinstance(url, str) and "@" in urlsplit(url).netloc:
             # Raised here so that the message shows the URL redacted, not as written.
-            raise _fail("url", "credentials do not belong in the URL: use auth.username and "
+            raise field_error("url", "credentials do not belong in the URL: use auth.username and "
                         "auth.password", redact_url(url))
         return data
 
