@@ -141,9 +141,7 @@ class Runtime:
         notify("STOPPING=1")
         logger.info("stopping")
         # Sources first, then the router, so it stores what they handed in.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_all(tasks)
         router_task.cancel()
 
     async def _watchdog(self, interval: float) -> None:
@@ -154,3 +152,27 @@ class Runtime:
     def inventory(self) -> list[dict[str, object]]:
         """Every source with its state, devices and counters."""
         return [running.status.to_dict() for running in self.sources.values()]
+
+
+STOP_GRACE = 3.0
+"""Seconds a cancelled task may take to finish before it is cancelled again."""
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait for them; cancel again any that swallowed the cancellation.
+
+    Some client libraries catch ``CancelledError`` in their own awaits; a task that kept
+    running after that would hold shutdown forever.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
+        for task in pending:
+            logger.warning("task %s did not stop when cancelled; cancelling it again",
+                           task.get_name())
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s failed while stopping", task.get_name(),
+                         exc_info=task.exception())
