@@ -395,13 +395,15 @@ def _validation_issues(
     document: Document, exc: ValidationError, prefix: KeyPath
 ) -> list[ConfigIssue]:
     issues = []
+    known = {key_path[:end] for key_path in document.locations
+             for end in range(1, len(key_path) + 1)}
     for error in exc.errors(include_url=False):
         path: list[str | int] = list(prefix)
         loc = error["loc"]
         for position, part in enumerate(loc):
             candidate = (*path, part)
             # Union tags and validator names sit in `loc` between real keys: skip them.
-            if candidate in document.locations or position == len(loc) - 1:
+            if candidate in known or position == len(loc) - 1:
                 path.append(part)
         key_path = tuple(path)
         message = error["msg"]
