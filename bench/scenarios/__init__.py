@@ -1,0 +1,1 @@
+"""One module per scenario; each runs alone as ``python -m bench.scenarios.<name>``."""

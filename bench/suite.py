@@ -1,0 +1,106 @@
+"""``python -m bench``: run the scenarios, print the table, write RESULTS.md and the chart."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench.report import BENCH, console_table, machine, markdown, write_chart, write_json
+from bench.results import Options, ScenarioResult
+
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "S1": ("bench.scenarios.s1_mqtt_rabbitmq", "MQTT → RabbitMQ"),
+    "S2": ("bench.scenarios.s2_modbus", "Modbus polling"),
+    "S3": ("bench.scenarios.s3_opcua", "OPC-UA subscription"),
+    "S4": ("bench.scenarios.s4_many_devices", "many Modbus devices"),
+    "S5": ("bench.scenarios.s5_rest", "REST API"),
+    "IDLE": ("bench.scenarios.idle", "idle footprint and start-up"),
+}
+
+
+def _run_one(key: str, options: Options) -> ScenarioResult:
+    module_name, title = SCENARIOS[key]
+    started = time.monotonic()
+    try:
+        module = importlib.import_module(module_name)
+        runner: Callable[[Options], ScenarioResult] = module.run
+        result = runner(options)
+    except Exception as exc:  # a broken scenario is reported, the others still run
+        traceback.print_exc()
+        result = ScenarioResult(key, title, status="failed",
+                                reason=f"{type(exc).__name__}: {exc}")
+    result.seconds = result.seconds or time.monotonic() - started
+    return result
+
+
+def _merge(previous: Path, fresh: Sequence[ScenarioResult]) -> list[ScenarioResult]:
+    """With ``--only``: keep the other scenarios' last results from results.json."""
+    by_key: dict[str, ScenarioResult] = {}
+    try:
+        data = json.loads(previous.read_text())
+        for item in data.get("results", []):
+            old = ScenarioResult.from_dict(item)
+            by_key[old.key] = old
+    except (OSError, ValueError, TypeError):
+        pass
+    for result in fresh:
+        by_key[result.key] = result
+    return [by_key[key] for key in SCENARIOS if key in by_key]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; the exit status is 0 unless a scenario failed to run (missed targets are
+    results, not failures)."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs and smaller loads (a smoke run, about 3 minutes)")
+    parser.add_argument("--only", action="append", default=[], metavar="S2",
+                        help="run only these scenarios (repeatable or comma-separated): "
+                        + ", ".join(SCENARIOS))
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the py-spy profiles taken where a target is missed")
+    parser.add_argument("--output", type=Path, default=BENCH,
+                        help="where RESULTS.md, results.json and results.png go")
+    arguments = parser.parse_args(argv)
+    selected = [key.strip().upper() for item in arguments.only for key in item.split(",")
+                if key.strip()] or list(SCENARIOS)
+    unknown = [key for key in selected if key not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    output: Path = arguments.output
+    output.mkdir(parents=True, exist_ok=True)
+    options = Options(quick=arguments.quick, profile=not arguments.no_profile,
+                      out_dir=output / "profiles")
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"fieldbridge bench on {info['cpu']} ({info['cores']} cores), load "
+          f"{info['load_average_at_start']}, {info['date']}", flush=True)
+    results = []
+    for key in selected:
+        print(f"\n== {key}: {SCENARIOS[key][1]}", flush=True)
+        result = _run_one(key, options)
+        results.append(result)
+        print(console_table([result]), flush=True)
+    all_results = _merge(output / "results.json", results) if arguments.only else results
+    chart = output / "results.png"
+    has_chart = write_chart(all_results, chart)
+    command = "python -m bench" + (" --quick" if arguments.quick else "") + "".join(
+        f" --only {key}" for key in selected if arguments.only)
+    write_json(all_results, info, output / "results.json")
+    (output / "RESULTS.md").write_text(markdown(all_results, info, command,
+                                                chart.name if has_chart else None,
+                                                arguments.quick))
+    print("\n" + console_table(all_results))
+    print(f"\nwrote {output / 'RESULTS.md'}" + (f" and {chart}" if has_chart else
+                                                 " (no chart: matplotlib is not installed)"))
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
