@@ -15,8 +15,8 @@ from bridge.model import Reading
 from bridge.payload import MessageMapper
 from bridge.source import BuildContext
 from protocols.amqp import SPEC, AmqpAcknowledger, AmqpSourceConfig
+from protocols.amqp.connection import closed_error, open_error
 from protocols.amqp.mapping import message_variables
-from protocols.amqp.source import _closed_error, _open_error
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "mappings" / "amqp-example.yaml"
 
@@ -57,6 +57,35 @@ def test_endpoint_names_queue_but_not_password(tmp_path: Path) -> None:
     config = source_config(tmp_path, password="s3cret-value", virtual_host="/plant")
     assert config.endpoint() == "amqp://guest@127.0.0.1:5672/%2Fplant?queue=q"
     assert "s3cret" not in repr(config)
+
+
+def test_url_gives_address_and_credentials(tmp_path: Path) -> None:
+    config = source_config(tmp_path, url="amqps://reader:p%40ss@broker.example:5700/plant%2F1")
+    address = config.address()
+    assert (address.host, address.port, address.virtual_host) == ("broker.example", 5700,
+                                                                   "plant/1")
+    assert (address.username, address.password, address.tls) == ("reader", "p@ss", True)
+    assert config.endpoint() == "amqps://reader@broker.example:5700/plant%2F1?queue=q"
+    assert "p%40ss" not in repr(config)
+    assert "p@ss" not in repr(address)
+    plain = source_config(tmp_path, url="amqp://broker").address()
+    assert (plain.port, plain.virtual_host, plain.username, plain.tls) == (5672, "/", "guest",
+                                                                           False)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"url": "amqp://u:pw@h", "host": "other"}, "give `url` or host, not both"),
+    ({"url": "http://u:pw@h"}, "must start with amqp:// or amqps://"),
+    ({"url": "amqp://u:pw@h:notaport"}, "is not of the form"),
+    ({"url": "amqp://u:pw@h", "tls": {}}, "`tls` needs an amqps:// url"),
+])
+def test_url_errors_never_quote_the_url(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        source_config(tmp_path, **options)
+    assert message in str(caught.value)
+    assert "pw" not in str(caught.value)
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -151,14 +180,14 @@ async def test_settling_on_a_closed_channel_does_nothing() -> None:
 
 
 def test_close_reasons_map_to_categories() -> None:
-    assert _closed_error("e", "channel", pika.exceptions.ChannelClosedByBroker(
+    assert closed_error("e", "channel", pika.exceptions.ChannelClosedByBroker(
         404, "NOT_FOUND - no queue 'q'")).category == "config"
-    assert _closed_error("e", "channel", pika.exceptions.ChannelClosedByBroker(
+    assert closed_error("e", "channel", pika.exceptions.ChannelClosedByBroker(
         403, "ACCESS_REFUSED")).category == "auth"
-    assert _closed_error("e", "connection", pika.exceptions.ConnectionClosedByBroker(
+    assert closed_error("e", "connection", pika.exceptions.ConnectionClosedByBroker(
         320, "CONNECTION_FORCED")).category == "transient"
-    assert _closed_error("e", "connection", pika.exceptions.StreamLostError(
+    assert closed_error("e", "connection", pika.exceptions.StreamLostError(
         "lost")).category == "transient"
-    assert _open_error("e", pika.exceptions.ProbableAuthenticationError(
+    assert open_error("e", pika.exceptions.ProbableAuthenticationError(
         "ACCESS_REFUSED")).category == "auth"
-    assert _open_error("e", OSError("refused")).category == "transient"
+    assert open_error("e", OSError("refused")).category == "transient"

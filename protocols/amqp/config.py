@@ -1,10 +1,11 @@
-"""Configuration of AMQP (RabbitMQ) sources: connection, queue, dead-lettering and points."""
+"""Configuration of AMQP (RabbitMQ) connections and sources: queue, dead-lettering, points."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -22,6 +23,97 @@ ArgumentValue = str | int | float | bool
 
 METADATA_VARIABLES = ("routing_key", "exchange")
 """Placeholders every AMQP point may use, besides `{headers.NAME}` and routing-key levels."""
+
+
+_ADDRESS_FIELDS = ("host", "port", "virtual_host", "username", "password")
+"""The fields `url` replaces."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and as whom to connect, from the fields or from the URL."""
+
+    host: str
+    port: int
+    virtual_host: str
+    username: str
+    password: str = field(repr=False)
+    tls: bool
+
+
+class AmqpConnectionSettings(StrictModel):
+    """How to reach an AMQP 0-9-1 broker (RabbitMQ): the settings sources and sinks share."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Broker port; default 5672, 5671 with TLS.")
+    virtual_host: str = Field(default="/", description="Virtual host.")
+    username: str = Field(default="guest", min_length=1, description="User name.")
+    password: SecretStr = Field(
+        default=SecretStr("guest"), description="Password; use ${ENV} or ${file:...}.")
+    url: SecretStr | None = Field(
+        default=None, description="The broker as one URL instead of host, port, virtual_host, "
+        "username and password: `amqp://user:password@host:port/vhost`, or `amqps://...` for "
+        "TLS (with `tls` for a CA or a client certificate). A secret: use ${ENV} or "
+        "${file:...}.")
+    tls: ClientTls | None = Field(default=None, description="Connect with TLS.")
+    heartbeat: Duration | None = Field(
+        default=None, description="Heartbeat interval; unset: what the broker proposes.")
+    timeout: Duration = Field(
+        default=10.0, gt=0, description="How long connecting and each setup step may take.")
+
+    @model_validator(mode="after")
+    def _url_or_fields(self) -> AmqpConnectionSettings:
+        if self.url is None:
+            return self
+        given = [name for name in _ADDRESS_FIELDS if name in self.model_fields_set]
+        if given:
+            raise ValueError(f"give `url` or {', '.join(given)}, not both")
+        # The message never quotes the URL: it may hold a password.
+        scheme = urlsplit(self.url.get_secret_value()).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError("`url` must start with amqp:// or amqps://")
+        if scheme == "amqp" and self.tls is not None:
+            raise ValueError("`tls` needs an amqps:// url")
+        try:
+            self.address()
+        except ValueError:
+            raise ValueError("`url` is not of the form amqp[s]://user:password@host:port/vhost"
+                             ) from None
+        return self
+
+    def address(self) -> BrokerAddress:
+        """The broker's address and credentials."""
+        if self.url is None:
+            tls = self.tls is not None
+            return BrokerAddress(
+                host=self.host, port=self.port or (5671 if tls else 5672),
+                virtual_host=self.virtual_host, username=self.username,
+                password=self.password.get_secret_value(), tls=tls)
+        parts = urlsplit(self.url.get_secret_value())
+        tls = parts.scheme == "amqps"
+        if not parts.hostname:
+            raise ValueError("no host")
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        return BrokerAddress(
+            host=parts.hostname,
+            port=parts.port or (5671 if tls else 5672),  # ValueError for a bad port
+            virtual_host=unquote(path) if path else "/",
+            username=unquote(parts.username) if parts.username else "guest",
+            password=unquote(parts.password) if parts.password is not None else "guest",
+            tls=tls)
+
+    @property
+    def port_number(self) -> int:
+        """The port, defaulted by TLS."""
+        return self.address().port
+
+    def broker_url(self) -> str:
+        """``amqp[s]://user@host:port/vhost``, without the password."""
+        address = self.address()
+        scheme = "amqps" if address.tls else "amqp"
+        return (f"{scheme}://{address.username}@{address.host}:{address.port}/"
+                f"{quote(address.virtual_host, safe='')}")
 
 
 class AmqpBinding(StrictModel):
@@ -118,22 +210,10 @@ class AmqpPoint(MessagePoint):
         return AddressPattern.parse(self.routing_key, AMQP_ROUTING_KEY)
 
 
-class AmqpSourceConfig(MessageSourceBase):
+class AmqpSourceConfig(AmqpConnectionSettings, MessageSourceBase):
     """A queue on an AMQP 0-9-1 broker (RabbitMQ) and the points its messages carry."""
 
     protocol: Literal["amqp"]
-    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host.")
-    port: int | None = Field(
-        default=None, ge=1, le=65535, description="Broker port; default 5672, 5671 with TLS.")
-    virtual_host: str = Field(default="/", description="Virtual host.")
-    username: str = Field(default="guest", min_length=1, description="User name.")
-    password: SecretStr = Field(
-        default=SecretStr("guest"), description="Password; use ${ENV} or ${file:...}.")
-    tls: ClientTls | None = Field(default=None, description="Connect with TLS.")
-    heartbeat: Duration | None = Field(
-        default=None, description="Heartbeat interval; unset: what the broker proposes.")
-    timeout: Duration = Field(
-        default=10.0, gt=0, description="How long connecting and each setup step may take.")
     queue: AmqpQueue = Field(description="The queue to consume from.")
     dead_letter: DeadLetter | None = Field(
         default=None, description="Reject unmappable messages to this dead-letter exchange. "
@@ -145,18 +225,9 @@ class AmqpSourceConfig(MessageSourceBase):
         "at most (basic.qos prefetch count).")
     points: Sequence[AmqpPoint] = Field(min_length=1, description="The points to read.")
 
-    @property
-    def port_number(self) -> int:
-        """The port, defaulted by TLS."""
-        if self.port is not None:
-            return self.port
-        return 5671 if self.tls is not None else 5672
-
     def endpoint(self) -> str:
         """``amqp://user@host:port/vhost?queue=name`` without the password."""
-        scheme = "amqps" if self.tls is not None else "amqp"
-        return (f"{scheme}://{self.username}@{self.host}:{self.port_number}/"
-                f"{quote(self.virtual_host, safe='')}?queue={quote(self.queue.name, safe='')}")
+        return f"{self.broker_url()}?queue={quote(self.queue.name, safe='')}"
 
     def queue_arguments(self) -> dict[str, ArgumentValue]:
         """The declare arguments of the queue, dead-lettering included."""
