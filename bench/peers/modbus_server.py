@@ -59,13 +59,12 @@ class CountingServers:
         self.rng = random.Random(7)
 
     def _trace(self, port_index: int) -> Any:
-        arrivals = self.arrivals
-
         def trace(sending: bool, pdu: ModbusPDU) -> ModbusPDU:
             if not sending:
                 self.requests += 1
                 self.registers_read += pdu.count
-                arrivals.setdefault((port_index, pdu.dev_id), []).append(time.monotonic())
+                self.arrivals.setdefault((port_index, pdu.dev_id), []).append(
+                    time.monotonic())
             return pdu
 
         return trace

@@ -1,0 +1,103 @@
+"""S4 many devices: 500 Modbus devices x 20 points, each polled every second.
+
+Five pymodbus servers (one process, five ports: five gateways) with 100 unit ids each; the
+daemon has one source per gateway. Poll jitter is measured at the servers, from the arrival
+times of each device's requests: |interval between two polls - 1 s|. Run twice: every
+reading an event (report `always`, 10,000 events/s into the store) and report-by-exception
+(`change`, the servers change 200 registers a second). Baseline in the same run: pymodbus
+alone polling the same devices on the same grid.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.harness import CpuMeter, Daemon, Peer, py_spy_top, tree_peak_rss_mb, workdir
+from bench.results import Figure, Options, ScenarioResult, at_most
+from bench.scenarios.fleet import fleet_config
+
+PORTS = 5
+UNITS = 100
+POINTS = 20
+CHANGES = 200
+
+
+def run(options: Options) -> ScenarioResult:
+    """Run S4."""
+    result = ScenarioResult("S4", "500 Modbus devices x 20 points at 1 s")
+    started = time.monotonic()
+    seconds = options.seconds(20.0, 8.0)
+    runs: dict[str, dict[str, Any]] = {}
+    with workdir("s4") as directory, Peer(
+            "bench.peers.modbus_server", "--ports", str(PORTS), "--units", str(UNITS),
+            "--registers", str(POINTS), "--changes", str(CHANGES), log_dir=directory) as server:
+        ports = server.wait_ready()["ports"]
+        with Peer("bench.peers.modbus_raw_fleet", "--ports", ",".join(map(str, ports)),
+                  "--units", str(UNITS), "--count", str(POINTS),
+                  "--seconds", str(seconds), log_dir=directory) as raw:
+            raw.wait_ready()
+            server.ask("reset")
+            meter = CpuMeter(raw.pid).start()
+            baseline = raw.wait_result(timeout=seconds + 60)
+            meter.stop()
+            raw_jitter = server.ask("stats", interval=1.0)["jitter_ms"]
+        result.baselines += [
+            Figure("pymodbus alone: CPU share", 100 * meter.share, "% of a core",
+                   note=f"{baseline['cycles'] / baseline['seconds']:.0f} polls/s"),
+            Figure("pymodbus alone: jitter p99", raw_jitter["p99"], "ms"),
+        ]
+        raw_share = meter.share
+        for mode in ("always", "change"):
+            config = fleet_config(ports, units=UNITS, points_per_device=POINTS, interval="1s",
+                                  mode=mode)
+            with Daemon(config, directory, name=f"daemon-{mode}") as daemon:
+                time.sleep(options.seconds(3.0, 2.0))
+                server.ask("reset")
+                before = daemon.counters()
+                meter = CpuMeter(daemon.pid).start()
+                time.sleep(seconds)
+                meter.stop()
+                stats = server.ask("stats", interval=1.0)
+                after = daemon.counters()
+                runs[mode] = {
+                    "share": meter.share,
+                    "jitter": stats["jitter_ms"],
+                    "polled": stats["polled_units"],
+                    "polls_per_s": stats["requests"] / meter.wall,
+                    "events_per_s": (after.get("events", 0) - before.get("events", 0))
+                    / meter.wall,
+                    "overruns": after.get("overruns", 0) - before.get("overruns", 0),
+                    "rss": tree_peak_rss_mb(daemon.pid),
+                }
+                if options.profile and mode == "always" and meter.share >= 0.5:
+                    profile = py_spy_top(daemon.pid, options.seconds(10, 4),
+                                         options.out_dir / "s4-many-devices.txt")
+                    if profile is not None:
+                        result.profiles.append(f"profiles/{profile.name}")
+    for mode, label in (("always", "every reading an event"), ("change", "report by exception")):
+        measured = runs[mode]
+        result.figures += [
+            at_most(f"CPU share, {label}", 100 * measured["share"], "% of a core", 50,
+                    note=f"{measured['events_per_s']:.0f} events/s, "
+                    f"{measured['polls_per_s']:.0f} polls/s of {measured['polled']} devices"),
+            Figure(f"poll jitter p50, {label}", measured["jitter"]["p50"], "ms"),
+            at_most(f"poll jitter p99, {label}", measured["jitter"]["p99"], "ms", 100),
+            Figure(f"peak RSS, {label}", measured["rss"], "MB"),
+        ]
+    result.baselines.append(Figure("daemon / pymodbus alone CPU (report by exception)",
+                                   runs["change"]["share"] / raw_share if raw_share else None,
+                                   "x"))
+    result.chart = {
+        "S4 CPU, always (<50%)": 0.5 / runs["always"]["share"] if runs["always"]["share"] else 0,
+        "S4 CPU, change (<50%)": 0.5 / runs["change"]["share"] if runs["change"]["share"] else 0,
+        "S4 jitter p99 (<100 ms)": 100 / max(1e-3, runs["always"]["jitter"]["p99"]),
+    }
+    result.seconds = time.monotonic() - started
+    return result
+
+
+if __name__ == "__main__":
+    from bench.suite import main
+
+    raise SystemExit(main(["--only", "S4"]))
