@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge.config import PointBase, ReportSpec, ResolvedPoint
 from bridge.errors import DecodeError
-from bridge.model import Event, Quality, Value, new_event_id
+from bridge.model import Event, Quality, Value, message_event_id, new_event_id
 
 Transform = Callable[[Any], Value]
 
@@ -109,8 +109,13 @@ class PointProgram:
         ts: float | None = None,
         quality: Quality = Quality.GOOD,
         reason: str | None = None,
+        message_id: str | None = None,
     ) -> Event | None:
-        """The event for one raw value, or ``None`` when report-by-exception suppresses it."""
+        """The event for one raw value, or ``None`` when report-by-exception suppresses it.
+
+        With the upstream ``message_id`` the event id is derived from it (stable across
+        re-delivery); otherwise it is a fresh time-ordered id.
+        """
         value: Value = None
         if quality is not Quality.BAD:
             try:
@@ -124,7 +129,8 @@ class PointProgram:
         self._last_quality = quality
         self._last_reported = received_at
         return Event(
-            id=new_event_id(),
+            id=(new_event_id() if message_id is None
+                else message_event_id(self.source, message_id, self.point_id)),
             source=self.source,
             point=self.point_id,
             value=value,
@@ -138,10 +144,11 @@ class PointProgram:
             reason=reason,
         )
 
-    def bad(self, reason: str, *, received_at: float, ts: float | None = None) -> Event | None:
+    def bad(self, reason: str, *, received_at: float, ts: float | None = None,
+            message_id: str | None = None) -> Event | None:
         """A ``bad`` event (device exception, decode failure, unreachable device)."""
         return self.produce(None, received_at=received_at, ts=ts, quality=Quality.BAD,
-                            reason=reason)
+                            reason=reason, message_id=message_id)
 
     def _changed(self, value: Value, quality: Quality, now: float) -> bool:
         if self._last_quality is None or quality is not self._last_quality:

@@ -9,6 +9,7 @@ import enum
 import os
 import threading
 import time
+import uuid
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +54,9 @@ class Reading:
     reason: str | None = None
     ack: Acknowledger | None = None
     meta: Mapping[str, Any] | None = None
+    message_id: str | None = None
+    """The upstream's identity of the message (AMQP ``message_id``), when it gives one: the
+    events of a re-delivered message then get the same ids."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -131,3 +135,17 @@ def new_event_id() -> str:
     value |= 0x2 << 62 | random_bits
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+EVENT_ID_NAMESPACE = uuid.UUID("5a0f6c1e-2b8d-4f3a-9c71-0e4d2b6a8f15")
+"""The UUIDv5 namespace of event ids derived from an upstream message identity."""
+
+
+def message_event_id(source: str, message_id: str, point: str) -> str:
+    """The id of ``point``'s event from one upstream message: the same on every re-delivery.
+
+    A name-based UUID (version 5) of the source id, the upstream message id and the point id,
+    so a message the upstream delivers twice (after a lost acknowledgement) yields events a
+    consumer recognizes as duplicates.
+    """
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{source}\x00{message_id}\x00{point}"))

@@ -685,6 +685,7 @@ class MessageMapper:
         payload = _Payload(reading.value, where)
         metadata = self._variables(reading)
         received_at = reading.received_at
+        message_id = reading.message_id
         events: list[Event] = []
         for route, segments in matched:
             try:
@@ -702,13 +703,16 @@ class MessageMapper:
                     self.details["last_bad_value"] = {
                         "point": program.point_id, "address": address, "reason": item.problem,
                         "at": time.time()}
-                    event = program.bad(item.problem, received_at=received_at, ts=ts)
+                    event = program.bad(item.problem, received_at=received_at, ts=ts,
+                                        message_id=message_id)
                 elif item.ts_problem is not None:
                     event = program.produce(item.raw, received_at=received_at, ts=ts,
-                                            quality=Quality.UNCERTAIN, reason=item.ts_problem)
+                                            quality=Quality.UNCERTAIN, reason=item.ts_problem,
+                                            message_id=message_id)
                 else:
                     event = program.produce(item.raw, received_at=received_at, ts=ts,
-                                            quality=reading.quality, reason=reading.reason)
+                                            quality=reading.quality, reason=reading.reason,
+                                            message_id=message_id)
                 if event is not None:
                     events.append(event)
         return events

@@ -128,6 +128,21 @@ def test_headers_exchange_and_routing_key_fill_placeholders(tmp_path: Path) -> N
     assert event.tags == {"line": "l7"}
 
 
+def test_message_id_makes_event_ids_stable_across_redelivery(tmp_path: Path) -> None:
+    mapper = mapper_for(tmp_path, points=[{"name": "v.{index}", "each": "v", "path": "@"}])
+
+    def ids(message_id: str | None) -> list[str]:
+        reading = Reading(source="a", address="s.x", value=b'{"v": [1, 2]}', received_at=1.0,
+                          message_id=message_id)
+        return [event.id for event in mapper.map(reading)]
+
+    first = ids("m-1")
+    assert first == ids("m-1")  # re-delivered: the same ids
+    assert len(set(first)) == 2  # one per point
+    assert set(first).isdisjoint(ids("m-2"))
+    assert set(ids(None)).isdisjoint(ids(None))  # no upstream identity: fresh ids
+
+
 def test_missing_header_drops_the_point_and_counts_it(tmp_path: Path) -> None:
     mapper = mapper_for(tmp_path, points=[{"name": "{headers.line}.v", "format": "number"}])
     reading = Reading(source="a", address="s.x", value=b"3", received_at=1.0,

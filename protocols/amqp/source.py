@@ -87,6 +87,7 @@ class _Session(AmqpSession):
             received_at=time.time(),
             ts=float(stamp) if isinstance(stamp, int) and stamp > 0 else None,
             ack=AmqpAcknowledger(channel, method.delivery_tag, self.dead_letter),
+            message_id=properties.message_id or None,
             meta={"exchange": method.exchange, "headers": headers,
                   "redelivered": method.redelivered,
                   "content_type": properties.content_type,
