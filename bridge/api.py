@@ -1,8 +1,8 @@
-"""The REST API: latest values, history, inventory, health and metrics.
+"""The REST API: latest values, history, the event stream, inventory, health and metrics.
 
 FastAPI serves it on uvicorn inside the daemon's event loop. Handlers are cheap on purpose:
 latest values come from memory, history is one indexed query on the store's reader
-connection, and nothing runs in a thread pool.
+connection, and nothing runs in a thread pool. The event stream is ``bridge.stream``.
 
 The API listens on loopback (``127.0.0.1:8780``) unless ``api.host`` says otherwise. With no
 ``api.keys`` configured it needs no authentication, so expose it beyond loopback only with keys
@@ -23,11 +23,11 @@ import time
 from collections import Counter
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast, get_args
 
 import pydantic_core
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -42,6 +42,15 @@ from bridge.errors import BridgeError
 from bridge.model import Event, Quality, isoformat, parse_timestamp
 from bridge.runtime import Runtime
 from bridge.store import StoreError
+from bridge.stream import (
+    EndReason,
+    EventFilter,
+    EventHub,
+    EventStreamResponse,
+    Resume,
+    StreamSettings,
+    TagFilter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -314,8 +323,16 @@ class ApiContext:
 
     runtime: Runtime
     keys: KeyRing
+    hub: EventHub
+    """Fans stored events out to the event streams."""
+    streams: StreamSettings = field(default_factory=StreamSettings)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server stops: long-lived responses (event streams) must end on it."""
+
+    def close(self) -> None:
+        """The server stops: set ``closing`` and end every event stream."""
+        self.closing.set()
+        self.hub.close()
 
 
 async def _context(request: Request) -> ApiContext:
@@ -410,13 +427,7 @@ def _point_value(
     return entry
 
 
-@dataclass(frozen=True)
-class _TagFilter:
-    key: str
-    value: str | None
-
-
-def _tag_filters(tags: Sequence[str]) -> list[_TagFilter]:
+def _tag_filters(tags: Sequence[str]) -> list[TagFilter]:
     filters = []
     for text in tags:
         key, equals, value = text.partition("=")
@@ -426,7 +437,7 @@ def _tag_filters(tags: Sequence[str]) -> list[_TagFilter]:
                 "write tag=key=value (or tag=key for any value); repeat it to require several",
                 details=[{"location": "query.tag", "message": "expected key=value",
                           "input": text}])
-        filters.append(_TagFilter(key, value if equals else None))
+        filters.append(TagFilter(key, value if equals else None))
     return filters
 
 
@@ -508,9 +519,7 @@ async def list_points(
             continue
         if tag_filters:
             tags = point.tags if point is not None else event.tags if event else {}
-            if not all(wanted.key in tags
-                       and (wanted.value is None or tags[wanted.key] == wanted.value)
-                       for wanted in tag_filters):
+            if not all(wanted.matches(tags) for wanted in tag_filters):
                 continue
         if qualities and (event.quality.value if event is not None else "none") not in qualities:
             continue
@@ -567,6 +576,74 @@ async def point_history(
                                   "has_more": len(bodies) > limit})
     return Response(head[:-1] + b',"items":[' + ",".join(items).encode() + b"]}",
                     media_type="application/json")
+
+
+@v1.get("/events/stream", tags=["events"], response_class=EventStreamResponse, status_code=200,
+        responses={
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+          "description": "Server-Sent Events: `event: event` messages, each with `id:` the "
+          "event id and `data:` the normalized event JSON; `event: warning` and "
+          "`event: error` messages carry `{code, message, hint}`."},
+    503: {"model": ErrorResponse, "description": "The server is stopping, or the store "
+          "cannot be read to resume."}})
+async def event_stream(
+    request: Request,
+    context: Context,
+    principal: Annotated[Principal, Authorized],
+    source: Annotated[str | None, Query(description="Only events of this source.")] = None,
+    prefix: Annotated[str | None, Query(
+        description="Only points whose id starts with this.")] = None,
+    tag: Annotated[list[str] | None, Query(
+        description="`key=value` (or `key` for any value); repeat to require several.",
+    )] = None,
+    quality: Annotated[list[Literal["good", "uncertain", "bad"]] | None, Query(
+        description="Only these qualities; repeatable.")] = None,
+    last_event_id: Annotated[str | None, Query(
+        max_length=200, description="Resume after this event id (the `Last-Event-ID` "
+        "header, which EventSource sends on reconnect, wins when both are given).")] = None,
+    last_event_id_header: Annotated[str | None, Header(
+        alias="Last-Event-ID", max_length=200,
+        description="Resume after this event id.")] = None,
+) -> Response:
+    """A live stream of the events the bridge stores (Server-Sent Events), filtered.
+
+    Each event arrives once it is stored, as `id: <event id>`, `event: event` and
+    `data: <event JSON>`. With `Last-Event-ID` (or `last_event_id`) the stream first replays
+    the stored history after that event, with the same filters, then continues live without
+    a gap or a duplicate; if that event is no longer in the history, a `warning` message
+    (`unknown_last_event_id`) says so and the stream starts live. A comment line is sent
+    after 15 s of silence. A client that falls 10,000 events behind gets an `error`
+    message (`slow_consumer`, with the `last_event_id` to resume from) and the stream ends.
+    The stream ends when the server stops; clients reconnect with `Last-Event-ID`.
+    """
+    if context.closing.is_set():
+        raise ApiError(503, "shutting_down", "the API is stopping",
+                       "reconnect once the bridge is back (with Last-Event-ID)")
+    event_filter = EventFilter(source=source, prefix=prefix, tags=tuple(_tag_filters(tag or ())),
+                               qualities=frozenset(quality or ()))
+    resume_id = last_event_id_header or last_event_id
+    resume = None
+    warning = None
+    if resume_id:
+        try:
+            seq = context.runtime.store.history_seq(resume_id)
+        except (StoreError, sqlite3.Error) as exc:
+            raise _store_problem(exc) from exc
+        if seq is None:
+            warning = {
+                "code": "unknown_last_event_id",
+                "message": f"event '{resume_id}' is not in the history (pruned, or not "
+                "stored by this bridge); events stored since then cannot be replayed, the "
+                "stream starts with live events",
+                "hint": "GET /v1/points/{id}/history?since=... has what is still stored",
+                "last_event_id": resume_id,
+            }
+        else:
+            resume = Resume(resume_id, seq)
+    peer = f"{request.client.host}:{request.client.port}" if request.client else "client"
+    return EventStreamResponse(context.hub, event_filter, context.streams,
+                               store=context.runtime.store, resume=resume, warning=warning,
+                               client=f"{peer} (key {principal.name})")
 
 
 @v1.get("/sources", response_model=SourceList, tags=["sources"])
@@ -641,12 +718,31 @@ async def ready(context: Context) -> Any:
           "description": "Prometheus text exposition format 0.0.4."}})
 async def prometheus_metrics(context: Context) -> PlainTextResponse:
     """Counters and states of the router, the store and every source and device."""
-    return PlainTextResponse(metrics.render(context.runtime, context.keys),
-                             media_type=metrics.CONTENT_TYPE)
+    return PlainTextResponse(metrics.render(context.runtime, context.keys)
+                             + _api_metrics(context), media_type=metrics.CONTENT_TYPE)
 
 
-def create_app(runtime: Runtime) -> FastAPI:
-    """The FastAPI application serving ``runtime``."""
+def _api_metrics(context: ApiContext) -> str:
+    """The event streams' families."""
+    exposition = metrics.Exposition()
+    hub = context.hub
+    exposition.family("fieldbridge_api_stream_clients", "gauge",
+                      "Event stream clients connected.").add(hub.clients)
+    exposition.family("fieldbridge_api_streams_total", "counter",
+                      "Event streams opened.").add(hub.counters["streams"])
+    exposition.family("fieldbridge_api_stream_events_total", "counter",
+                      "Events queued for event stream clients.").add(hub.counters["events"])
+    ended = exposition.family(
+        "fieldbridge_api_streams_ended_total", "counter",
+        "Event streams ended, by reason (slow_consumer and stalled: the client was dropped).")
+    for reason in get_args(EndReason):
+        ended.add(hub.counters[f"ended_{reason}"], reason=reason)
+    return exposition.render()
+
+
+def create_app(runtime: Runtime, *, streams: StreamSettings | None = None) -> FastAPI:
+    """The FastAPI application serving ``runtime``; ``streams`` sets the event streams'
+    limits (the defaults suit production)."""
     keys = KeyRing(runtime.config.api.keys)
     auth_note = ("Every `/v1` route and `/metrics` need an API key, as `Authorization: Bearer "
                  "<key>` or `X-API-Key: <key>`, with the `read` scope (`write` to change "
@@ -657,14 +753,17 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(
         title="Fieldbridge",
         version=__version__,
-        description="Latest values, history and inventory of a Fieldbridge instance "
-        f"(`{runtime.bridge_id}`). Errors are `{{\"error\": {{\"code\", \"message\", "
-        f"\"hint\"}}}}`.\n\n{auth_note} Health endpoints are always open.",
+        description="Latest values, history, a live event stream "
+        f"and the inventory of a Fieldbridge instance (`{runtime.bridge_id}`). Errors are "
+        f"`{{\"error\": {{\"code\", \"message\", \"hint\"}}}}`.\n\n{auth_note} "
+        "Health endpoints are always open.",
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.fieldbridge = ApiContext(runtime=runtime, keys=keys)
+    app.state.fieldbridge = ApiContext(runtime=runtime, keys=keys,
+                                       hub=EventHub(runtime.router),
+                                       streams=streams or StreamSettings())
     app.include_router(v1)
     app.include_router(health)
     app.include_router(monitoring)
@@ -742,15 +841,23 @@ def _loopback_only(sockets: Sequence[socket.socket]) -> bool:
     return all(ipaddress.ip_address(sock.getsockname()[0]).is_loopback for sock in sockets)
 
 
+def _abort_unflushed(server: uvicorn.Server) -> None:
+    """Drop the connections that are closed but still flushing to a client that reads
+    nothing (a dropped event stream): uvicorn would wait for them to drain before it stops."""
+    for connection in list(server.server_state.connections):
+        if connection.transport.is_closing():
+            connection.transport.abort()
+
+
 class ApiServer:
     """The API served by uvicorn as the task ``api``, on the daemon's event loop."""
 
     STOP_TIMEOUT = 2.5
     """Seconds ``stop()`` waits for requests to finish before cancelling them."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, streams: StreamSettings | None = None) -> None:
         self.runtime = runtime
-        self.app = create_app(runtime)
+        self.app = create_app(runtime, streams=streams)
         self.context: ApiContext = self.app.state.fieldbridge
         self.port: int | None = None
         """The port it listens on, once started (the real one when configured as 0)."""
@@ -818,10 +925,16 @@ class ApiServer:
         if server is None or task is None:
             return
         self._server = self._task = None
-        self.context.closing.set()
+        self.context.close()  # event streams end now: stopping does not wait for them
         server.should_exit = True
+        deadline = asyncio.get_running_loop().time() + self.STOP_TIMEOUT
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.STOP_TIMEOUT)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.context.hub.wait_for_clients(0)
+            _abort_unflushed(server)
+            done, _ = await asyncio.wait(
+                {task}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
             if not done:
                 server.force_exit = True
                 task.cancel()

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE INDEX IF NOT EXISTS history_point_seq ON history (point, seq);
 CREATE INDEX IF NOT EXISTS history_received_at ON history (received_at);
+CREATE INDEX IF NOT EXISTS history_id ON history (id);
 """
 
 
@@ -248,3 +249,19 @@ class Store:
         row = self._read().execute("SELECT COUNT(*) FROM history WHERE point = ?",
                                    (point,)).fetchone()
         return int(row[0])
+
+    def history_seq(self, event_id: str) -> int | None:
+        """The history position (``seq``) of a stored event; ``None`` when it is not in the
+        history (never stored here, or pruned). One lookup on the ``history_id`` index."""
+        row = self._read().execute(
+            "SELECT seq FROM history WHERE id = ? ORDER BY seq DESC LIMIT 1",
+            (event_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def history_after(self, seq: int, *, limit: int) -> list[tuple[int, str, str, str]]:
+        """At most ``limit`` history rows stored after position ``seq``, in store order, as
+        ``(seq, id, point, body)``: what an event stream resuming from ``seq`` replays."""
+        rows = self._read().execute(
+            "SELECT seq, id, point, body FROM history WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit)).fetchall()
+        return [(int(row_seq), event_id, point, body) for row_seq, event_id, point, body in rows]

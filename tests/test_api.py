@@ -526,7 +526,10 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     assert document["info"]["version"] == __version__
     assert set(document["paths"]) == {
         "/v1/points", "/v1/points/{point_id}", "/v1/points/{point_id}/history",
-        "/v1/sources", "/v1/sources/{source_id}", "/health/live", "/health/ready", "/metrics"}
+        "/v1/events/stream", "/v1/sources", "/v1/sources/{source_id}", "/health/live",
+        "/health/ready", "/metrics"}
+    stream = document["paths"]["/v1/events/stream"]["get"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]
     points = document["paths"]["/v1/points"]["get"]
     assert {parameter["name"] for parameter in points["parameters"]} == {
         "source", "device", "tag", "prefix", "quality", "limit", "offset"}
