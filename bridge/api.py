@@ -1,8 +1,11 @@
-"""The REST API: latest values, history, the event stream, inventory, health and metrics.
+"""The REST API: latest values, history, live reads, write-back, the event stream, inventory,
+health and metrics.
 
 FastAPI serves it on uvicorn inside the daemon's event loop. Handlers are cheap on purpose:
 latest values come from memory, history is one indexed query on the store's reader
-connection, and nothing runs in a thread pool. The event stream is ``bridge.stream``.
+connection, and nothing runs in a thread pool. Live reads and writes wait for the device,
+through the running source's connection (``Source.read``/``Source.write``); the event stream
+is ``bridge.stream``.
 
 The API listens on loopback (``127.0.0.1:8780``) unless ``api.host`` says otherwise. With no
 ``api.keys`` configured it needs no authentication, so expose it beyond loopback only with keys
@@ -21,7 +24,7 @@ import socket
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, cast, get_args
 
@@ -31,16 +34,18 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import __version__, metrics
 from bridge.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
 from bridge.config import ResolvedPoint, parse_duration
-from bridge.errors import BridgeError
-from bridge.model import Event, Quality, isoformat, parse_timestamp
-from bridge.runtime import Runtime
+from bridge.errors import BridgeError, DecodeError, ErrorCategory, WriteError
+from bridge.model import Event, Quality, Reading, isoformat, parse_timestamp
+from bridge.registry import protocols
+from bridge.runtime import RunningSource, Runtime
+from bridge.source import BuildContext
 from bridge.store import StoreError
 from bridge.stream import (
     EndReason,
@@ -53,6 +58,8 @@ from bridge.stream import (
 )
 
 logger = logging.getLogger(__name__)
+audit = logging.getLogger("bridge.audit")
+"""Who changed what on a device: every write-back, at INFO, with the key's name."""
 
 MAX_PAGE = 10_000
 """The most points or history rows one request returns."""
@@ -205,6 +212,37 @@ class Readiness(BaseModel):
     error: ErrorBody | None = Field(default=None, description="Set when not ready.")
 
 
+WriteValue = bool | int | float | str
+
+
+class WriteRequest(BaseModel):
+    """A value to write to a writable point."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: WriteValue = Field(description=(
+        "The engineering value, as the API reports it: a number in the point's unit (scale "
+        "and offset are undone), a boolean, or one of the point's enum labels."),
+        examples=[55.0, True, "auto"])
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: WriteValue) -> WriteValue:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
+
+
+class WriteResult(BaseModel):
+    """A write the device accepted."""
+
+    point: str
+    source: str
+    value: WriteValue = Field(description="The value written.")
+    written_at: str = Field(description="When the device confirmed it.",
+                            json_schema_extra=ISO_TIME)
+
+
 class JsonBody(Response):
     """JSON built by the handler itself and serialized in Rust.
 
@@ -312,6 +350,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such point or source."}}
+DEVICE_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse,
+          "description": "The point is not writable (`not_writable`) or its source is "
+          "disabled (`source_disabled`)."},
+    422: {"model": ErrorResponse,
+          "description": "Invalid request, or a value or point the device cannot take "
+          "(`rejected`)."},
+    502: {"model": ErrorResponse,
+          "description": "The device refused (`device_error`, `device_denied`) or answered "
+          "something invalid (`protocol_error`)."},
+    503: {"model": ErrorResponse,
+          "description": "The source is not connected or the device did not answer "
+          "(`device_unavailable`)."},
+}
 
 
 # --- dependencies ---------------------------------------------------------------------------
@@ -326,6 +378,8 @@ class ApiContext:
     hub: EventHub
     """Fans stored events out to the event streams."""
     streams: StreamSettings = field(default_factory=StreamSettings)
+    device_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Live reads and writes by (operation, result): ``ok`` or the error code."""
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server stops: long-lived responses (event streams) must end on it."""
 
@@ -454,6 +508,94 @@ def _known_point(context: ApiContext, point_id: str) -> ResolvedPoint | None:
     return point
 
 
+def _device_target(context: ApiContext, point_id: str) -> tuple[ResolvedPoint, RunningSource]:
+    """A configured point and the running source that serves it, for a live read or a write."""
+    point = context.runtime.points.get(point_id)
+    if point is None:
+        stored = point_id in context.runtime.router.latest
+        raise ApiError(
+            404, "not_found",
+            f"point '{point_id}' is no longer configured" if stored else
+            f"no point '{point_id}'",
+            "only configured points are read from or written to a device; GET /v1/points "
+            "lists them")
+    running = context.runtime.sources.get(point.source)
+    if running is None or not running.enabled:
+        raise ApiError(409, "source_disabled",
+                       f"source '{point.source}' of point '{point_id}' is disabled",
+                       f"enable source '{point.source}' in the configuration")
+    return point, running
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceProblem:
+    status: int
+    code: str
+    hint: str
+
+
+_DEVICE_PROBLEMS = {
+    ErrorCategory.CONFIG: _DeviceProblem(
+        422, "rejected", "the value, or the point's configuration, does not fit: see the "
+        "message"),
+    ErrorCategory.DEVICE: _DeviceProblem(
+        502, "device_error", "the device refused the request; check the value against what "
+        "the device accepts"),
+    ErrorCategory.TRANSIENT: _DeviceProblem(
+        503, "device_unavailable", "the source is not connected or the device did not "
+        "answer; retry later (GET /v1/sources/{source} shows its state)"),
+    ErrorCategory.AUTH: _DeviceProblem(
+        502, "device_denied", "the endpoint refused the bridge's credentials for this; check "
+        "the rights of the source's user"),
+    ErrorCategory.PROTOCOL: _DeviceProblem(
+        502, "protocol_error", "the device answered something that is not valid; the daemon "
+        "log and GET /v1/sources/{source} say more"),
+}
+
+
+def _device_problem(exc: WriteError, doing: str, source: str) -> ApiError:
+    problem = _DEVICE_PROBLEMS[exc.category]
+    return ApiError(problem.status, problem.code, f"{doing}: {exc.reason}",
+                    problem.hint.replace("{source}", source),
+                    headers={"Retry-After": "5"} if problem.status == 503 else None)
+
+
+@contextlib.contextmanager
+def _counted(context: ApiContext, operation: Literal["read", "write"]) -> Iterator[None]:
+    """Count a live read or a write by its result, for the metrics."""
+    try:
+        yield
+    except ApiError as exc:
+        context.device_requests[operation, exc.body.code] += 1
+        raise
+    context.device_requests[operation, "ok"] += 1
+
+
+def _map_live(runtime: Runtime, point: ResolvedPoint, readings: Sequence[Reading]) -> list[Event]:
+    """The events of ``point`` in a live read's readings.
+
+    The point is compiled afresh for every live read, with the protocol's own ``build``, and
+    mapped by that: the same decoding as the running mapping, but without its
+    report-by-exception state, so a live read always yields the value and never moves the
+    deadband or heartbeat of what the bridge reports.
+    """
+    configured = {source.id: source for source in runtime.config.sources}[point.source]
+    build = BuildContext(bridge_id=runtime.bridge_id, state_dir=runtime.config.state_dir,
+                         config_dir=runtime.config.path.parent)
+    mapper = protocols()[configured.protocol].build(configured, [point], build).mapper
+    events: list[Event] = []
+    for reading in readings:
+        try:
+            mapped = mapper.map(reading)
+        except DecodeError as exc:
+            raise ApiError(502, "protocol_error",
+                           f"cannot map the live reading of '{point.id}': {exc.reason}",
+                           "the device answered something the mapping cannot read; check "
+                           "the point's configuration") from exc
+        events.extend(event for event in mapped if event.point == point.id)
+    return events
+
+
 def _source_entry(
     entry: Mapping[str, Any], enabled: bool, counts: Counter[tuple[str, str | None]]
 ) -> dict[str, Any]:
@@ -576,6 +718,67 @@ async def point_history(
                                   "has_more": len(bodies) > limit})
     return Response(head[:-1] + b',"items":[' + ",".join(items).encode() + b"]}",
                     media_type="application/json")
+
+
+@v1.get("/points/{point_id}/live", response_model=EventModel, tags=["points"],
+        responses={**NOT_FOUND, **DEVICE_ERRORS})
+async def read_live(context: Context, point_id: PointId) -> JsonBody:
+    """Read one point from the device now, between polls (a live read-through).
+
+    The reading is mapped as a polled one is (decoding, enum or scale, unit, tags, quality)
+    and returned as a normalized event with a fresh id. It is **not** stored, streamed or
+    published, and it leaves the point's report-by-exception state alone: reading live has
+    no side effects. A device that answers with an exception gives a `bad` event with the
+    reason, as a poll does; a source that is not connected gives 503. Supported by Modbus
+    and OPC-UA sources; 422 (`rejected`) for others.
+    """
+    with _counted(context, "read"):
+        point, running = _device_target(context, point_id)
+        try:
+            readings = await running.unit.source.read(point_id)
+        except WriteError as exc:
+            raise _device_problem(exc, f"cannot read '{point_id}' from the device",
+                                  point.source) from exc
+        events = _map_live(context.runtime, point, readings)
+        if not events:
+            raise ApiError(502, "protocol_error", f"the device gave no value for '{point_id}'",
+                           "check the point's address against the device")
+    return JsonBody(events[-1].to_dict())
+
+
+@v1.put("/points/{point_id}", response_model=WriteResult, tags=["points"],
+        responses={**NOT_FOUND, **DEVICE_ERRORS})
+async def write_point(
+    context: Context,
+    point_id: PointId,
+    write: WriteRequest,
+    principal: Annotated[Principal, Authorized],
+) -> JsonBody:
+    """Write a value to a writable point on its device (write-back); needs the `write` scope.
+
+    The value is an engineering value as the API reports it (scale and offset are undone, an
+    enum label becomes its code) and is written through the source's running connection.
+    200 once the device confirmed it; the next poll (or a live read) shows its effect. Every
+    attempt that reaches a device is logged at INFO by the `bridge.audit` logger with the
+    name of the key that made it.
+    """
+    with _counted(context, "write"):
+        point, running = _device_target(context, point_id)
+        if not point.spec.writable:
+            audit.info("write refused: key %s, point %s, value %r: the point is not writable",
+                       principal.name, point_id, write.value)
+            raise ApiError(409, "not_writable", f"point '{point_id}' is not writable",
+                           "only points configured with `writable: true` accept writes")
+        try:
+            await running.unit.source.write(point_id, write.value)
+        except WriteError as exc:
+            audit.info("write failed: key %s, point %s, value %r: %s (%s)", principal.name,
+                       point_id, write.value, exc.reason, exc.category)
+            raise _device_problem(exc, f"cannot write {write.value!r} to '{point_id}'",
+                                  point.source) from exc
+    audit.info("write: key %s, point %s, value %r", principal.name, point_id, write.value)
+    return JsonBody({"point": point_id, "source": point.source, "value": write.value,
+                     "written_at": isoformat(time.time())})
 
 
 @v1.get("/events/stream", tags=["events"], response_class=EventStreamResponse, status_code=200,
@@ -723,7 +926,7 @@ async def prometheus_metrics(context: Context) -> PlainTextResponse:
 
 
 def _api_metrics(context: ApiContext) -> str:
-    """The event streams' families."""
+    """The event streams' and the device requests' families."""
     exposition = metrics.Exposition()
     hub = context.hub
     exposition.family("fieldbridge_api_stream_clients", "gauge",
@@ -737,6 +940,12 @@ def _api_metrics(context: ApiContext) -> str:
         "Event streams ended, by reason (slow_consumer and stalled: the client was dropped).")
     for reason in get_args(EndReason):
         ended.add(hub.counters[f"ended_{reason}"], reason=reason)
+    requests = exposition.family(
+        "fieldbridge_api_device_requests_total", "counter",
+        "Live reads and writes through the API, by operation and result (ok or the error "
+        "code).")
+    for (operation, result), count in sorted(context.device_requests.items()):
+        requests.add(count, operation=operation, result=result)
     return exposition.render()
 
 
@@ -753,7 +962,7 @@ def create_app(runtime: Runtime, *, streams: StreamSettings | None = None) -> Fa
     app = FastAPI(
         title="Fieldbridge",
         version=__version__,
-        description="Latest values, history, a live event stream "
+        description="Latest values, history, live reads, write-back, a live event stream "
         f"and the inventory of a Fieldbridge instance (`{runtime.bridge_id}`). Errors are "
         f"`{{\"error\": {{\"code\", \"message\", \"hint\"}}}}`.\n\n{auth_note} "
         "Health endpoints are always open.",
