@@ -286,6 +286,45 @@ async def test_scopes(
         assert plant.simulator.state.setpoint == setpoint
 
 
+async def test_live_reads_through_opcua(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from protocols.opcua.server import PlantServer
+
+    async with PlantSimulator(port=0, interval=0.2) as simulator, PlantServer(port=0) as server:
+        monkeypatch.setenv(PORT_VARIABLE, str(simulator.port))
+        monkeypatch.setenv("FIELDBRIDGE_DEMO_OPCUA", "true")
+        monkeypatch.setenv("FIELDBRIDGE_DEMO_OPCUA_URL", server.url)
+        config = with_keys(load_demo_config(state_dir=tmp_path / "state", api_port=0))
+        running = Plant(Runtime(config), simulator)
+        try:
+            await running.until_stored(lambda event: event.point == "opcua.boiler_running",
+                                       "the OPC-UA subscription")
+            stamp = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+            await server.set("Boiler.Temperature", 70.125, source_timestamp=stamp)
+            async with httpx.AsyncClient(base_url=running.url, timeout=SETTLE) as http:
+                temperature = await http.get("/v1/points/opcua.boiler_temperature/live",
+                                             headers=auth("viewer"))
+                by_path = await http.get("/v1/points/opcua.boiler_running/live",
+                                         headers=auth("viewer"))
+                refused = await http.put("/v1/points/opcua.pump_speed", json={"value": 1.0},
+                                         headers=auth("operator"))
+        finally:
+            await running.stop()
+    # asyncua's client runs blocking calls on the loop's default executor: end its thread.
+    await asyncio.get_running_loop().shutdown_default_executor()
+    assert temperature.status_code == 200, temperature.text
+    event = temperature.json()
+    assert (event["value"], event["unit"], event["protocol"]) == (70.12, "degC", "opcua")
+    assert event["ts"] == "2026-05-06T07:08:09.000Z"
+    assert by_path.status_code == 200, by_path.text
+    assert by_path.json()["value"] is True
+    assert refused.status_code == 409
+    assert error_of(refused)["code"] == "not_writable"
+
+
 def datetime_seconds(text: str) -> float:
     """ISO 8601 to POSIX seconds."""
     from bridge.model import parse_timestamp
