@@ -530,7 +530,8 @@ async def test_server_stop_ends_streams_promptly(bridge: Bridge) -> None:
         elapsed = time.monotonic() - started
         # The streams end cleanly (the last chunk arrives): no error on the client.
         assert [await reader.rest() for reader in readers] == [[], []]
-    assert elapsed < 0.5
+    # Below uvicorn's graceful timeout (1 s): the streams were not waited for.
+    assert elapsed < 1.0
     assert bridge.hub_clients == 0
 
 
