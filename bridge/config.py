@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     ValidationError,
@@ -220,6 +221,39 @@ class StoreSection(StrictModel):
         default=10_000, ge=0, description="Keep at most this many history rows per point.")
 
 
+class OutboxSection(StrictModel):
+    """The outbox: events stored for the sinks until the broker confirmed them."""
+
+    max_events: int = Field(
+        default=1_000_000, ge=1, description="At most this many events wait for each sink.")
+    max_bytes: ByteSize = Field(
+        default=ByteSize(1 << 30), ge=1, description="At most this many bytes of event JSON wait "
+        "for each sink; a number or a size such as `256MiB` or `1GB`.")
+    policy: Literal["block", "drop_oldest"] = Field(
+        default="block", description="When a sink's outbox is full: `block` stops storing new "
+        "events (sources slow down, acknowledged protocols stop acknowledging) until the broker "
+        "confirms some; `drop_oldest` deletes the oldest waiting events to make room and counts "
+        "them in `dropped`.")
+
+
+class SinkBase(StrictModel):
+    """What every sink has, whatever its protocol."""
+
+    id: Identifier = Field(description="Sink id, unique within the bridge.")
+    protocol: str
+    enabled: bool = Field(
+        default=True, description="A disabled sink is validated, not run, and gets no events.")
+    sources: list[Identifier] = Field(
+        default_factory=list, description="Only events of these sources; empty: every source.")
+    points: list[str] = Field(
+        default_factory=list, description="Only events of points whose id matches one of these "
+        "patterns (`*` any characters, `?` one, e.g. `boiler.*`); empty: every point.")
+
+    def endpoint(self) -> str:
+        """Where this sink connects, with any secret redacted."""
+        return self.id
+
+
 @dataclass(frozen=True)
 class ResolvedPoint:
     """A point after its profile, device and source settings are merged."""
@@ -253,6 +287,8 @@ class Config:
     points: dict[str, list[ResolvedPoint]]
     """Resolved points per source id."""
     document: Document = field(repr=False)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    sinks: list[SinkBase] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:
@@ -285,6 +321,8 @@ def root_model() -> type[BaseModel]:
         _union([spec.source_model for spec in specs]), Field(discriminator="protocol")]
     profile_models = [spec.profile_model for spec in specs if spec.profile_model is not None]
     profile_union: Any = Annotated[_union(profile_models), Field(discriminator="protocol")]
+    sink_models = [spec.sink_model for spec in specs if spec.sink_model is not None]
+    sink_union: Any = Annotated[_union(sink_models), Field(discriminator="protocol")]
     model = create_model(
         "FieldbridgeConfig",
         __base__=StrictModel,
@@ -295,6 +333,8 @@ def root_model() -> type[BaseModel]:
                                   "relative to this file, whose `profiles` are merged in.")),
         profiles=(dict[str, profile_union], Field(default_factory=dict)),
         sources=(list[source_union], Field(default_factory=list)),
+        outbox=(OutboxSection, Field(default_factory=OutboxSection)),
+        sinks=(list[sink_union], Field(default_factory=list)),
     )
     return cast(type[BaseModel], model)
 
@@ -333,6 +373,8 @@ def load_config(path: str | Path) -> Config:
         sources=list(model.sources),  # type: ignore[attr-defined]
         points={},
         document=document,
+        outbox=model.outbox,  # type: ignore[attr-defined]
+        sinks=list(model.sinks),  # type: ignore[attr-defined]
     )
     _resolve(config, issues)
     if issues:
@@ -460,6 +502,16 @@ def _resolve(config: Config, issues: list[ConfigIssue]) -> None:
         for key_path, message in spec.check(source, points):
             issues.append(document.issue(key_path, message))
         config.points[source.id] = points
+    seen_sinks: set[str] = set()
+    for index, sink in enumerate(config.sinks):
+        if sink.id in seen_sinks:
+            issues.append(document.issue(("sinks", index, "id"),
+                                         f"sink id '{sink.id}' is used twice"))
+        seen_sinks.add(sink.id)
+        for position, source_id in enumerate(sink.sources):
+            if source_id not in seen_sources:
+                issues.append(document.issue(("sinks", index, "sources", position),
+                                             f"no source has the id '{source_id}'"))
 
 
 def _device_points(

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from bridge.yamlsource import KeyPath
 
 if TYPE_CHECKING:
-    from bridge.config import ProfileBase, ResolvedPoint, SourceBase
+    from bridge.config import ProfileBase, ResolvedPoint, SinkBase, SourceBase
+    from bridge.sink import Sink
     from bridge.source import BuildContext, SourceUnit
 
 
@@ -37,6 +38,10 @@ class ProtocolSpec:
     """Points declared on the source itself (not through devices)."""
     check: Callable[[SourceBase, Sequence[ResolvedPoint]], list[tuple[KeyPath, str]]] = _no_issues
     """Checks a schema cannot express (overlapping registers, say): (key path, message)."""
+    sink_model: type[SinkBase] | None = None
+    """The sink's config model, if the protocol can be a sink; ``protocol`` is ``Literal[name]``."""
+    build_sink: Callable[[SinkBase, BuildContext], Sink] | None = None
+    """Create the sink for one configured sink."""
 
 
 @cache

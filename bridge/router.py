@@ -1,7 +1,11 @@
 """The router: stores events in batches, settles acknowledgements, fans events out.
 
 Sources hand in events through ``submit``; when more than ``max_pending`` events wait to be
-stored, ``submit`` waits, so a fast source slows down instead of growing memory.
+stored, ``submit`` waits, so a fast source slows down instead of growing memory. Storing a
+batch writes its history and its outbox rows in one transaction; only then are its upstream
+messages acknowledged, so an acknowledged message's events are always in the outbox. When a
+sink's outbox is full under the ``block`` policy, the router stores what fits and waits for a
+sink to make room: pending events pile up to ``max_pending`` and sources wait in ``submit``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Router:
         self._arrived = asyncio.Event()
         self._room = asyncio.Condition()
         self._listeners: list[Listener] = []
+        self._closing = False
 
     def restore(self) -> None:
         """Load last values from the store (after a restart)."""
@@ -82,20 +87,27 @@ class Router:
                 await self._arrived.wait()
                 await self._flush()
         finally:
-            # Cancelled (shutdown): store what sources already handed in before returning.
+            # Cancelled (shutdown): store what sources already handed in before returning,
+            # beyond the outbox's bound if need be (sources are stopped: it cannot grow more).
+            self._closing = True
             while self._queue:
                 await asyncio.shield(self._flush())
 
     async def _flush(self) -> None:
+        batches: list[_Batch] = []
         events: list[Event] = []
-        settlements: list[Settlement] = []
         while self._queue and len(events) < self.max_batch:
             batch = self._queue.popleft()
+            batches.append(batch)
             events.extend(batch.events)
-            settlements.extend(batch.settlements)
         if not self._queue:
             self._arrived.clear()
-        await self.store.write(events)
+        outbox = self.store.outbox
+        generation = outbox.generation if outbox is not None else 0
+        stored = await self.store.write(events, force=self._closing)
+        full = stored < len(events)
+        settlements = self._requeue(batches, stored)
+        del events[stored:]
         for event in events:
             self.latest[event.point] = event
         self.counters["events"] += len(events)
@@ -115,3 +127,23 @@ class Router:
                 logger.exception("cannot settle an upstream message")
         for listener in list(self._listeners):
             listener(events)
+        if full and outbox is not None:
+            self.counters["outbox_full_waits"] += 1
+            await outbox.wait_for_room(generation)
+
+    def _requeue(self, batches: list[_Batch], stored: int) -> list[Settlement]:
+        """Put back what the store did not take; the settlements of the batches it stored.
+
+        A batch stored in part keeps all its settlements until the rest of it is stored too.
+        """
+        settlements: list[Settlement] = []
+        left = stored
+        for index, batch in enumerate(batches):
+            if len(batch.events) > left:
+                rest = [_Batch(batch.events[left:], batch.settlements), *batches[index + 1:]]
+                self._queue.extendleft(reversed(rest))
+                self._arrived.set()
+                break
+            left -= len(batch.events)
+            settlements.extend(batch.settlements)
+        return settlements

@@ -1,4 +1,5 @@
-"""The runtime: builds sources from the config and runs them, the router and the API."""
+"""The runtime: builds sources and sinks from the config and runs them, the router and the
+API."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bridge.config import Config, ResolvedPoint
 from bridge.errors import DecodeError
 from bridge.model import Event, Reading
 from bridge.notify import notify, watchdog_interval
+from bridge.outbox import Outbox, OutboxLimits
 from bridge.registry import protocols
 from bridge.router import Router, Settlement
+from bridge.sink import Sink, SinkContext, SinkOutbox
 from bridge.source import BuildContext, SourceContext, SourceUnit
 from bridge.status import EndpointStatus
 from bridge.store import Retention, Store
@@ -31,14 +35,41 @@ class RunningSource:
     enabled: bool
 
 
+@dataclass
+class RunningSink:
+    """A configured sink and its live status."""
+
+    sink: Sink
+    status: EndpointStatus
+    enabled: bool
+
+
 class Runtime:
     """One Fieldbridge instance: sources, router, store and API, for one configuration."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.bridge_id = config.bridge.id
+        registry = protocols()
+        context = BuildContext(bridge_id=self.bridge_id, state_dir=config.state_dir,
+                               config_dir=config.path.parent)
+        self.sinks: dict[str, RunningSink] = {}
+        for sink_config in config.sinks:
+            build_sink = registry[sink_config.protocol].build_sink
+            assert build_sink is not None  # the config model exists only with a builder
+            sink = build_sink(sink_config, context)
+            status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
+                                    endpoint=sink.endpoint)
+            if not sink_config.enabled:
+                status.disabled()
+            self.sinks[sink.id] = RunningSink(sink, status, sink_config.enabled)
+        outbox = config.outbox
+        self.outbox = Outbox(
+            OutboxLimits(outbox.max_events, outbox.max_bytes, outbox.policy == "drop_oldest"),
+            [running.sink.route() for running in self.sinks.values() if running.enabled])
         self.store = Store(config.store_path, Retention(
-            max_age=config.store.history_max_age, max_rows=config.store.history_max_rows))
+            max_age=config.store.history_max_age, max_rows=config.store.history_max_rows),
+            self.outbox)
         self.router = Router(self.store)
         self.points: dict[str, ResolvedPoint] = config.point_index()
         self.sources: dict[str, RunningSource] = {}
@@ -47,9 +78,6 @@ class Runtime:
         self._stop = asyncio.Event()
         self.api_port: int | None = None
         """The port the API listens on, once it does."""
-        registry = protocols()
-        context = BuildContext(bridge_id=self.bridge_id, state_dir=config.state_dir,
-                               config_dir=config.path.parent)
         for source_config in config.sources:
             spec = registry[source_config.protocol]
             unit = spec.build(source_config, config.points[source_config.id], context)
@@ -126,8 +154,17 @@ class Runtime:
                 continue
             context = SourceContext(status=running.status, publish=self.publisher(running))
             tasks.append(group.create_task(
-                supervise(running.unit, context, Backoff()),
+                supervise(running.unit.source, context, Backoff()),
                 name=f"{running.unit.source.protocol}[{source_id}]"))
+        sink_tasks: list[asyncio.Task[None]] = []
+        for sink_id, running_sink in self.sinks.items():
+            if not running_sink.enabled:
+                continue
+            sink_context = SinkContext(status=running_sink.status,
+                                       outbox=SinkOutbox(self.store, sink_id))
+            sink_tasks.append(group.create_task(
+                supervise(running_sink.sink, sink_context, Backoff()),
+                name=f"{running_sink.sink.protocol}[{sink_id}].sink"))
         interval = watchdog_interval()
         if interval is not None:
             tasks.append(group.create_task(self._watchdog(interval), name="watchdog"))
@@ -140,9 +177,11 @@ class Runtime:
         await self._stop.wait()
         notify("STOPPING=1")
         logger.info("stopping")
-        # Sources first, then the router, so it stores what they handed in.
+        # Sources first, then the router, so it stores what they handed in. What the sinks
+        # have not delivered stays in the outbox for the next start.
         await _cancel_all(tasks)
         router_task.cancel()
+        await _cancel_all(sink_tasks)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -152,6 +191,26 @@ class Runtime:
     def inventory(self) -> list[dict[str, object]]:
         """Every source with its state, devices and counters."""
         return [running.status.to_dict() for running in self.sources.values()]
+
+    def sink_inventory(self) -> list[dict[str, Any]]:
+        """Every sink with its state, counters, outbox depth and delivery figures."""
+        entries = []
+        now = time.time()
+        limits = self.outbox.limits
+        for sink_id, running in self.sinks.items():
+            entry = running.status.to_dict()
+            depth = self.outbox.depths.get(sink_id)
+            if depth is not None:
+                oldest = self.store.outbox_oldest(sink_id) if self.store.is_open else None
+                entry["outbox"] = {
+                    "events": depth.events, "bytes": depth.bytes, "dropped": depth.dropped,
+                    "oldest_age_seconds": (round(max(0.0, now - oldest), 3)
+                                           if oldest is not None else None),
+                    "max_events": limits.max_events, "max_bytes": limits.max_bytes,
+                    "policy": "drop_oldest" if limits.drop_oldest else "block"}
+            entry.setdefault("details", {}).update(running.sink.details())
+            entries.append(entry)
+        return entries
 
 
 STOP_GRACE = 3.0

@@ -1,8 +1,9 @@
-"""The embedded store: SQLite in WAL mode holding last values and bounded history.
+"""The embedded store: SQLite in WAL mode holding last values, bounded history and the outbox.
 
 All writes go through one thread owned by the store (SQLite allows one writer), in batches:
-one transaction per batch, never one per event. Reads use a second connection on the caller's
-thread; WAL lets them run while a write is in progress.
+one transaction per batch, never one per event; a batch's outbox rows are written in the same
+transaction as its history. Reads use a second connection on the caller's thread; WAL lets
+them run while a write is in progress.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bridge.errors import BridgeError
 from bridge.model import Event, Quality, parse_timestamp
+from bridge.outbox import Outbox
+
+_Parameters = ParamSpec("_Parameters")
+_Result = TypeVar("_Result")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS latest (
@@ -85,9 +90,11 @@ class Store:
     PRUNE_EVERY = 30.0
     """Seconds between retention passes."""
 
-    def __init__(self, path: Path, retention: Retention) -> None:
+    def __init__(self, path: Path, retention: Retention, outbox: Outbox | None = None) -> None:
         self.path = path
         self.retention = retention
+        self.outbox = outbox
+        """Events waiting for the sinks; ``None`` when no sink is configured."""
         self._executor: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -117,6 +124,8 @@ class Store:
         writer.executescript(_SCHEMA)
         for point, count in writer.execute("SELECT point, COUNT(*) FROM history GROUP BY point"):
             self._rows[point] = count
+        if self.outbox is not None:
+            self.outbox.open(writer)
         self._writer = writer
 
     def close(self) -> None:
@@ -131,25 +140,59 @@ class Store:
             self._reader.close()
             self._reader = None
 
-    async def write(self, events: Sequence[Event]) -> None:
-        """Store a batch of events in one transaction, off the event loop."""
+    async def write(self, events: Sequence[Event], *, force: bool = False) -> int:
+        """Store a batch of events, with their outbox rows, in one transaction, off the loop.
+
+        Returns how many events were stored: all of them, except under the outbox's ``block``
+        policy when a sink's outbox is full, where it is the prefix that fit (``force``, at
+        shutdown, stores them all).
+        """
         if not events:
-            return
+            return 0
         if self._executor is None:
             raise StoreError("store is not open")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._write, list(events))
+        count, sinks = await loop.run_in_executor(self._executor, self._write, list(events),
+                                                  force)
+        if sinks and self.outbox is not None:
+            self.outbox.stored(sinks)
+        return count
 
-    def _write(self, events: list[Event]) -> None:
+    def run_on_writer(
+        self,
+        function: Callable[Concatenate[sqlite3.Connection, _Parameters], _Result],
+        *args: _Parameters.args,
+        **kwargs: _Parameters.kwargs,
+    ) -> asyncio.Future[_Result]:
+        """Run ``function(writer, ...)`` on the writer thread, between two batches; await the
+        future for its result."""
+        if self._executor is None or self._writer is None:
+            raise StoreError("store is not open")
+        writer = self._writer
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: function(writer, *args, **kwargs))
+
+    def outbox_oldest(self, sink: str) -> float | None:
+        """When the oldest event waiting for ``sink`` was stored; ``None`` when none waits."""
+        if self.outbox is None:
+            return None
+        return self.outbox.oldest(self._read(), sink)
+
+    def _write(self, events: list[Event], force: bool) -> tuple[int, frozenset[str]]:
         writer = self._writer
         assert writer is not None
-        rows = [(event.point, event.ts, event.received_at, event.id, event_to_json(event))
-                for event in events]
+        bodies = [event_to_json(event) for event in events]
         latest: dict[str, tuple[str, float, str]] = {}
-        for point, ts, _, _, body in rows:
-            latest[point] = (point, ts, body)
         with writer:
             writer.execute("BEGIN")
+            sinks: frozenset[str] = frozenset()
+            if self.outbox is not None:
+                count, sinks = self.outbox.insert(writer, events, bodies, force=force)
+                del events[count:]
+            rows = [(event.point, event.ts, event.received_at, event.id, body)
+                    for event, body in zip(events, bodies, strict=False)]
+            for point, ts, _, _, body in rows:
+                latest[point] = (point, ts, body)
             writer.executemany(
                 "INSERT INTO history (point, ts, received_at, id, body) VALUES (?, ?, ?, ?, ?)",
                 rows)
@@ -164,6 +207,7 @@ class Store:
         if now - self._last_prune >= self.PRUNE_EVERY:
             self._last_prune = now
             self._prune()
+        return len(events), sinks
 
     def _prune(self) -> None:
         writer = self._writer

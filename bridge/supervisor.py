@@ -1,4 +1,4 @@
-"""The supervisor: runs every source, reconnects with jittered exponential backoff."""
+"""The supervisor: runs every source and sink, reconnects with jittered exponential backoff."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.source import SourceContext, SourceUnit
+from bridge.source import SourceUnit
 from bridge.status import ConnectionState, EndpointStatus
 
 logger = logging.getLogger(__name__)
@@ -37,31 +38,55 @@ class Backoff:
         self.attempts = 0
 
 
+class Supervised(Protocol):
+    """What a connector's ``run`` is handed: at least its status."""
+
+    @property
+    def status(self) -> EndpointStatus:
+        """The connection's state and counters."""
+        ...
+
+
+ContextT = TypeVar("ContextT", bound=Supervised, contravariant=True)
+
+
+class Connector(Protocol[ContextT]):
+    """A source or a sink: runs on its context until cancelled, raises when the link fails."""
+
+    @property
+    def id(self) -> str:
+        """The configured id."""
+        ...
+
+    async def run(self, context: ContextT) -> None:
+        """Connect and serve; raise ``ConnectorError`` when the connection fails."""
+
+
 STABLE_AFTER = 10.0
 """Seconds a connection must stay up before its backoff starts again from the shortest delay."""
 
 
 async def supervise(
-    unit: SourceUnit,
-    context: SourceContext,
+    connector: Connector[ContextT],
+    context: ContextT,
     backoff: Backoff | None = None,
 ) -> None:
-    """Run one source forever: connect, serve, and on failure back off and reconnect."""
+    """Run one source or sink forever: connect, serve, and on failure back off and reconnect."""
     backoff = backoff or Backoff()
     status = context.status
-    source = unit.source
     while True:
         status.connecting()
         started = time.monotonic()
         try:
-            await source.run(context)
-            reason, category = "connection closed by the source", ErrorCategory.TRANSIENT
+            await connector.run(context)
+            reason = f"connection closed by the {status.kind}"
+            category = ErrorCategory.TRANSIENT
         except ConnectorError as exc:
             reason, category = exc.reason, exc.category
         except Exception as exc:
             # A bug in one connector must not take the others down: log it with its
-            # traceback, show it in the inventory, and restart that source alone.
-            logger.exception("source %s failed unexpectedly", source.id)
+            # traceback, show it in the inventory, and restart that connector alone.
+            logger.exception("%s %s failed unexpectedly", status.kind, connector.id)
             reason = f"internal error: {type(exc).__name__}: {exc}"
             category = ErrorCategory.PROTOCOL
         was_up = status.state in (ConnectionState.UP, ConnectionState.DEGRADED)

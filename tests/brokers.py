@@ -244,7 +244,7 @@ class SourceRun:
         """Start the supervised source."""
         context = SourceContext(status=self.status, publish=self.runtime.publisher(self.running))
         self._task = asyncio.create_task(
-            supervise(self.running.unit, context, Backoff(initial=0.05, maximum=0.5)),
+            supervise(self.running.unit.source, context, Backoff(initial=0.05, maximum=0.5)),
             name=f"test[{self.running.unit.source.id}]")
 
     async def stop(self) -> None:

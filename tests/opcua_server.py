@@ -184,7 +184,7 @@ class SourceRunner:
     def start(self) -> None:
         """Run the source in a named task."""
         context = SourceContext(status=self.status, publish=self._publish)
-        work = (supervise(self.unit, context, self.backoff) if self.supervised
+        work = (supervise(self.unit.source, context, self.backoff) if self.supervised
                 else self.unit.source.run(context))
         self.task = asyncio.create_task(work, name=f"test-run[{self.unit.source.id}]")
         self.task.add_done_callback(lambda _: self._wake.set())

@@ -6,8 +6,7 @@ import asyncio
 import random
 
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.model import Event, Reading
-from bridge.source import Source, SourceContext, SourceUnit
+from bridge.source import Source, SourceContext
 from bridge.status import ConnectionState, EndpointStatus
 from bridge.supervisor import Backoff, supervise
 
@@ -29,11 +28,6 @@ class FlakySource(Source):
         context.status.up()
         self.serving.set()
         await asyncio.Event().wait()
-
-
-class NoMapper:
-    def map(self, reading: Reading) -> list[Event]:
-        return []
 
 
 async def _publish(readings: object) -> None:
@@ -60,7 +54,7 @@ async def test_reconnects_until_up_and_records_the_error() -> None:
     source = FlakySource(2, ConnectorError("test://flaky", "refused", ErrorCategory.TRANSIENT))
     context = _context()
     task = asyncio.create_task(
-        supervise(SourceUnit(source, NoMapper()), context, Backoff(initial=0.001, maximum=0.01)))
+        supervise(source, context, Backoff(initial=0.001, maximum=0.01)))
     await asyncio.wait_for(source.serving.wait(), 5)
     assert source.attempts == 3
     assert context.status.state is ConnectionState.UP
@@ -75,7 +69,7 @@ async def test_a_bug_in_a_source_is_contained_and_reported() -> None:
     source = FlakySource(1, ZeroDivisionError("oops"))
     context = _context()
     task = asyncio.create_task(
-        supervise(SourceUnit(source, NoMapper()), context, Backoff(initial=0.001, maximum=0.01)))
+        supervise(source, context, Backoff(initial=0.001, maximum=0.01)))
     await asyncio.wait_for(source.serving.wait(), 5)
     assert context.status.last_error == "internal error: ZeroDivisionError: oops"
     task.cancel()
@@ -84,7 +78,7 @@ async def test_a_bug_in_a_source_is_contained_and_reported() -> None:
 
 async def test_cancellation_is_not_swallowed() -> None:
     source = FlakySource(0, RuntimeError())
-    task = asyncio.create_task(supervise(SourceUnit(source, NoMapper()), _context()))
+    task = asyncio.create_task(supervise(source, _context()))
     await asyncio.wait_for(source.serving.wait(), 5)
     task.cancel()
     results = await asyncio.gather(task, return_exceptions=True)

@@ -1,20 +1,24 @@
 """The AMQP connector: consumes a RabbitMQ queue and maps JSON, text, number and binary
-payloads to points (see README.md)."""
+payloads to points; publishes the outbox to an exchange (see README.md)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config import ResolvedPoint, SourceBase
+from bridge.config import ResolvedPoint, SinkBase, SourceBase
 from bridge.payload import resolve_points
 from bridge.registry import ProtocolSpec
+from bridge.sink import Sink
 from bridge.source import BuildContext, SourceUnit
 from bridge.yamlsource import KeyPath
 from protocols.amqp.config import AmqpPoint, AmqpSourceConfig
 from protocols.amqp.mapping import PROTOCOL, compile_mapper
+from protocols.amqp.sink import AmqpSink
+from protocols.amqp.sink_config import AmqpSinkConfig
 from protocols.amqp.source import AmqpAcknowledger, AmqpSource
 
-__all__ = ["SPEC", "AmqpAcknowledger", "AmqpPoint", "AmqpSource", "AmqpSourceConfig", "build"]
+__all__ = ["SPEC", "AmqpAcknowledger", "AmqpPoint", "AmqpSink", "AmqpSinkConfig", "AmqpSource",
+           "AmqpSourceConfig", "build", "build_sink"]
 
 
 def _amqp_source(source: SourceBase) -> AmqpSourceConfig:
@@ -31,6 +35,13 @@ def build(source: SourceBase, points: Sequence[ResolvedPoint],
     return SourceUnit(source=AmqpSource(config, mapper), mapper=mapper)
 
 
+def build_sink(sink: SinkBase, context: BuildContext) -> Sink:
+    """Create the sink."""
+    if not isinstance(sink, AmqpSinkConfig):
+        raise TypeError(f"sink {sink.id} is not an AMQP sink")
+    return AmqpSink(sink, bridge_id=context.bridge_id)
+
+
 def _points(source: SourceBase, path: KeyPath) -> list[ResolvedPoint]:
     return resolve_points(_amqp_source(source), path)
 
@@ -40,5 +51,7 @@ SPEC = ProtocolSpec(
     source_model=AmqpSourceConfig,
     build=build,
     source_points=_points,
+    sink_model=AmqpSinkConfig,
+    build_sink=build_sink,
 )
 """The AMQP entry of the protocol registry."""

@@ -69,6 +69,13 @@ async def connection_parameters(settings: AmqpConnectionSettings, endpoint: str,
     )
 
 
+def request(method: Callable[..., Any], *args: Any,
+            **kwargs: Any) -> Callable[[Callable[[Any], None]], Any]:
+    """A broker round trip for ``AmqpSession.call``: ``method`` called with its reply
+    callback."""
+    return lambda done: method(*args, callback=done, **kwargs)
+
+
 class AmqpSession:
     """One connection's callbacks, turned into futures.
 

@@ -1,0 +1,166 @@
+"""The Sink contract: what every delivery connector implements.
+
+A sink reads the events waiting for it in the outbox, in order, publishes them and deletes them
+once the broker confirmed them. Like a source it connects, serves until cancelled and raises
+``ConnectorError`` when the connection fails; the supervisor owns reconnecting and backoff.
+Events stay in the outbox while the sink is down, and a new connection starts again from the
+oldest unconfirmed one.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import fnmatch
+import re
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.config import SinkBase
+from bridge.model import Event
+from bridge.outbox import Outbox, OutboxDepth, OutboxRoute, OutboxRow
+from bridge.status import EndpointStatus
+from bridge.store import Store
+
+
+class EventSelector:
+    """Which events a sink takes: by source id and by point-id pattern."""
+
+    def __init__(self, sources: Sequence[str] = (), points: Sequence[str] = ()) -> None:
+        self.sources = frozenset(sources)
+        self.pattern = (re.compile("|".join(fnmatch.translate(pattern) for pattern in points))
+                        if points else None)
+
+    @classmethod
+    def of(cls, config: SinkBase) -> EventSelector:
+        """The selector a sink's configuration describes."""
+        return cls(config.sources, config.points)
+
+    def __call__(self, event: Event) -> bool:
+        """Whether the sink takes ``event``."""
+        if self.sources and event.source not in self.sources:
+            return False
+        return self.pattern is None or self.pattern.match(event.point) is not None
+
+
+class SinkOutbox:
+    """One sink's view of the outbox: read its rows in order, delete them once confirmed."""
+
+    def __init__(self, store: Store, sink: str) -> None:
+        if store.outbox is None:
+            raise ValueError("the store has no outbox")
+        self.store = store
+        self.outbox: Outbox = store.outbox
+        self.sink = sink
+
+    @property
+    def signal(self) -> asyncio.Event:
+        """Set when rows were stored for this sink. The sink waits on it, and may set it
+        itself (from broker callbacks) to wake its one loop."""
+        return self.outbox.signal(self.sink)
+
+    @property
+    def arrivals(self) -> int:
+        """Batches stored with rows for this sink so far: unchanged since a read that came back
+        short means there is nothing new to read."""
+        return self.outbox.arrivals[self.sink]
+
+    def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        """The oldest ``limit`` rows after ``seq`` ``after``, in order (a future: the read runs
+        on the store's writer thread while the sink goes on publishing)."""
+        return self.store.run_on_writer(self.outbox.read, self.sink, after, limit)
+
+    def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
+        """Delete rows the broker confirmed, in one transaction, then wake a blocked router.
+
+        A future of how many rows were still there (a dropped row may be confirmed late).
+        """
+        done = self.store.run_on_writer(self.outbox.delete, self.sink, list(seqs))
+        done.add_done_callback(self._made_room)
+        return done
+
+    def _made_room(self, done: asyncio.Future[int]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.outbox.made_room()
+
+    def depth(self) -> OutboxDepth:
+        """What waits for this sink now."""
+        return self.outbox.depths[self.sink]
+
+    def oldest(self) -> float | None:
+        """When the oldest waiting row was stored."""
+        return self.store.outbox_oldest(self.sink)
+
+
+@dataclass
+class RateMeter:
+    """Events per second over the last ``window`` seconds, from a running total."""
+
+    window: float = 10.0
+    total: int = 0
+    _samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, count: int, now: float | None = None) -> None:
+        """Count ``count`` more events."""
+        now = time.monotonic() if now is None else now
+        self.total += count
+        samples = self._samples
+        if not samples or now - samples[-1][0] >= 1.0:
+            samples.append((now, self.total))
+        else:
+            samples[-1] = (samples[-1][0], self.total)
+        while len(samples) > 2 and now - samples[1][0] >= self.window:
+            samples.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        """Events per second over the window (0 when idle)."""
+        now = time.monotonic() if now is None else now
+        samples = self._samples
+        if not samples or now - samples[-1][0] >= self.window:
+            return 0.0
+        start_time, start_total = samples[0]
+        span = max(now - start_time, 1.0)
+        return (self.total - start_total) / span
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What a running sink is handed by the supervisor."""
+
+    status: EndpointStatus
+    outbox: SinkOutbox
+
+
+class Sink(abc.ABC):
+    """One supervised connection that delivers the outbox to a broker."""
+
+    def __init__(self, *, sink_id: str, protocol: str, endpoint: str,
+                 selector: EventSelector) -> None:
+        self.id = sink_id
+        self.protocol = protocol
+        self.endpoint = endpoint
+        """Where it connects, secrets redacted: shown in the inventory and logs."""
+        self.selector = selector
+
+    def route(self) -> OutboxRoute:
+        """How the store fills this sink's outbox."""
+        return OutboxRoute(self.id, self.selector, self.address)
+
+    @abc.abstractmethod
+    def address(self, event: Event) -> str:
+        """Where ``event`` is published (a routing key); computed once, when it is stored."""
+
+    @abc.abstractmethod
+    async def run(self, context: SinkContext) -> None:
+        """Connect, then publish the outbox until cancelled.
+
+        Call ``context.status.up()`` once connected. Raise ``ConnectorError`` when the
+        connection fails or is lost.
+        """
+
+    def details(self) -> dict[str, Any]:
+        """Live figures for the inventory (publish rate, confirm latency)."""
+        return {}
