@@ -304,8 +304,10 @@ class Daemon:
         self.port = free_port()
         config = dict(self.config)
         config.setdefault("bridge", {})
-        config["bridge"] = {"id": "bench", "state_dir": str(self.workdir / "state"),
-                            **config["bridge"]}
+        # A state directory of its own: a store (and outbox) left by an earlier daemon of the
+        # same scenario must not feed this one.
+        state = Path(tempfile.mkdtemp(prefix=f"state-{self.name}-", dir=self.workdir))
+        config["bridge"] = {"id": "bench", "state_dir": str(state), **config["bridge"]}
         config["api"] = {"host": "127.0.0.1", "port": self.port, **config.get("api", {})}
         path = self.workdir / f"{self.name}.yaml"
         # JSON is YAML: the generated config is written as JSON, which loads faster too.

@@ -1,0 +1,57 @@
+"""S1 load: JSON telemetry to ``sensors/dev{0..99}/telemetry`` at QoS 0.
+
+``--count`` messages at full speed (``--rate 0``) or paced at ``--rate`` messages a second.
+Each payload is ``{"temp": 21.5, "hum": 40, "ts": <epoch ms, fractional>}``, ``ts`` taken
+just before the publish call. Prints one JSON line when done: messages sent and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import paho.mqtt.client as paho
+
+from bench.peers.control import say
+
+DEVICES = 100
+
+
+def main() -> None:
+    """Publish, then report."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s; 0: full speed")
+    options = parser.parse_args()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.max_queued_messages_set(0)
+    client.connect(options.host, options.port, keepalive=60)
+    client.loop_start()
+    say({"ready": {}})
+    topics = [f"sensors/dev{device}/telemetry" for device in range(DEVICES)]
+    started = time.monotonic()
+    interval = 1.0 / options.rate if options.rate else 0.0
+    publish = client.publish
+    for index in range(options.count):
+        if interval:
+            due = started + index * interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        payload = json.dumps({"temp": 21.5, "hum": 40, "ts": time.time() * 1000})
+        publish(topics[index % DEVICES], payload, qos=0)
+    seconds = time.monotonic() - started
+    # QoS 0 has no acknowledgement: wait until paho has written everything out.
+    deadline = time.monotonic() + 30
+    while client._out_packet and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.disconnect()
+    client.loop_stop()
+    say({"sent": options.count, "seconds": seconds})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""S3 OPC-UA subscription: 10,000 variables changing at a steady rate, all subscribed.
+
+An asyncua server (its own process) writes 25,000 changes a second round robin over 10,000
+Double variables (each changes 2.5 times a second); the daemon subscribes to all of them
+(publishing interval 100 ms, queue size 1, every notification an event). Baseline in the same
+run: asyncua alone, subscribing the same way and only counting.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.harness import (
+    CpuMeter,
+    Daemon,
+    Peer,
+    py_spy_top,
+    tree_peak_rss_mb,
+    workdir,
+)
+from bench.results import Figure, Options, ScenarioResult, at_least
+
+VARIABLES = 10_000
+RATE = 25_000
+
+
+def config(url: str, variables: int) -> dict[str, Any]:
+    """The daemon's config: one OPC-UA source subscribing to every variable."""
+    return {"sources": [{
+        "id": "s3", "protocol": "opcua", "url": url, "mode": "subscribe",
+        "publishing_interval": "100ms", "queue_size": 1, "timeout": "30s",
+        "report": {"mode": "always"},
+        "points": [{"name": f"v{index:05d}", "node": f"ns=2;s=v{index:05d}"}
+                   for index in range(variables)],
+    }]}
+
+
+def run(options: Options) -> ScenarioResult:
+    """Run S3."""
+    result = ScenarioResult("S3", "OPC-UA subscription: 10,000 variables")
+    started = time.monotonic()
+    seconds = options.seconds(15.0, 5.0)
+    with workdir("s3") as directory, Peer("bench.peers.opcua_server", "--variables",
+                                          str(VARIABLES), "--rate", str(RATE),
+                                          log_dir=directory) as server:
+        url = server.wait_ready()["url"]
+        with Peer("bench.peers.opcua_raw_client", "--url", url, "--variables", str(VARIABLES),
+                  "--seconds", str(seconds), log_dir=directory) as raw:
+            raw.wait_ready()
+            server.ask("reset")
+            meter = CpuMeter(raw.pid).start()
+            baseline = raw.wait_result(timeout=seconds + 60)
+            meter.stop()
+            produced = server.ask("stats")
+        raw_rate = baseline["notifications"] / baseline["seconds"]
+        result.baselines += [
+            Figure("asyncua alone: notifications/s", raw_rate, "notif/s",
+                   note=f"server wrote {produced['rate']:.0f} changes/s meanwhile"),
+            Figure("asyncua alone: CPU share", 100 * meter.share, "% of a core"),
+            Figure("asyncua alone: time to subscribe all", baseline["subscribe_seconds"], "s"),
+        ]
+        daemon = Daemon(config(url, VARIABLES), directory)
+        launched = time.monotonic()
+        with daemon:
+            subscribed = float("nan")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                sources = daemon.sources()
+                if (sources[0].get("details") or {}).get("monitored_items", 0) >= VARIABLES:
+                    subscribed = time.monotonic() - launched
+                    break
+                time.sleep(0.1)
+            time.sleep(options.seconds(3.0, 2.0))
+            server.ask("reset")
+            before = daemon.counters("s3")
+            meter = CpuMeter(daemon.pid).start()
+            time.sleep(seconds)
+            meter.stop()
+            after = daemon.counters("s3")
+            produced = server.ask("stats")
+            rss = tree_peak_rss_mb(daemon.pid)
+            readings = (after.get("readings", 0) - before.get("readings", 0)) / meter.wall
+            events = (after.get("events", 0) - before.get("events", 0)) / meter.wall
+            if options.profile and events < 20_000:
+                profile = py_spy_top(daemon.pid, options.seconds(10, 4),
+                                     options.out_dir / "s3-opcua.txt")
+                if profile is not None:
+                    result.profiles.append(f"profiles/{profile.name}")
+    result.figures += [
+        at_least("notifications/s turned into events", events, "events/s", 20_000,
+                 note=f"server wrote {produced['rate']:.0f} changes/s; "
+                 f"{readings:.0f} readings/s"),
+        Figure("daemon CPU share", 100 * meter.share, "% of a core"),
+        Figure("CPU per 10,000 notifications", 10_000 * meter.seconds / max(1.0, events
+                                                                            * meter.wall), "s"),
+        Figure("peak RSS", rss, "MB"),
+        Figure("time to subscribe all (process start to 10,000 monitored items)", subscribed,
+               "s", note=f"ready after {daemon.ready_seconds:.2f} s"),
+    ]
+    result.baselines.append(Figure("daemon / asyncua alone notifications", events / raw_rate
+                                   if raw_rate else None, "x"))
+    result.chart = {"S3 notif/s (>=20k)": events / 20_000}
+    result.seconds = time.monotonic() - started
+    return result
+
+
+if __name__ == "__main__":
+    from bench.suite import main
+
+    raise SystemExit(main(["--only", "S3"]))
