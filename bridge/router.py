@@ -81,19 +81,32 @@ class Router:
         self._arrived.set()
 
     async def run(self) -> None:
-        """Store queued events until cancelled; then store what is left."""
+        """Store queued events until cancelled; then store what is left.
+
+        A batch being stored when the router is cancelled is finished first (it is shielded),
+        so nothing a source handed in is lost at shutdown.
+        """
+        flushing: asyncio.Task[bool] | None = None
         try:
             while True:
                 await self._arrived.wait()
-                await self._flush()
+                outbox = self.store.outbox
+                generation = outbox.generation if outbox is not None else 0
+                flushing = asyncio.create_task(self._flush(), name="router.flush")
+                if await asyncio.shield(flushing) and outbox is not None:
+                    self.counters["outbox_full_waits"] += 1
+                    await outbox.wait_for_room(generation)
         finally:
             # Cancelled (shutdown): store what sources already handed in before returning,
             # beyond the outbox's bound if need be (sources are stopped: it cannot grow more).
             self._closing = True
+            if flushing is not None:
+                await asyncio.shield(flushing)
             while self._queue:
                 await asyncio.shield(self._flush())
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Store, settle and announce one batch; whether the outbox was too full for all."""
         batches: list[_Batch] = []
         events: list[Event] = []
         while self._queue and len(events) < self.max_batch:
@@ -102,8 +115,6 @@ class Router:
             events.extend(batch.events)
         if not self._queue:
             self._arrived.clear()
-        outbox = self.store.outbox
-        generation = outbox.generation if outbox is not None else 0
         stored = await self.store.write(events, force=self._closing)
         full = stored < len(events)
         settlements = self._requeue(batches, stored)
@@ -127,9 +138,7 @@ class Router:
                 logger.exception("cannot settle an upstream message")
         for listener in list(self._listeners):
             listener(events)
-        if full and outbox is not None:
-            self.counters["outbox_full_waits"] += 1
-            await outbox.wait_for_room(generation)
+        return full
 
     def _requeue(self, batches: list[_Batch], stored: int) -> list[Settlement]:
         """Put back what the store did not take; the settlements of the batches it stored.
