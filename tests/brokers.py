@@ -2,10 +2,11 @@
 
 A broker that cannot be reached skips the test on a developer's machine and fails it under
 CI (``CI=true``), where the brokers are part of the test environment. ``TcpProxy`` sits
-between a source and a broker so a test can cut the connection without touching the shared
-broker. ``SourceRun`` runs one configured source under the real supervisor, mapping its
-readings exactly as the runtime does, into a router stand-in that records events and can
-hold acknowledgements back.
+between a connector and a broker so a test can cut the connection, or refuse new ones, without
+touching the shared broker. ``SourceRun`` runs one configured source under the real supervisor,
+mapping its readings exactly as the runtime does, into a router stand-in that records events
+and can hold acknowledgements back. ``BridgeRun`` runs a whole runtime (without its API);
+``RabbitAdmin`` arranges and inspects a test's queues over a blocking connection.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pika
+import pika.exceptions
 import pytest
 import yaml
 
 from bridge.config import load_config
 from bridge.model import Event
 from bridge.router import Settlement
-from bridge.runtime import Runtime
+from bridge.runtime import RunningSink, Runtime
 from bridge.source import SourceContext
 from bridge.status import ConnectionState, EndpointStatus
 from bridge.supervisor import Backoff, supervise
@@ -97,6 +100,8 @@ class TcpProxy:
         self.port = 0
         self.connections = 0
         """Connections accepted so far."""
+        self.paused = False
+        """Refuse new connections (close them at once), as a broker that is down would."""
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.BaseTransport] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -120,12 +125,24 @@ class TcpProxy:
             transport.abort()
         self._transports.clear()
 
+    def pause(self) -> None:
+        """Cut the open connections and refuse new ones until ``resume()``."""
+        self.paused = True
+        self.cut()
+
+    def resume(self) -> None:
+        """Forward new connections again."""
+        self.paused = False
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         self.connections += 1
         try:
+            if self.paused:
+                writer.transport.abort()
+                return
             try:
                 upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
             except OSError:
@@ -150,6 +167,102 @@ class TcpProxy:
         finally:
             target.transport.abort()
             other.transport.abort()
+
+
+class RabbitAdmin:
+    """A blocking pika connection for arranging and inspecting a test's queues."""
+
+    def __init__(self) -> None:
+        self.connection = pika.BlockingConnection(
+            pika.ConnectionParameters(AMQP_HOST, AMQP_PORT))
+        self.channel = self.connection.channel()
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+
+    def publish(self, routing_key: str, body: bytes | str, *, headers: dict[str, Any] | None = None,
+                timestamp: int | None = None) -> None:
+        """Publish to ``amq.topic``."""
+        self.channel.basic_publish(
+            "amq.topic", routing_key, body.encode() if isinstance(body, str) else body,
+            pika.BasicProperties(headers=headers, timestamp=timestamp))
+
+    def ready(self, queue: str) -> int:
+        """Messages ready in ``queue`` (not counting delivered, unacknowledged ones)."""
+        channel = self.connection.channel()
+        try:
+            frame = channel.queue_declare(queue, passive=True)
+            return int(frame.method.message_count)
+        finally:
+            channel.close()
+
+    def get(self, queue: str) -> tuple[Any, bytes] | None:
+        """Take one message from ``queue``."""
+        method, properties, body = self.channel.basic_get(queue, auto_ack=True)
+        return None if method is None else (properties, body)
+
+    def close(self) -> None:
+        """Delete what the test declared, then disconnect."""
+        if not self.channel.is_open:
+            self.channel = self.connection.channel()
+        for queue in self.queues:
+            self.channel.queue_delete(queue)
+        for exchange in self.exchanges:
+            self.channel.exchange_delete(exchange)
+        self.connection.close()
+
+    def drain(self, queue: str, count: int, *, within: float = SETTLE,
+              arguments: dict[str, Any] | None = None) -> list[Delivery]:
+        """Consume (and acknowledge) ``count`` messages from ``queue``; fail after ``within`` s.
+
+        Blocks: call it once the messages are published, or from a test whose bridge runs in
+        another process.
+        """
+        channel = self.connection.channel()
+        channel.basic_qos(prefetch_count=500)
+        deliveries: list[Delivery] = []
+        deadline = time.monotonic() + within
+        try:
+            for method, properties, body in channel.consume(queue, arguments=arguments,
+                                                            inactivity_timeout=0.2):
+                if method is not None:
+                    deliveries.append(Delivery(method.routing_key, properties, body))
+                    channel.basic_ack(method.delivery_tag)
+                if len(deliveries) >= count:
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"timed out after {within:g}s: {len(deliveries)} of {count} "
+                                f"messages from {queue}")
+        finally:
+            channel.cancel()
+            channel.close()
+        return deliveries
+
+    def declared_as(self, queue: str, arguments: dict[str, Any]) -> bool:
+        """Whether ``queue`` exists with exactly these declare arguments (re-declaring it
+        with them is accepted; the broker refuses one that differs with 406)."""
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(queue, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 406:
+                return False
+            raise
+        channel.close()
+        return True
+
+
+class Delivery:
+    """A consumed message."""
+
+    def __init__(self, routing_key: str, properties: Any, body: bytes) -> None:
+        self.routing_key = routing_key
+        self.properties = properties
+        self.body = body
+
+    @property
+    def message_id(self) -> str:
+        """The ``message_id`` property: the event id."""
+        return str(self.properties.message_id)
 
 
 class RecordingRouter:
@@ -259,3 +372,49 @@ class SourceRun:
         """Wait until the source is connected (and subscribed or consuming)."""
         await wait_until(lambda: self.status.state is ConnectionState.UP, within,
                          f"source up (last error: {self.status.last_error})")
+
+
+class BridgeRun:
+    """A whole runtime (sources, router, store, sinks; no API) running as a task."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.runtime = Runtime(load_config(config_path))
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> BridgeRun:
+        self._task = asyncio.create_task(self.runtime.run(serve_api=False), name="test.bridge")
+        ready = asyncio.create_task(self.runtime.ready.wait(), name="test.ready")
+        done, _ = await asyncio.wait({ready, self._task}, timeout=SETTLE,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._task in done:
+            self._task.result()
+        assert ready in done, "the runtime did not get ready"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop the runtime and wait until it has closed its store."""
+        if self._task is not None:
+            self.runtime.stop()
+            async with asyncio.timeout(SETTLE):
+                await self._task
+            self._task = None
+
+    def sink(self, sink_id: str) -> RunningSink:
+        """A configured sink."""
+        return self.runtime.sinks[sink_id]
+
+    def depth(self, sink_id: str) -> int:
+        """Events waiting in the sink's outbox."""
+        return self.runtime.outbox.depths[sink_id].events
+
+    async def delivered(self, sink_id: str, count: int, within: float = SETTLE) -> None:
+        """Wait until the broker confirmed ``count`` events and the outbox is empty."""
+        status = self.sink(sink_id).status
+        await wait_until(lambda: status.counters["confirmed"] >= count
+                         and self.depth(sink_id) == 0, within,
+                         f"{count} confirmed events (state {status.state}, last error "
+                         f"{status.last_error}, counters {dict(status.counters)})")

@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
-import pika.exceptions
 import pytest
 from brokers import (
     AMQP_HOST,
     AMQP_PORT,
+    RabbitAdmin,
     SourceRun,
     TcpProxy,
     assert_no_tasks_left,
@@ -27,46 +26,6 @@ from bridge.model import Quality
 from bridge.status import ConnectionState
 
 pytestmark = pytest.mark.broker
-
-
-class RabbitAdmin:
-    """A blocking pika connection for arranging and inspecting a test's queues."""
-
-    def __init__(self) -> None:
-        self.connection = pika.BlockingConnection(
-            pika.ConnectionParameters(AMQP_HOST, AMQP_PORT))
-        self.channel = self.connection.channel()
-        self.queues: list[str] = []
-        self.exchanges: list[str] = []
-
-    def publish(self, routing_key: str, body: bytes | str, *, headers: dict[str, Any] | None = None,
-                timestamp: int | None = None) -> None:
-        """Publish to ``amq.topic``."""
-        self.channel.basic_publish(
-            "amq.topic", routing_key, body.encode() if isinstance(body, str) else body,
-            pika.BasicProperties(headers=headers, timestamp=timestamp))
-
-    def ready(self, queue: str) -> int:
-        """Messages ready in ``queue`` (not counting delivered, unacknowledged ones)."""
-        channel = self.connection.channel()
-        try:
-            frame = channel.queue_declare(queue, passive=True)
-            return int(frame.method.message_count)
-        finally:
-            channel.close()
-
-    def get(self, queue: str) -> tuple[Any, bytes] | None:
-        """Take one message from ``queue``."""
-        method, properties, body = self.channel.basic_get(queue, auto_ack=True)
-        return None if method is None else (properties, body)
-
-    def close(self) -> None:
-        """Delete what the test declared, then disconnect."""
-        for queue in self.queues:
-            self.channel.queue_delete(queue)
-        for exchange in self.exchanges:
-            self.channel.exchange_delete(exchange)
-        self.connection.close()
 
 
 @pytest.fixture
