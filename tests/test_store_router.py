@@ -118,6 +118,20 @@ async def test_router_stores_what_is_left_when_cancelled(store: Store) -> None:
     assert store.latest()["a.p"].value == 5
 
 
+async def test_router_cancelled_while_storing_finishes_that_batch(store: Store) -> None:
+    routed = Router(store)
+    runner = asyncio.create_task(routed.run())
+    await asyncio.sleep(0)  # let the router start waiting
+    await routed.submit([make_event("a.p", value) for value in range(3)])
+    for _ in range(2):  # the router wakes up; the batch goes to the writer thread
+        await asyncio.sleep(0)
+    assert store.written == 0
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert store.history_count("a.p") == 3
+    assert routed.pending == 0
+
+
 async def test_retention_by_count_and_age(store: Store) -> None:
     now = time.time()
     await store.write([make_event("a.p", value, ts=now + value) for value in range(12)])
