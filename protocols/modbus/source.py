@@ -454,12 +454,16 @@ class ModbusSource(Source):
     async def _serve(self, context: SourceContext, connection: _Connection) -> ConnectorError:
         """Poll until the connection fails; return why."""
         tasks: list[asyncio.Task[None]] = []
+        polled = [plan for plan in self.devices if plan.blocks]
         async with asyncio.TaskGroup() as group:
-            for plan in self.devices:
-                if plan.blocks:
-                    tasks.append(group.create_task(
-                        self._poll(plan, connection, context),
-                        name=f"modbus[{self.id}/{plan.id}].poll"))
+            for index, plan in enumerate(polled):
+                # Devices sharing the connection poll at evenly spread phases of their
+                # interval instead of all at once: each request finds the line free, so a
+                # device's poll does not wait behind the others' (jitter).
+                phase = plan.interval * index / len(polled)
+                tasks.append(group.create_task(
+                    self._poll(plan, connection, context, phase),
+                    name=f"modbus[{self.id}/{plan.id}].poll"))
             try:
                 error = await connection.failure
             finally:
@@ -468,12 +472,18 @@ class ModbusSource(Source):
         return error
 
     async def _poll(
-        self, plan: DevicePlan, connection: _Connection, context: SourceContext
+        self, plan: DevicePlan, connection: _Connection, context: SourceContext,
+        phase: float = 0.0,
     ) -> None:
-        """Poll one device on a fixed grid: deadlines advance by the interval, never drift."""
+        """Poll one device on a fixed grid: deadlines advance by the interval, never drift.
+
+        The first cycle runs at once; from the second on, the grid is shifted by ``phase``
+        (0 <= phase < interval).
+        """
         status = context.status.child(plan.id)
         loop = asyncio.get_running_loop()
         deadline = loop.time()
+        first = True
         while True:
             try:
                 readings, failure = await self._cycle(plan, connection, context.status, status)
@@ -482,10 +492,16 @@ class ModbusSource(Source):
             await context.publish(readings)
             self._report(context.status, status, failure)
             now = loop.time()
-            deadline, missed = next_deadline(deadline, plan.interval, now)
-            if missed:
-                status.counters["overruns"] += missed
-                context.status.counters["overruns"] += missed
+            if first:
+                # Onto the shifted grid; a first cycle longer than the phase is no overrun.
+                deadline, _ = next_deadline(deadline + phase - plan.interval, plan.interval,
+                                            now)
+                first = False
+            else:
+                deadline, missed = next_deadline(deadline, plan.interval, now)
+                if missed:
+                    status.counters["overruns"] += missed
+                    context.status.counters["overruns"] += missed
             await asyncio.sleep(deadline - now)
 
     async def _cycle(
