@@ -1,0 +1,1 @@
+"""Experiments the bench runs on the daemon without changing its code (see each module)."""
