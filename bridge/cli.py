@@ -43,6 +43,9 @@ def setup_logging(level: str) -> None:
     # Library chatter at INFO (every reconnect attempt) is ours to report, once.
     for noisy in ("pymodbus", "asyncua", "pika", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pika logs each failed connection attempt at ERROR, several lines deep; the supervisor
+    # reports the failure once, with its category, and the inventory shows it.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 async def run_config(path: str) -> int:

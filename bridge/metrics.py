@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -36,6 +37,17 @@ _SOURCE_COUNTERS = {
 _ROUTER_COUNTERS = {
     "events": "Events stored by the router.",
     "backpressure_waits": "Times a source waited because too many events were pending.",
+    "outbox_full_waits": "Times the router waited for a sink to make room in a full outbox "
+    "(policy block).",
+}
+_SINK_COUNTERS = {
+    "published": "Messages published to the broker.",
+    "confirmed": "Messages the broker confirmed (and deleted from the outbox).",
+    "nacked": "Messages the broker refused (nack); they are published again.",
+    "republished": "Messages published again after a nack or a lost connection: consumers may "
+    "see these twice.",
+    "unroutable": "Messages the broker returned because no queue was bound for them.",
+    "errors": "Connection errors recorded.",
 }
 
 
@@ -120,7 +132,8 @@ def _counter_help(key: str, known: Mapping[str, str], what: str) -> str:
 def _endpoint_metrics(
     exposition: Exposition, prefix: str, status: EndpointStatus, labels: dict[str, str]
 ) -> None:
-    kind = "source" if prefix == "source" else "device"
+    kind = status.kind
+    known = _SINK_COUNTERS if kind == "sink" else _SOURCE_COUNTERS
     exposition.family(f"fieldbridge_{prefix}_up", "gauge",
                       f"1 when the {kind} is up, else 0.").add(
         1 if status.state is ConnectionState.UP else 0, **labels)
@@ -134,8 +147,43 @@ def _endpoint_metrics(
             status.last_success, **labels)
     for key, count in sorted(status.counters.items()):
         exposition.family(f"fieldbridge_{prefix}_{key}_total", "counter",
-                          _counter_help(key, _SOURCE_COUNTERS, kind.capitalize())).add(
+                          _counter_help(key, known, kind.capitalize())).add(
             count, **labels)
+
+
+def _sink_metrics(exposition: Exposition, runtime: Runtime) -> None:
+    outbox = runtime.outbox
+    now = time.time()
+    for sink_id, running in runtime.sinks.items():
+        labels = {"sink": sink_id, "protocol": running.status.protocol}
+        _endpoint_metrics(exposition, "sink", running.status, labels)
+        depth = outbox.depths.get(sink_id)
+        if depth is None:
+            continue
+        exposition.family("fieldbridge_outbox_events", "gauge",
+                          "Events waiting in the outbox for the broker's confirmation.").add(
+            depth.events, **labels)
+        exposition.family("fieldbridge_outbox_bytes", "gauge",
+                          "Bytes of event JSON waiting in the outbox.").add(depth.bytes, **labels)
+        exposition.family("fieldbridge_outbox_dropped_total", "counter",
+                          "Events dropped unconfirmed from a full outbox (policy drop_oldest) "
+                          "since the start.").add(depth.dropped, **labels)
+        oldest = runtime.store.outbox_oldest(sink_id) if runtime.store.is_open else None
+        exposition.family("fieldbridge_outbox_oldest_age_seconds", "gauge",
+                          "Age of the oldest event waiting in the outbox (0 when empty).").add(
+            max(0.0, now - oldest) if oldest is not None else 0.0, **labels)
+        sink = running.sink
+        exposition.family("fieldbridge_sink_in_flight", "gauge",
+                          "Messages published and not yet confirmed.").add(
+            sink.in_flight, **labels)
+        if sink.confirm_latency is not None:
+            exposition.family("fieldbridge_sink_confirm_latency_seconds", "gauge",
+                              "Moving average of the time from publish to the broker's "
+                              "confirmation.").add(sink.confirm_latency, **labels)
+    exposition.family("fieldbridge_outbox_max_events", "gauge",
+                      "The outbox's bound in events, per sink.").add(outbox.limits.max_events)
+    exposition.family("fieldbridge_outbox_max_bytes", "gauge",
+                      "The outbox's bound in bytes, per sink.").add(outbox.limits.max_bytes)
 
 
 def render(runtime: Runtime, keys: KeyRing | None = None) -> str:
@@ -176,6 +224,8 @@ def render(runtime: Runtime, keys: KeyRing | None = None) -> str:
         for device_id, device in status.children.items():
             _endpoint_metrics(exposition, "device", device,
                               {**labels, "device": device_id})
+
+    _sink_metrics(exposition, runtime)
 
     if keys is not None and keys.enabled:
         failures = exposition.family("fieldbridge_api_auth_failures_total", "counter",

@@ -144,6 +144,12 @@ class Sink(abc.ABC):
         self.endpoint = endpoint
         """Where it connects, secrets redacted: shown in the inventory and logs."""
         self.selector = selector
+        self.meter = RateMeter()
+        """Deliveries the broker confirmed: the publish rate."""
+        self.confirm_latency: float | None = None
+        """Seconds from publish to confirmation, as a moving average."""
+        self.in_flight = 0
+        """Published, not yet confirmed."""
 
     def route(self) -> OutboxRoute:
         """How the store fills this sink's outbox."""
@@ -162,5 +168,10 @@ class Sink(abc.ABC):
         """
 
     def details(self) -> dict[str, Any]:
-        """Live figures for the inventory (publish rate, confirm latency)."""
-        return {}
+        """Live figures for the inventory: publish rate, confirm latency, in flight."""
+        latency = self.confirm_latency
+        return {
+            "publish_rate": round(self.meter.rate(), 1),
+            "confirm_latency_ms": round(latency * 1000, 2) if latency is not None else None,
+            "in_flight": self.in_flight,
+        }

@@ -27,8 +27,10 @@ from brokers import (
     unique,
     wait_until,
 )
+from helpers import free_port
 
 from bridge.errors import ErrorCategory
+from bridge.metrics import render
 from bridge.model import Event, Quality, new_event_id
 from bridge.status import ConnectionState
 
@@ -298,3 +300,30 @@ async def test_stopping_keeps_unconfirmed_events_for_the_next_start(
     # Each event at least once, first copies in order: what a de-duplicating consumer keeps.
     first_seen = list(dict.fromkeys(delivery.message_id for delivery in received))
     assert first_seen == [event.id for event in events]
+
+
+async def test_metrics_and_inventory_show_the_outbox_while_the_broker_is_away(
+    tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
+        "api": {"enabled": False},
+        "outbox": {"max_events": 10, "policy": "drop_oldest"},
+        "sinks": [{"id": SINK, "protocol": "amqp", "host": "127.0.0.1", "port": free_port()}],
+    }), encoding="utf-8")
+    async with BridgeRun(config) as bridge:
+        await feed(bridge, [make_event("plant", "p", index) for index in range(12)])
+        await wait_until(lambda: bridge.runtime.router.pending == 0, what="events stored")
+        text = render(bridge.runtime)
+        (entry,) = bridge.runtime.sink_inventory()
+    labels = f'{{sink="{SINK}",protocol="amqp"}}'
+    assert f"fieldbridge_outbox_events{labels} 10" in text
+    assert f"fieldbridge_outbox_dropped_total{labels} 2" in text
+    assert f"fieldbridge_sink_up{labels} 0" in text
+    assert "fieldbridge_outbox_oldest_age_seconds" in text
+    assert entry["state"] in ("connecting", "down")
+    assert entry["outbox"] == {"events": 10, "bytes": entry["outbox"]["bytes"], "dropped": 2,
+                               "oldest_age_seconds": entry["outbox"]["oldest_age_seconds"],
+                               "max_events": 10, "max_bytes": 1 << 30, "policy": "drop_oldest"}
+    assert entry["outbox"]["bytes"] > 0

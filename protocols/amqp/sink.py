@@ -30,7 +30,7 @@ from bridge.errors import ConnectorError, ErrorCategory
 from bridge.model import Event
 from bridge.outbox import OutboxRow
 from bridge.payload import Template
-from bridge.sink import EventSelector, RateMeter, Sink, SinkContext, SinkOutbox
+from bridge.sink import EventSelector, Sink, SinkContext, SinkOutbox
 from bridge.status import ConnectionState, EndpointStatus
 from protocols.amqp.connection import AmqpSession, ConnectionFactory, request
 from protocols.amqp.mapping import PROTOCOL
@@ -212,11 +212,6 @@ class AmqpSink(Sink):
         self.config = config
         self.bridge_id = bridge_id
         self.routing_key = compile_routing_key(config.routing_key)
-        self.meter = RateMeter()
-        """Confirmed publishes."""
-        self.latency: float | None = None
-        """Moving average of the confirm latency, in seconds."""
-        self.in_flight = 0
         self._warned_unroutable = False
         self._connection_factory = connection_factory
 
@@ -225,22 +220,17 @@ class AmqpSink(Sink):
         return self.routing_key(event)
 
     def details(self) -> dict[str, Any]:
-        """Publish rate, confirm latency and what is in flight."""
-        return {
-            "publish_rate": round(self.meter.rate(), 1),
-            "confirm_latency_ms": (round(self.latency * 1000, 2)
-                                   if self.latency is not None else None),
-            "in_flight": self.in_flight,
-            "window": self.config.window,
-        }
+        """Publish rate, confirm latency, what is in flight, and the window."""
+        return {**super().details(), "window": self.config.window}
 
     def settled(self, count: int, acked: bool, latency: float, status: EndpointStatus) -> None:
         """The broker settled ``count`` messages (acked or refused)."""
         status.counters["confirmed" if acked else "nacked"] += count
         if acked:
             self.meter.add(count)
-        self.latency = latency if self.latency is None else (
-            self.latency + LATENCY_WEIGHT * (latency - self.latency))
+        average = self.confirm_latency
+        self.confirm_latency = latency if average is None else (
+            average + LATENCY_WEIGHT * (latency - average))
 
     def unroutable(self, routing_key: str, status: EndpointStatus) -> None:
         """The exchange had no binding for a message: RabbitMQ returned it, then confirmed it."""
