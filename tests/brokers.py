@@ -195,6 +195,15 @@ class RabbitAdmin:
         finally:
             channel.close()
 
+    def consumers(self, queue: str) -> int:
+        """Consumers of ``queue``."""
+        channel = self.connection.channel()
+        try:
+            frame = channel.queue_declare(queue, passive=True)
+            return int(frame.method.consumer_count)
+        finally:
+            channel.close()
+
     def get(self, queue: str) -> tuple[Any, bytes] | None:
         """Take one message from ``queue``."""
         method, properties, body = self.channel.basic_get(queue, auto_ack=True)
