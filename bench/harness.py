@@ -423,15 +423,20 @@ def py_spy_top(pid: int, seconds: float, out: Path) -> Path | None:
     binary = shutil.which("py-spy", path=str(Path(python()).parent)) or shutil.which("py-spy")
     if binary is None:
         return None
-    raw = out.with_suffix(".raw.txt")
+    raw = Path(tempfile.mkdtemp(prefix="fieldbridge-py-spy-")) / out.name
     result = subprocess.run(
         [binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
          "--format", "raw", "--rate", "200", "--nonblocking", "--output", str(raw)],
         capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not raw.exists():
-        return None
-    out.write_text(summarize_collapsed(raw.read_text()))
-    return out
+    try:
+        if result.returncode != 0 or not raw.exists():
+            return None
+        out.write_text(f"py-spy record --pid <daemon> --duration {max(1, round(seconds))} "
+                       f"--rate 200 --nonblocking (all threads)\n"
+                       + summarize_collapsed(raw.read_text()))
+        return out
+    finally:
+        shutil.rmtree(raw.parent, ignore_errors=True)
 
 
 def summarize_collapsed(text: str, top: int = 25) -> str:

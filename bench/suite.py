@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(all_results, info, output / "results.json")
     (output / "RESULTS.md").write_text(markdown(all_results, info, command,
                                                 chart.name if has_chart else None,
-                                                arguments.quick))
+                                                arguments.quick, output))
     print("\n" + console_table(all_results))
     print(f"\nwrote {output / 'RESULTS.md'}" + (f" and {chart}" if has_chart else
                                                  " (no chart: matplotlib is not installed)"))

@@ -163,7 +163,8 @@ def burst(directory: Path, mqtt_port: int, daemons: list[Daemon], consumer: Peer
     delivered = None
     delivered_seconds = float("nan")
     if consumer is not None:
-        progress = Progress(lambda: consumer.ask("stats")["received"], 2 * count, idle=5.0)
+        # The outbox may pause a few seconds (a full window, a reconnect): wait long enough.
+        progress = Progress(lambda: consumer.ask("stats")["received"], 2 * count, idle=15.0)
         delivered = progress.wait(timeout=300)
         delivered_seconds = progress.changed_at - started
     for meter in meters:
@@ -253,6 +254,12 @@ def run(options: Options) -> ScenarioResult:
                               "--count", str(int(PACED_RATE * paced_seconds)), "--rate",
                               str(PACED_RATE), log_dir=directory) as publisher:
                         publisher.wait_ready()
+                        if options.profile:
+                            time.sleep(1)
+                            paced_profile = py_spy_top(daemons[0].pid, min(5, paced_seconds - 2),
+                                                       options.out_dir / "s1-mqtt-paced.txt")
+                            if paced_profile is not None:
+                                result.profiles.append(f"profiles/{paced_profile.name}")
                         publisher.wait_result(timeout=paced_seconds + 120)
                     Progress(lambda c=consumer: c.ask("stats")["received"],
                              int(2 * PACED_RATE * paced_seconds)).wait(timeout=60)
