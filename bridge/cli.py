@@ -84,7 +84,7 @@ def _validate(paths: Sequence[str]) -> int:
             continue
         count = sum(len(points) for points in config.points.values())
         print(f"{path}: ok ({len(config.sources)} sources, {count} points, "
-              f"{len(config.profiles)} profiles)")
+              f"{len(config.profiles)} profiles, {len(config.sinks)} sinks)")
     return status
 
 
