@@ -194,6 +194,47 @@ class SourceList(BaseModel):
     items: list[SourceModel]
 
 
+class OutboxModel(BaseModel):
+    """What waits in a sink's outbox for the broker's confirmation."""
+
+    events: int
+    bytes: int
+    dropped: int = Field(description="Dropped unconfirmed from the full outbox (policy "
+                         "drop_oldest) since the start.")
+    oldest_age_seconds: float | None = Field(description="Age of the oldest waiting event.")
+    max_events: int
+    max_bytes: int
+    policy: Literal["block", "drop_oldest"]
+
+
+class SinkModel(BaseModel):
+    """A configured sink: connection state, last error, counters, outbox and delivery figures
+    (``details``: publish_rate, confirm_latency_ms, in_flight)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    kind: Literal["sink"]
+    protocol: str
+    endpoint: str = Field(description="Where it connects; secrets redacted.")
+    enabled: bool
+    state: Literal["connecting", "up", "degraded", "down", "disabled"]
+    since: str | None = Field(json_schema_extra=ISO_TIME)
+    last_success: str | None = Field(json_schema_extra=ISO_TIME)
+    last_error: str | None
+    error_category: Literal["transient", "auth", "config", "protocol", "device"] | None
+    last_error_at: str | None = Field(json_schema_extra=ISO_TIME)
+    counters: dict[str, int]
+    details: dict[str, Any]
+    outbox: OutboxModel | None = Field(default=None, description="Unset for a disabled sink.")
+
+
+class SinkList(BaseModel):
+    """Every configured sink."""
+
+    items: list[SinkModel]
+
+
 class Liveness(BaseModel):
     """The process is alive and its event loop turns."""
 
@@ -873,6 +914,23 @@ async def get_source(
                        "GET /v1/sources lists the configured sources")
     return JsonBody(_source_entry(running.status.to_dict(), running.enabled,
                                   _point_counts(runtime.points)))
+
+
+@v1.get("/sinks", response_model=SinkList, tags=["sinks"])
+async def list_sinks(context: Context) -> JsonBody:
+    """Every configured sink with its state, counters, outbox and delivery figures."""
+    return JsonBody({"items": context.runtime.sink_inventory()})
+
+
+@v1.get("/sinks/{sink_id}", response_model=SinkModel, tags=["sinks"], responses=NOT_FOUND)
+async def get_sink(
+    context: Context, sink_id: Annotated[str, Path(description="Sink id.")]
+) -> JsonBody:
+    """One sink with its state, counters, outbox and delivery figures."""
+    if sink_id not in context.runtime.sinks:
+        raise ApiError(404, "not_found", f"no sink '{sink_id}'",
+                       "GET /v1/sinks lists the configured sinks")
+    return JsonBody(context.runtime.sink_entry(sink_id))
 
 
 @health.get("/live", response_model=Liveness)

@@ -194,23 +194,25 @@ class Runtime:
 
     def sink_inventory(self) -> list[dict[str, Any]]:
         """Every sink with its state, counters, outbox depth and delivery figures."""
-        entries = []
-        now = time.time()
-        limits = self.outbox.limits
-        for sink_id, running in self.sinks.items():
-            entry = running.status.to_dict()
-            depth = self.outbox.depths.get(sink_id)
-            if depth is not None:
-                oldest = self.store.outbox_oldest(sink_id) if self.store.is_open else None
-                entry["outbox"] = {
-                    "events": depth.events, "bytes": depth.bytes, "dropped": depth.dropped,
-                    "oldest_age_seconds": (round(max(0.0, now - oldest), 3)
-                                           if oldest is not None else None),
-                    "max_events": limits.max_events, "max_bytes": limits.max_bytes,
-                    "policy": "drop_oldest" if limits.drop_oldest else "block"}
-            entry.setdefault("details", {}).update(running.sink.details())
-            entries.append(entry)
-        return entries
+        return [self.sink_entry(sink_id) for sink_id in self.sinks]
+
+    def sink_entry(self, sink_id: str) -> dict[str, Any]:
+        """One sink's inventory entry; ``KeyError`` for an unknown sink."""
+        running = self.sinks[sink_id]
+        entry = running.status.to_dict()
+        entry["enabled"] = running.enabled
+        depth = self.outbox.depths.get(sink_id)
+        if depth is not None:
+            limits = self.outbox.limits
+            oldest = self.store.outbox_oldest(sink_id) if self.store.is_open else None
+            entry["outbox"] = {
+                "events": depth.events, "bytes": depth.bytes, "dropped": depth.dropped,
+                "oldest_age_seconds": (round(max(0.0, time.time() - oldest), 3)
+                                       if oldest is not None else None),
+                "max_events": limits.max_events, "max_bytes": limits.max_bytes,
+                "policy": "drop_oldest" if limits.drop_oldest else "block"}
+        entry.setdefault("details", {}).update(running.sink.details())
+        return entry
 
 
 STOP_GRACE = 3.0

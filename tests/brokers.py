@@ -384,14 +384,16 @@ class SourceRun:
 
 
 class BridgeRun:
-    """A whole runtime (sources, router, store, sinks; no API) running as a task."""
+    """A whole runtime (sources, router, store, sinks; the API if asked) running as a task."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, *, serve_api: bool = False) -> None:
         self.runtime = Runtime(load_config(config_path))
+        self.serve_api = serve_api
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> BridgeRun:
-        self._task = asyncio.create_task(self.runtime.run(serve_api=False), name="test.bridge")
+        self._task = asyncio.create_task(self.runtime.run(serve_api=self.serve_api),
+                                         name="test.bridge")
         ready = asyncio.create_task(self.runtime.ready.wait(), name="test.ready")
         done, _ = await asyncio.wait({ready, self._task}, timeout=SETTLE,
                                      return_when=asyncio.FIRST_COMPLETED)

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from brokers import (
@@ -308,22 +309,36 @@ async def test_metrics_and_inventory_show_the_outbox_while_the_broker_is_away(
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
-        "api": {"enabled": False},
+        "api": {"port": 0},
         "outbox": {"max_events": 10, "policy": "drop_oldest"},
-        "sinks": [{"id": SINK, "protocol": "amqp", "host": "127.0.0.1", "port": free_port()}],
+        "sinks": [{"id": SINK, "protocol": "amqp", "host": "127.0.0.1", "port": free_port(),
+                   "password": "s3cret-password"}],
     }), encoding="utf-8")
-    async with BridgeRun(config) as bridge:
+    async with BridgeRun(config, serve_api=True) as bridge:
         await feed(bridge, [make_event("plant", "p", index) for index in range(12)])
         await wait_until(lambda: bridge.runtime.router.pending == 0, what="events stored")
         text = render(bridge.runtime)
-        (entry,) = bridge.runtime.sink_inventory()
+        base = f"http://127.0.0.1:{bridge.runtime.api_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:
+            listed = await client.get("/v1/sinks")
+            one = await client.get(f"/v1/sinks/{SINK}")
+            missing = await client.get("/v1/sinks/nope")
     labels = f'{{sink="{SINK}",protocol="amqp"}}'
     assert f"fieldbridge_outbox_events{labels} 10" in text
     assert f"fieldbridge_outbox_dropped_total{labels} 2" in text
     assert f"fieldbridge_sink_up{labels} 0" in text
     assert "fieldbridge_outbox_oldest_age_seconds" in text
+    assert listed.status_code == one.status_code == 200
+    (entry,) = listed.json()["items"]
+    assert entry["id"] == one.json()["id"] == SINK
+    assert entry["kind"] == "sink"
+    assert entry["enabled"] is True
     assert entry["state"] in ("connecting", "down")
     assert entry["outbox"] == {"events": 10, "bytes": entry["outbox"]["bytes"], "dropped": 2,
                                "oldest_age_seconds": entry["outbox"]["oldest_age_seconds"],
                                "max_events": 10, "max_bytes": 1 << 30, "policy": "drop_oldest"}
     assert entry["outbox"]["bytes"] > 0
+    assert set(entry["details"]) >= {"publish_rate", "confirm_latency_ms", "in_flight"}
+    assert "s3cret" not in listed.text
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
