@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions
 import pika.spec
-from pika.adapters.asyncio_connection import AsyncioConnection
 
 from bridge.errors import ConnectorError, ErrorCategory
 from bridge.model import Event
@@ -32,7 +31,12 @@ from bridge.outbox import OutboxRow
 from bridge.payload import Template
 from bridge.sink import EventSelector, Sink, SinkContext, SinkOutbox
 from bridge.status import ConnectionState, EndpointStatus
-from protocols.amqp.connection import AmqpSession, ConnectionFactory, request
+from protocols.amqp.connection import (
+    AmqpSession,
+    CoalescingConnection,
+    ConnectionFactory,
+    request,
+)
 from protocols.amqp.mapping import PROTOCOL
 from protocols.amqp.sink_config import AmqpSinkConfig, QueueBinding
 
@@ -205,7 +209,7 @@ class AmqpSink(Sink):
         config: AmqpSinkConfig,
         *,
         bridge_id: str,
-        connection_factory: ConnectionFactory = AsyncioConnection,
+        connection_factory: ConnectionFactory = CoalescingConnection,
     ) -> None:
         super().__init__(sink_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint(),
                          selector=EventSelector.of(config))
