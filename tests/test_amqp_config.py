@@ -10,12 +10,12 @@ import pytest
 from brokers import write_config
 
 from bridge.config import load_config
-from bridge.errors import ConfigError, DecodeError
+from bridge.errors import ConfigError, ConnectorError, DecodeError
 from bridge.model import Reading
 from bridge.payload import MessageMapper
 from bridge.source import BuildContext
 from protocols.amqp import SPEC, AmqpAcknowledger, AmqpSourceConfig
-from protocols.amqp.connection import closed_error, open_error
+from protocols.amqp.connection import closed_error, connection_parameters, open_error
 from protocols.amqp.mapping import message_variables
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "mappings" / "amqp-example.yaml"
@@ -71,6 +71,22 @@ def test_url_gives_address_and_credentials(tmp_path: Path) -> None:
     plain = source_config(tmp_path, url="amqp://broker").address()
     assert (plain.port, plain.virtual_host, plain.username, plain.tls) == (5672, "/", "guest",
                                                                            False)
+
+
+async def test_amqps_url_connects_with_tls_and_a_client_certificate(tmp_path: Path) -> None:
+    config = source_config(tmp_path, url="amqps://u:pw@broker.example/")
+    parameters = await connection_parameters(config, "e", "name")
+    assert parameters.port == 5671
+    assert parameters.ssl_options is not None
+    assert parameters.ssl_options.server_hostname == "broker.example"
+    assert parameters.credentials.password == "pw"
+    missing = source_config(tmp_path, url="amqps://u:pw@broker.example/",
+                            tls={"ca": str(tmp_path / "absent-ca.pem"),
+                                 "cert": str(tmp_path / "client.pem")})
+    with pytest.raises(ConnectorError) as caught:
+        await connection_parameters(missing, "e", "name")
+    assert caught.value.category == "config"
+    assert "TLS setup failed" in caught.value.reason
 
 
 @pytest.mark.parametrize(("options", "message"), [
