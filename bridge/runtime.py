@@ -45,7 +45,7 @@ class RunningSink:
 
 
 class Runtime:
-    """One Fieldbridge instance: sources, router, store and API, for one configuration."""
+    """One Fieldbridge instance: sources, router, store, sinks and API, for one configuration."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
