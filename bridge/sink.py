@@ -21,7 +21,7 @@ from typing import Any
 
 from bridge.config import SinkBase
 from bridge.model import Event
-from bridge.outbox import Outbox, OutboxDepth, OutboxRoute, OutboxRow
+from bridge.outbox import Outbox, OutboxRoute, OutboxRow
 from bridge.status import EndpointStatus
 from bridge.store import Store
 
@@ -85,14 +85,6 @@ class SinkOutbox:
     def _made_room(self, done: asyncio.Future[int]) -> None:
         if not done.cancelled() and done.exception() is None:
             self.outbox.made_room()
-
-    def depth(self) -> OutboxDepth:
-        """What waits for this sink now."""
-        return self.outbox.depths[self.sink]
-
-    def oldest(self) -> float | None:
-        """When the oldest waiting row was stored."""
-        return self.store.outbox_oldest(self.sink)
 
 
 @dataclass
