@@ -30,7 +30,7 @@ from bridge.model import Event
 from bridge.outbox import OutboxRow
 from bridge.payload import Template
 from bridge.sink import EventSelector, Sink, SinkContext, SinkOutbox
-from bridge.status import ConnectionState, EndpointStatus
+from bridge.status import EndpointStatus
 from protocols.amqp.connection import (
     AmqpSession,
     CoalescingConnection,
@@ -123,6 +123,8 @@ class _Publishing(AmqpSession):
         self.confirmed: list[int] = []
         """Outbox rows confirmed but not yet deleted."""
         self.refused: list[OutboxRow] = []
+        self.refusing = False
+        """The broker refused messages lately (the state is degraded until it accepts one)."""
         self.blocked = False
         self.reading: asyncio.Future[list[OutboxRow]] | None = None
         self.read_arrivals = 0
@@ -185,6 +187,10 @@ class _Publishing(AmqpSession):
             self.lowest += 1
         if last is not None:
             self.sink.settled(settled, acked, time.monotonic() - last.at, self.status)
+        if acked and self.refusing and not self.refused:
+            self.refusing = False
+            if not self.blocked:
+                self.status.up()
         self.wake.set()
 
     def on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -197,7 +203,7 @@ class _Publishing(AmqpSession):
 
     def on_unblocked(self, connection: Any, frame: Any) -> None:
         self.blocked = False
-        if not self.refused:
+        if not self.refusing:
             self.status.up()
 
 
@@ -341,9 +347,6 @@ class AmqpSink(Sink):
             if deleting is not None and deleting.done():
                 session.deleting = None
                 deleting.result()
-                if (status.state is ConnectionState.DEGRADED and not session.blocked
-                        and not session.refused):
-                    status.up()
                 progressed = True
             if session.refused:
                 if not in_flight and session.reading is None and session.deleting is None:
@@ -383,6 +386,7 @@ class AmqpSink(Sink):
         await outbox.confirm(confirmed)
         count = len(session.refused)
         session.refused.clear()
+        session.refusing = True
         status.counters["republished"] += count
         status.degraded(f"the broker refused {count} messages (nack; a full queue with "
                         f"overflow: reject-publish?); publishing them again in {retry:g}s",
