@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +25,27 @@ def no_leaked_threads() -> Iterator[None]:
     leaked = [thread.name for thread in extra if thread.is_alive()]
     if leaked:
         pytest.fail(f"the test left threads running: {', '.join(leaked)}")
+
+
+BROKER_LOCK = Path(tempfile.gettempdir()) / "fieldbridge-tests-broker.lock"
+"""Test runs on one machine share the local brokers: a test that stops RabbitMQ (marked
+``stops_broker``) holds this file's lock exclusively, every other broker test holds it shared,
+so a second run waits out an outage instead of failing in it."""
+
+
+@pytest.fixture(autouse=True)
+def broker_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Hold the broker lock, shared or exclusive, for the test's duration."""
+    if request.node.get_closest_marker("stops_broker") is not None:
+        mode = fcntl.LOCK_EX
+    elif request.node.get_closest_marker("broker") is not None:
+        mode = fcntl.LOCK_SH
+    else:
+        yield
+        return
+    with BROKER_LOCK.open("a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -3,7 +3,8 @@ flow, and the daemon killed with SIGKILL mid-stream and started again.
 
 Both check the promise from the consumer's side: every accepted event arrives at least once,
 the first copies in order per point; duplicates are counted (and reported), not failures.
-The outage test stops the shared broker for a few seconds and always starts it again.
+The outage test stops the shared broker for a few seconds and always starts it again; it holds
+the broker lock (``conftest.py``) exclusively, so broker tests of another run wait meanwhile.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ async def produce(bridge: BridgeRun, produced: list[Event], stop: asyncio.Event)
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.stops_broker
 async def test_broker_outage_loses_nothing(tmp_path: Path, record_property: Any) -> None:
     control = rabbitmqctl()
     exchange, queue = unique("fbtest.outage."), unique("fbtest.outage.")
