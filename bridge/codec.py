@@ -191,6 +191,23 @@ def compile_register_decoder(
         value: int | float = unpack(packed(registers))[0]
         return value
 
+    if data_type in ("int16", "uint16"):
+        # One register: plain arithmetic instead of packing and unpacking bytes; anything
+        # unusual (not exactly one int in range) takes the general path and its errors.
+        signed = data_type == "int16"
+        swap = swaps.swap_bytes
+
+        def decode_word(registers: Sequence[int]) -> Value:
+            if len(registers) == 1:
+                word = registers[0]
+                if type(word) is int and 0 <= word <= 0xFFFF:
+                    if swap:
+                        word = (word & 0xFF) << 8 | word >> 8
+                    return word - 0x10000 if signed and word & 0x8000 else word
+            return decode(registers)
+
+        return decode_word
+
     return decode
 
 

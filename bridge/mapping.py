@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from bridge.config import PointBase, ReportSpec, ResolvedPoint
 from bridge.errors import DecodeError
 from bridge.model import Event, Quality, Value, message_event_id, new_event_id
 
 Transform = Callable[[Any], Value]
+
+_NUMBERS = frozenset({int, float})
+
+
+def _is_number(value: Value) -> TypeGuard[int | float]:
+    """An int or float but not a bool; the exact types are checked first, as they are common."""
+    return type(value) in _NUMBERS or (isinstance(value, int | float)
+                                       and not isinstance(value, bool))
 
 
 def compile_transform(spec: PointBase) -> Transform:
@@ -26,6 +34,11 @@ def compile_transform(spec: PointBase) -> Transform:
     identity = scale == 1.0 and offset == 0.0
 
     def number(raw: Any) -> Value:
+        # The common case first: exactly an int, or a finite float (bool is not ``int`` here).
+        kind = type(raw)
+        if kind is int or (kind is float and math.isfinite(raw)):
+            plain: float | int = raw if identity else raw * scale + offset
+            return plain if digits is None else round(plain, digits)
         if isinstance(raw, bool) or raw is None or isinstance(raw, str):
             if identity and digits is None:
                 return raw
@@ -156,10 +169,7 @@ class PointProgram:
         if self._heartbeat is not None and now - self._last_reported >= self._heartbeat:
             return True
         last = self._last_value
-        if (
-            isinstance(value, int | float) and not isinstance(value, bool)
-            and isinstance(last, int | float) and not isinstance(last, bool)
-        ):
+        if _is_number(value) and _is_number(last):
             difference = abs(value - last)
             if self._deadband is not None:
                 return difference > self._deadband
