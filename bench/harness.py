@@ -439,11 +439,51 @@ def py_spy_top(pid: int, seconds: float, out: Path) -> Path | None:
         shutil.rmtree(raw.parent, ignore_errors=True)
 
 
+_AREAS: tuple[tuple[str, str], ...] = (
+    ("bridge/store.py", "store: SQLite history/latest (bridge/store.py)"),
+    ("bridge/outbox.py", "outbox (bridge/outbox.py)"),
+    ("bridge/model.py", "event ids, ISO timestamps (bridge/model.py)"),
+    ("json/", "JSON encode/decode (stdlib)"),
+    ("bridge/mapping.py", "mapping: transform, report-by-exception"),
+    ("bridge/codec.py", "mapping: register decode"),
+    ("bridge/payload.py", "mapping: payload extraction"),
+    ("bridge/router.py", "router"),
+    ("bridge/runtime.py", "runtime publish"),
+    ("bridge/api.py", "REST API handlers"),
+    ("bridge/", "other bridge/"),
+    ("protocols/", "connectors (protocols/)"),
+    ("pika/", "pika"),
+    ("paho/", "paho-mqtt"),
+    ("aiomqtt/", "aiomqtt"),
+    ("asyncua/", "asyncua"),
+    ("pymodbus/", "pymodbus"),
+    ("starlette/", "web stack (starlette, fastapi, uvicorn, h11, pydantic)"),
+    ("fastapi/", "web stack (starlette, fastapi, uvicorn, h11, pydantic)"),
+    ("uvicorn/", "web stack (starlette, fastapi, uvicorn, h11, pydantic)"),
+    ("h11/", "web stack (starlette, fastapi, uvicorn, h11, pydantic)"),
+    ("pydantic", "web stack (starlette, fastapi, uvicorn, h11, pydantic)"),
+    ("selectors.py", "event loop: waiting in select"),
+    ("asyncio/", "event loop (asyncio)"),
+    ("concurrent/futures", "thread pool hand-off"),
+    ("threading.py", "thread pool hand-off"),
+)
+
+
+def _area(frames: Sequence[str]) -> str:
+    """The area a sample's time belongs to: the innermost frame in a known place."""
+    for frame in reversed(frames):
+        for marker, area in _AREAS:
+            if marker in frame:
+                return area
+    return "other"
+
+
 def summarize_collapsed(text: str, top: int = 25) -> str:
     """A flat profile from py-spy's collapsed stacks: own ('self') and total samples per
     function, the ``top`` of each."""
     own: dict[str, int] = {}
     total: dict[str, int] = {}
+    areas: dict[str, int] = {}
     samples = 0
     for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -454,9 +494,14 @@ def summarize_collapsed(text: str, top: int = 25) -> str:
         frames = stack.split(";")
         leaf = frames[-1]
         own[leaf] = own.get(leaf, 0) + count
+        area = _area(frames)
+        areas[area] = areas.get(area, 0) + count
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + count
-    lines = [f"samples: {samples}", "", "own %   function (file:line)"]
+    lines = [f"samples: {samples}", "", "by area (innermost known frame) %"]
+    for area, count in sorted(areas.items(), key=lambda item: -item[1]):
+        lines.append(f"{100 * count / max(1, samples):5.1f}  {area}")
+    lines += ["", "own %   function (file:line)"]
     for frame, count in sorted(own.items(), key=lambda item: -item[1])[:top]:
         lines.append(f"{100 * count / max(1, samples):5.1f}  {frame}")
     lines += ["", "total % function (file:line)"]

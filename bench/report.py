@@ -146,6 +146,9 @@ def markdown(results: Sequence[ScenarioResult], info: dict[str, Any], command: s
             out.append(f"| {result.key} | {_cell(figure.name)} | {figure.text()} | "
                        f"{_cell(figure.target)} | {shown} |")
     out.append("")
+    analysis = output / "analysis.md"
+    if analysis.exists():
+        out += [analysis.read_text().rstrip(), ""]
     for result in results:
         out += [f"## {result.key}: {result.title}", ""]
         if result.status != "ok":
@@ -171,7 +174,7 @@ def markdown(results: Sequence[ScenarioResult], info: dict[str, Any], command: s
             out += [f"Profile (py-spy): [{profile}]({profile})", ""]
             with contextlib.suppress(OSError):
                 text = (output / profile).read_text().splitlines()
-                out += ["```", *text[:18], "```", ""]
+                out += ["```", *text[:32], "```", ""]
         if result.seconds:
             out += [f"_Scenario wall time: {result.seconds:.0f} s._", ""]
     return "\n".join(out) + "\n"
@@ -208,8 +211,9 @@ def write_chart(results: Sequence[ScenarioResult], path: Path) -> bool:
     return True
 
 
-def write_json(results: Sequence[ScenarioResult], info: dict[str, Any], path: Path) -> None:
-    """The raw results, for comparing runs."""
-    path.write_text(json.dumps({"machine": info,
+def write_json(results: Sequence[ScenarioResult], info: dict[str, Any], path: Path,
+               command: str = "python -m bench", quick: bool = False) -> None:
+    """The raw results, for comparing runs (and for ``--report-only``)."""
+    path.write_text(json.dumps({"machine": info, "command": command, "quick": quick,
                                 "results": [result.to_dict() for result in results]},
                                indent=1, default=str) + "\n")

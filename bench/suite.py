@@ -54,6 +54,19 @@ def _merge(previous: Path, fresh: Sequence[ScenarioResult]) -> list[ScenarioResu
     return [by_key[key] for key in SCENARIOS if key in by_key]
 
 
+def _report_only(output: Path) -> int:
+    data = json.loads((output / "results.json").read_text())
+    results = [ScenarioResult.from_dict(item) for item in data["results"]]
+    chart = output / "results.png"
+    has_chart = write_chart(results, chart)
+    command = data.get("command", "python -m bench")
+    (output / "RESULTS.md").write_text(markdown(results, data["machine"], command,
+                                                chart.name if has_chart else None,
+                                                data.get("quick", False), output))
+    print(console_table(results))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; the exit status is 0 unless a scenario failed to run (missed targets are
     results, not failures)."""
@@ -67,7 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="skip the py-spy profiles taken where a target is missed")
     parser.add_argument("--output", type=Path, default=BENCH,
                         help="where RESULTS.md, results.json and results.png go")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write RESULTS.md and the chart again from "
+                        "results.json (after editing analysis.md, say)")
     arguments = parser.parse_args(argv)
+    if arguments.report_only:
+        return _report_only(arguments.output)
     selected = [key.strip().upper() for item in arguments.only for key in item.split(",")
                 if key.strip()] or list(SCENARIOS)
     unknown = [key for key in selected if key not in SCENARIOS]
@@ -92,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     has_chart = write_chart(all_results, chart)
     command = "python -m bench" + (" --quick" if arguments.quick else "") + "".join(
         f" --only {key}" for key in selected if arguments.only)
-    write_json(all_results, info, output / "results.json")
+    write_json(all_results, info, output / "results.json", command, arguments.quick)
     (output / "RESULTS.md").write_text(markdown(all_results, info, command,
                                                 chart.name if has_chart else None,
                                                 arguments.quick, output))

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bench.harness import CpuMeter, Daemon, Peer, workdir
+from bench.harness import CpuMeter, Daemon, Peer, py_spy_top, workdir
 from bench.results import Figure, Options, ScenarioResult, at_least, at_most
 from bench.scenarios.fleet import device_id, fleet_config
 
@@ -100,6 +100,16 @@ def run(options: Options) -> ScenarioResult:
                 wrk(f"{url}/v1/points/{point}", 1, daemon.pid)  # warm up
                 single = wrk(f"{url}/v1/points/{point}", seconds, daemon.pid)
                 listed = wrk(f"{url}/v1/points?device={device_id(0, 7)}", seconds, daemon.pid)
+                if options.profile and (single.requests_per_second < 3000
+                                        or single.p99_ms >= 20):
+                    load = subprocess.Popen(
+                        ["wrk", "-t1", f"-c{CONNECTIONS}", "-d8s", f"{url}/v1/points/{point}"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1)
+                    profile = py_spy_top(daemon.pid, 5, options.out_dir / "s5-rest-point.txt")
+                    load.wait(timeout=30)
+                    if profile is not None:
+                        result.profiles.append(f"profiles/{profile.name}")
                 _, body = daemon.get(f"/v1/points?device={device_id(0, 7)}")
                 listed_items = len(body.get("items", [])) if isinstance(body, dict) else 0
     result.figures += [
