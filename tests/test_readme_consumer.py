@@ -94,4 +94,3 @@ async def test_readme_consumer_prints_every_event_once(tmp_path: Path,
     assert rest == b""
     assert lines == [[event.point, json.dumps(event.value), "degC", "good", isoformat(event.ts)]
                      for event in events]
-    assert rabbit.ready(queue) == 0
