@@ -1,7 +1,7 @@
 """S5 REST: the API under wrk with 10,000 points in the store.
 
-The daemon polls 100 Modbus devices x 100 points (every 5 s, so the values are live but the
-polling costs little); once all 10,000 have a value, wrk (its own process) requests one point
+The daemon polls 100 Modbus devices x 100 points every 60 s: once the first poll has stored a
+value for all 10,000, wrk (its own process) requests one point
 (`GET /v1/points/{id}`) and a filtered list (`GET /v1/points?device=...`, 100 of the 10,000)
 for a fixed time. Baseline in the same run: the web stack alone (FastAPI + uvicorn, the same
 configuration) serving the same kind of object from a dict.
@@ -87,7 +87,9 @@ def run(options: Options) -> ScenarioResult:
         with Peer("bench.peers.modbus_server", "--ports", "2", "--units", "50",
                   "--registers", "100", log_dir=directory) as server:
             ports = server.wait_ready()["ports"]
-            with Daemon(fleet_config(ports, units=50, points_per_device=100, interval="5s"),
+            # The first poll stores a value for every point; at a 60 s interval the API is then
+            # measured without 2,000 events/s of polling and storing competing for the core.
+            with Daemon(fleet_config(ports, units=50, points_per_device=100, interval="60s"),
                         directory) as daemon:
                 deadline = time.monotonic() + 30
                 while (daemon.counters().get("events", 0) < 10_000
