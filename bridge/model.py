@@ -6,6 +6,7 @@ Timestamps are POSIX seconds (float) inside the daemon and ISO 8601 UTC at every
 from __future__ import annotations
 
 import enum
+import math
 import os
 import threading
 import time
@@ -94,10 +95,25 @@ class Event:
         }
 
 
+_second_text: tuple[int, str] = (0, "1970-01-01T00:00:00.")
+"""The last whole second formatted, and its text: events come many to a second."""
+
+
 def isoformat(timestamp: float) -> str:
     """POSIX seconds as ISO 8601 UTC with millisecond precision and a ``Z``."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    global _second_text
+    # Split and round as datetime.fromtimestamp does (to the microsecond, half to even).
+    fraction, whole = math.modf(timestamp)
+    second, microsecond = int(whole), round(fraction * 1e6)
+    if microsecond >= 1_000_000:
+        second, microsecond = second + 1, microsecond - 1_000_000
+    elif microsecond < 0:
+        second, microsecond = second - 1, microsecond + 1_000_000
+    cached_second, text = _second_text
+    if second != cached_second:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_text = (second, text)
+    return f"{text}{microsecond // 1000:03d}Z"
 
 
 def parse_timestamp(text: str) -> float:
