@@ -210,14 +210,26 @@ class RabbitAdmin:
         return None if method is None else (properties, body)
 
     def close(self) -> None:
-        """Delete what the test declared, then disconnect."""
+        """Delete what the test declared, then disconnect; after the broker dropped the
+        connection (an outage, say) on a new one."""
+        try:
+            self._delete_declared()
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError):
+            if self.connection.is_open:
+                self.connection.close()
+            self.connection = pika.BlockingConnection(
+                pika.ConnectionParameters(AMQP_HOST, AMQP_PORT))
+            self.channel = self.connection.channel()
+            self._delete_declared()
+        self.connection.close()
+
+    def _delete_declared(self) -> None:
         if not self.channel.is_open:
             self.channel = self.connection.channel()
         for queue in self.queues:
             self.channel.queue_delete(queue)
         for exchange in self.exchanges:
             self.channel.exchange_delete(exchange)
-        self.connection.close()
 
     def drain(self, queue: str, count: int, *, within: float = SETTLE,
               arguments: dict[str, Any] | None = None) -> list[Delivery]:
