@@ -57,19 +57,13 @@ async def run_config(path: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runtime.stop)
-    # Without a handler SIGHUP would end the daemon with a status systemd calls clean.
-    loop.add_signal_handler(signal.SIGHUP, _reload_unsupported)
+    loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
     try:
         await runtime.run()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
-
-
-def _reload_unsupported() -> None:
-    logger.warning("SIGHUP: live reload is not supported yet; restart the service to apply "
-                   "a new configuration")
 
 
 def _validate(paths: Sequence[str]) -> int:

@@ -4,14 +4,15 @@ API."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.config import Config, ResolvedPoint
-from bridge.errors import DecodeError
+from bridge.config import Config, ResolvedPoint, SourceBase, load_config
+from bridge.errors import ConfigError, DecodeError
 from bridge.model import Event, Reading
 from bridge.notify import notify, watchdog_interval
 from bridge.outbox import Outbox, OutboxLimits
@@ -78,13 +79,93 @@ class Runtime:
         self._stop = asyncio.Event()
         self.api_port: int | None = None
         """The port the API listens on, once it does."""
+        self._build_context = context
+        self._group: asyncio.TaskGroup | None = None
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reload_requested = asyncio.Event()
+        self.reloads = 0
+        """Reloads applied since start."""
         for source_config in config.sources:
-            spec = registry[source_config.protocol]
-            unit = spec.build(source_config, config.points[source_config.id], context)
-            status = source_status(unit)
-            if not source_config.enabled:
-                status.disabled()
-            self.sources[source_config.id] = RunningSource(unit, status, source_config.enabled)
+            self.sources[source_config.id] = self._build_source(config, source_config)
+
+    def _build_source(self, config: Config, source_config: SourceBase) -> RunningSource:
+        spec = protocols()[source_config.protocol]
+        unit = spec.build(source_config, config.points[source_config.id], self._build_context)
+        status = source_status(unit)
+        if not source_config.enabled:
+            status.disabled()
+        return RunningSource(unit, status, source_config.enabled)
+
+    def request_reload(self) -> None:
+        """Ask for the configuration file to be read again (safe from a signal handler)."""
+        self._reload_requested.set()
+
+    async def reload(self) -> list[str]:
+        """Read the configuration file again and restart only the sources that changed.
+
+        Returns what changed, one line each. An invalid file changes nothing: its errors are
+        logged and raised as ``ConfigError``. Changes outside ``sources`` and the profiles
+        they use (API, store, outbox, sinks) need a restart and are reported, not applied.
+        """
+        new = load_config(self.config.path)
+        old = self.config
+        changes: list[str] = []
+        for section in ("bridge", "api", "store", "outbox"):
+            if getattr(new, section) != getattr(old, section):
+                changes.append(f"{section}: changed, applied at the next restart")
+        if new.sinks != old.sinks:
+            changes.append("sinks: changed, applied at the next restart")
+        old_sources = {source.id: source for source in old.sources}
+        new_sources = {source.id: source for source in new.sources}
+        for source_id in sorted(old_sources.keys() - new_sources.keys()):
+            await self._stop_source(source_id)
+            del self.sources[source_id]
+            changes.append(f"source {source_id}: removed")
+        for source_id, source_config in new_sources.items():
+            previous = old_sources.get(source_id)
+            if previous == source_config and _same_points(old.points.get(source_id, []),
+                                                          new.points.get(source_id, [])):
+                continue
+            await self._stop_source(source_id)
+            running = self._build_source(new, source_config)
+            self.sources[source_id] = running
+            self._start_source(source_id, running)
+            changes.append(f"source {source_id}: {'added' if previous is None else 'restarted'}")
+        # Sources, points and profiles now follow the new file; the other sections keep
+        # what the daemon started with until it restarts.
+        self.config = dataclasses.replace(
+            old, sources=new.sources, points=new.points, profiles=new.profiles,
+            document=new.document)
+        self.points = self.config.point_index()
+        self.reloads += 1
+        return changes
+
+    def _start_source(self, source_id: str, running: RunningSource) -> None:
+        if not running.enabled or self._group is None:
+            return
+        context = SourceContext(status=running.status, publish=self.publisher(running))
+        self._source_tasks[source_id] = self._group.create_task(
+            supervise(running.unit.source, context, Backoff()),
+            name=f"{running.unit.source.protocol}[{source_id}]")
+
+    async def _stop_source(self, source_id: str) -> None:
+        task = self._source_tasks.pop(source_id, None)
+        if task is not None:
+            await _cancel_all([task])
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                changes = await self.reload()
+            except ConfigError as exc:
+                for issue in exc.issues:
+                    logger.error("reload refused, configuration unchanged: %s", issue)
+            else:
+                logger.info("configuration reloaded: %s", "; ".join(changes) or "no changes")
+            notify("READY=1")
 
     def stop(self) -> None:
         """Ask the runtime to shut down (safe to call from a signal handler)."""
@@ -147,15 +228,11 @@ class Runtime:
                 await server.stop()
 
     async def _serve(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
         router_task = group.create_task(self.router.run(), name="router")
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[None]] = [group.create_task(self._reloader(), name="reloader")]
         for source_id, running in self.sources.items():
-            if not running.enabled:
-                continue
-            context = SourceContext(status=running.status, publish=self.publisher(running))
-            tasks.append(group.create_task(
-                supervise(running.unit.source, context, Backoff()),
-                name=f"{running.unit.source.protocol}[{source_id}]"))
+            self._start_source(source_id, running)
         sink_tasks: list[asyncio.Task[None]] = []
         for sink_id, running_sink in self.sinks.items():
             if not running_sink.enabled:
@@ -179,7 +256,9 @@ class Runtime:
         logger.info("stopping")
         # Sources first, then the router, so it stores what they handed in. What the sinks
         # have not delivered stays in the outbox for the next start.
-        await _cancel_all(tasks)
+        await _cancel_all([*tasks, *self._source_tasks.values()])
+        self._source_tasks.clear()
+        self._group = None
         router_task.cancel()
         await _cancel_all(sink_tasks)
 
@@ -213,6 +292,15 @@ class Runtime:
                 "policy": "drop_oldest" if limits.drop_oldest else "block"}
         entry.setdefault("details", {}).update(running.sink.details())
         return entry
+
+
+def _same_points(old: Sequence[ResolvedPoint], new: Sequence[ResolvedPoint]) -> bool:
+    """Whether two resolved point lists mean the same (where they were written aside)."""
+    def meaning(points: Sequence[ResolvedPoint]) -> list[tuple[object, ...]]:
+        return [(point.id, point.device, point.spec, point.tags, point.report)
+                for point in points]
+
+    return meaning(old) == meaning(new)
 
 
 STOP_GRACE = 3.0
