@@ -104,9 +104,13 @@ SESSION_TIMEOUT = 60.0
 DEFAULT_BATCH = 1000
 """Nodes per Read or CreateMonitoredItems call when neither the server nor the config caps it."""
 NOTIFICATION_QUEUE = 10_000
-"""Notifications asyncua may hold for us; past that the session is re-established."""
+"""Notifications asyncua may hold for us, at the least; past that the session is
+re-established."""
 PENDING_READINGS = 10_000
-"""Readings collected while the previous batch is still being published."""
+"""Readings collected while the previous batch is still being published, at the least."""
+QUEUE_PER_NODE = 4
+"""Both bounds grow with the subscription: the first burst of initial values alone is one
+notification per node."""
 
 _AUTH_STATUSES = frozenset({
     "BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected",
@@ -554,13 +558,16 @@ class OpcuaSource(Source):
         cause = f": {self._loss}" if self._loss else ""
         raise ConnectorError(self.endpoint, f"connection lost{cause}", ErrorCategory.TRANSIENT)
 
+    def _queue_bound(self) -> int:
+        return max(NOTIFICATION_QUEUE, QUEUE_PER_NODE * len(self._nodes))
+
     async def _lost(self, exc: Exception) -> None:
         """asyncua's connection-lost callback: remember why, for ``_watch`` to report."""
         self._loss = describe(exc)[0]
 
     async def _watch_overflow(self) -> None:
         await self._overflowed.wait()
-        raise ConnectorError(self.endpoint, f"more than {NOTIFICATION_QUEUE} notifications "
+        raise ConnectorError(self.endpoint, f"more than {self._queue_bound()} notifications "
                              "waited to be handed on; resubscribing to catch up",
                              ErrorCategory.TRANSIENT)
 
@@ -581,7 +588,7 @@ class OpcuaSource(Source):
         )
         with self._failures("create subscription"):
             subscription = await client.create_subscription(
-                parameters, None, queue_maxsize=NOTIFICATION_QUEUE,
+                parameters, None, queue_maxsize=self._queue_bound(),
                 overflow=OverflowPolicy.DISCONNECT)
         self._overflowed = asyncio.Event()
         subscription.set_overflow_disconnect_handler(self._overflowed.set)
@@ -602,7 +609,7 @@ class OpcuaSource(Source):
         health = _Health(dict(self._problems))
         await context.publish(self._unresolved(time.time()))
         health.report(context.status, len(self._nodes))
-        pending = _Pending(PENDING_READINGS)
+        pending = _Pending(max(PENDING_READINGS, QUEUE_PER_NODE * len(self._nodes)))
         name = f"{PROTOCOL}[{self.id}]"
         addresses = {handle: node.address for handle, node in handles.items()}
         group.create_task(self._watch_overflow(), name=f"{name}.overflow")
