@@ -423,6 +423,19 @@ class ApiContext:
     """Live reads and writes by (operation, result): ``ok`` or the error code."""
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server stops: long-lived responses (event streams) must end on it."""
+    _point_ids: tuple[tuple[int, int, int], list[str]] = ((0, -1, -1), [])
+
+    def point_ids(self) -> list[str]:
+        """Every configured or stored point id, sorted; recomputed only when the set changes.
+
+        Points are only ever added to the latest values, and a reload replaces the
+        configured points' dict, so the dict's identity and both sizes tell a change.
+        """
+        points, latest = self.runtime.points, self.runtime.router.latest
+        key = (id(points), len(points), len(latest))
+        if self._point_ids[0] != key:
+            self._point_ids = (key, sorted(points.keys() | latest.keys()))
+        return self._point_ids[1]
 
     def close(self) -> None:
         """The server stops: set ``closing`` and end every event stream."""
@@ -690,7 +703,7 @@ async def list_points(
     latest = runtime.router.latest
     matched: list[dict[str, Any]] = []
     total = 0
-    for point_id in sorted(points.keys() | latest.keys()):
+    for point_id in context.point_ids():
         if prefix is not None and not point_id.startswith(prefix):
             continue
         point = points.get(point_id)
