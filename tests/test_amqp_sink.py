@@ -170,6 +170,10 @@ async def test_outbox_waits_while_the_broker_is_away_and_is_replayed_in_order_af
             events = [make_event("plant", f"p{index % 7}", index) for index in range(300)]
             await feed(bridge, events)
             await wait_until(lambda: bridge.depth(SINK) == 300, what="300 events waiting")
+            # The depth counts rows as the writer inserts them, a moment before it commits.
+            await wait_until(
+                lambda: bridge.runtime.sink_inventory()[0]["outbox"]["oldest_age_seconds"]
+                is not None, what="the oldest waiting event visible")
             entry = bridge.runtime.sink_inventory()[0]
             assert entry["outbox"]["oldest_age_seconds"] >= 0
         # Restarted on the same state directory, with the broker back.
