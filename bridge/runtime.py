@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -245,6 +246,9 @@ class Runtime:
         interval = watchdog_interval()
         if interval is not None:
             tasks.append(group.create_task(self._watchdog(interval), name="watchdog"))
+        # Everything built so far lives as long as the daemon: move it out of the garbage
+        # collector's reach so full collections do not walk it and stall the loop.
+        gc.freeze()
         self.ready.set()
         notify("READY=1", f"STATUS=serving {len(self.points)} points from "
                f"{len(self.sources)} sources")
