@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import helpers
 import yaml
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
@@ -25,14 +26,11 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from bridge.config import load_config
-from bridge.errors import ConnectorError
-from bridge.model import Event, Quality, Reading
 from bridge.registry import protocols
-from bridge.source import BuildContext, SourceContext, SourceUnit
-from bridge.status import EndpointStatus
+from bridge.source import BuildContext, SourceUnit
 from protocols.modbus import ModbusSource
 
-WAIT = 10.0
+WAIT = helpers.WAIT
 """Generous bound for anything a test waits for; normally reached in milliseconds."""
 
 
@@ -194,22 +192,8 @@ def source_config(**settings: Any) -> str:
     return yaml.safe_dump({"sources": [source]}, sort_keys=False)
 
 
-@dataclass
-class SourceRunner:
-    """Runs one source in a task; maps every published reading into events."""
-
-    unit: SourceUnit
-    status: EndpointStatus = field(init=False)
-    readings: list[Reading] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    batches: int = 0
-    task: asyncio.Task[None] | None = None
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        source = self.unit.source
-        self.status = EndpointStatus(name=source.id, kind="source", protocol=source.protocol,
-                                     endpoint=source.endpoint)
+class SourceRunner(helpers.SourceRunner):
+    """Runs one Modbus source in a task."""
 
     @property
     def source(self) -> ModbusSource:
@@ -217,67 +201,3 @@ class SourceRunner:
         source = self.unit.source
         assert isinstance(source, ModbusSource)
         return source
-
-    async def _publish(self, readings: Sequence[Reading]) -> None:
-        self.readings.extend(readings)
-        for reading in readings:
-            self.events.extend(self.unit.mapper.map(reading))
-        self.batches += 1
-        self._wake.set()
-
-    def start(self) -> None:
-        """Run the source in a named task."""
-        context = SourceContext(status=self.status, publish=self._publish)
-        self.task = asyncio.create_task(self.unit.source.run(context),
-                                        name=f"test-run[{self.unit.source.id}]")
-        self.task.add_done_callback(lambda _: self._wake.set())
-
-    async def wait_for(self, condition: Callable[[], bool]) -> None:
-        """Wait (at most ``WAIT``) until ``condition()`` holds, re-checked on every publish."""
-        task = self.task
-        assert task is not None
-        async with asyncio.timeout(WAIT):
-            while not condition():
-                if task.done():
-                    raise AssertionError(f"the source stopped first: {task.exception()!r}")
-                self._wake.clear()
-                await self._wake.wait()
-
-    def latest(self, point: str) -> Event:
-        """The last event of ``point``."""
-        for event in reversed(self.events):
-            if event.point == point:
-                return event
-        known = sorted({event.point for event in self.events})
-        raise AssertionError(f"no event for {point}; got {known}")
-
-    def has(self, point: str, *, quality: Quality | None = None, value: Any = None) -> bool:
-        """Whether the last event of ``point`` has this quality (and value, when given)."""
-        events = [event for event in self.events if event.point == point]
-        if not events:
-            return False
-        last = events[-1]
-        return (quality is None or last.quality is quality) and (
-            value is None or last.value == value)
-
-    async def failure(self) -> ConnectorError:
-        """Wait (at most ``WAIT``) for ``run`` to end; return the ``ConnectorError`` it raised."""
-        task = self.task
-        assert task is not None
-        await asyncio.wait([task], timeout=WAIT)
-        assert task.done(), "run() is still going"
-        assert not task.cancelled(), "run() was cancelled"
-        error = task.exception()
-        assert isinstance(error, ConnectorError), f"expected ConnectorError, got {error!r}"
-        return error
-
-    async def stop(self) -> None:
-        """Cancel the run and check that the cancellation came through, not swallowed."""
-        task = self.task
-        assert task is not None
-        if task.done():
-            assert task.cancelled() or isinstance(task.exception(), ConnectorError)
-            return
-        task.cancel()
-        await asyncio.wait([task], timeout=WAIT)
-        assert task.cancelled(), f"run() swallowed its cancellation: {task!r}"

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+import helpers
 from asyncua import ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.common.utils import ServiceError
@@ -28,17 +28,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bridge.errors import ConnectorError
-from bridge.model import Event, Quality, Reading
-from bridge.source import BuildContext, SourceContext, SourceUnit
-from bridge.status import EndpointStatus
-from bridge.supervisor import Backoff, supervise
+from bridge.source import BuildContext
 from protocols.opcua import OpcuaSource, OpcuaSourceConfig, build
 from protocols.opcua.config import source_points
 from protocols.opcua.security import thumbprint
 from protocols.opcua.server import PlantServer
 
-WAIT = 10.0
+WAIT = helpers.WAIT
 """Generous bound for anything a test waits for; normally reached in milliseconds."""
 
 VARIABLES: Mapping[str, Any] = {
@@ -141,19 +137,8 @@ def source_config(url: str, points: Sequence[dict[str, Any]], **settings: Any
     return OpcuaSourceConfig.model_validate(raw)
 
 
-@dataclass
-class SourceRunner:
-    """Runs one source in a task (``supervised``: under ``supervise``), mapping what it
-    publishes into events."""
-
-    unit: SourceUnit
-    supervised: bool = False
-    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.05, maximum=0.2))
-    status: EndpointStatus = field(init=False)
-    readings: list[Reading] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    task: asyncio.Task[None] | None = None
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+class SourceRunner(helpers.SourceRunner):
+    """Runs one OPC-UA source in a task (``supervised``: under ``supervise``)."""
 
     @classmethod
     def of(cls, config: OpcuaSourceConfig, state_dir: Path, *, supervised: bool = False
@@ -163,98 +148,12 @@ class SourceRunner:
         unit = build(config, points, BuildContext(bridge_id="test", state_dir=state_dir))
         return cls(unit, supervised=supervised)
 
-    def __post_init__(self) -> None:
-        source = self.unit.source
-        self.status = EndpointStatus(name=source.id, kind="source", protocol=source.protocol,
-                                     endpoint=source.endpoint)
-
     @property
     def source(self) -> OpcuaSource:
         """The OPC-UA source under test."""
         source = self.unit.source
         assert isinstance(source, OpcuaSource)
         return source
-
-    async def _publish(self, readings: Sequence[Reading]) -> None:
-        self.readings.extend(readings)
-        for reading in readings:
-            self.events.extend(self.unit.mapper.map(reading))
-        self._wake.set()
-
-    def start(self) -> None:
-        """Run the source in a named task."""
-        context = SourceContext(status=self.status, publish=self._publish)
-        work = (supervise(self.unit.source, context, self.backoff) if self.supervised
-                else self.unit.source.run(context))
-        self.task = asyncio.create_task(work, name=f"test-run[{self.unit.source.id}]")
-        self.task.add_done_callback(lambda _: self._wake.set())
-
-    async def __aenter__(self) -> SourceRunner:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    async def wait_for(self, condition: Callable[[], bool]) -> None:
-        """Wait (at most ``WAIT``) until ``condition()`` holds, re-checked on every publish."""
-        task = self.task
-        assert task is not None
-        async with asyncio.timeout(WAIT):
-            while not condition():
-                if task.done():
-                    raise AssertionError(f"the source stopped first: {task.exception()!r}")
-                self._wake.clear()
-                await self._wake.wait()
-
-    def point_events(self, point: str) -> list[Event]:
-        """Every event of ``point``, oldest first."""
-        return [event for event in self.events if event.point == point]
-
-    def latest(self, point: str) -> Event:
-        """The last event of ``point``."""
-        events = self.point_events(point)
-        if not events:
-            known = sorted({event.point for event in self.events})
-            raise AssertionError(f"no event for {point}; got {known}")
-        return events[-1]
-
-    def has(self, point: str, *, quality: Quality | None = None, value: Any = None) -> bool:
-        """Whether the last event of ``point`` has this quality (and value, when given)."""
-        events = self.point_events(point)
-        if not events:
-            return False
-        last = events[-1]
-        return (quality is None or last.quality is quality) and (
-            value is None or last.value == value)
-
-    async def failure(self) -> ConnectorError:
-        """Wait (at most ``WAIT``) for ``run`` to end; return the ``ConnectorError`` it raised."""
-        task = self.task
-        assert task is not None
-        await asyncio.wait([task], timeout=WAIT)
-        assert task.done(), "run() is still going"
-        assert not task.cancelled(), "run() was cancelled"
-        error = task.exception()
-        assert isinstance(error, ConnectorError), f"expected ConnectorError, got {error!r}"
-        return error
-
-    async def stop(self) -> None:
-        """Cancel the run and check that the cancellation came through, not swallowed."""
-        task = self.task
-        assert task is not None
-        if task.done():
-            if not task.cancelled():
-                task.exception()  # retrieved: an expected failure is not "never retrieved"
-            return
-        task.cancel()
-        await asyncio.wait([task], timeout=WAIT)
-        assert task.cancelled(), f"cancellation was swallowed: {task!r}"
 
 
 async def settle_tasks(before: set[asyncio.Task[Any]]) -> None:
