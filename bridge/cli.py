@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)")
     hash_key = commands.add_parser("hash-key", help="print the SHA-256 of an API key for config")
     hash_key.add_argument("--stdin", action="store_true", help="read the key from stdin")
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--fd", type=int, required=True, help="the socket to the daemon")
     return parser
 
 
@@ -139,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if arguments.command == "hash-key":
             return _hash_key(arguments.stdin)
+        if arguments.command == "worker":
+            from bridge.worker import run_worker
+
+            return run_worker(arguments.fd)
         if arguments.command == "demo":
             from bridge.demo import run_demo
 

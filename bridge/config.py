@@ -162,6 +162,14 @@ class SourceBase(StrictModel):
     protocol: str
     enabled: bool = Field(default=True, description="A disabled source is validated, not run.")
     tags: dict[str, str] = Field(default_factory=dict, description="Labels for every point.")
+    workers: int = Field(
+        default=0, ge=0, le=16,
+        description="Worker processes for this source. 0: it runs in the daemon's process. "
+        "1 or more: each worker process runs the connection and the mapping on a core of its "
+        "own and hands the events to the daemon, which keeps the store, the outbox, the sinks "
+        "and the API. More than 1 only for MQTT (a shared subscription spreads the messages "
+        "over the workers) and AMQP (competing consumers on the queue); report-by-exception "
+        "and the order of a point's events then hold per worker.")
 
     def endpoint(self) -> str:
         """Where this source connects, with any secret redacted."""
@@ -501,6 +509,11 @@ def _resolve(config: Config, issues: list[ConfigIssue]) -> None:
                 seen_points[point.id] = point.path
         for key_path, message in spec.check(source, points):
             issues.append(document.issue(key_path, message))
+        if source.workers > 1 and not spec.shared_workers:
+            issues.append(document.issue(
+                (*source_path, "workers"),
+                f"{source.protocol} sources run in at most one worker process (more than one "
+                "needs a broker that shares the messages among them: mqtt, amqp)"))
         config.points[source.id] = points
     seen_sinks: set[str] = set()
     for index, sink in enumerate(config.sinks):

@@ -6,6 +6,7 @@ Timestamps are POSIX seconds (float) inside the daemon and ISO 8601 UTC at every
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
 import threading
@@ -36,6 +37,11 @@ class Acknowledger(Protocol):
 
     async def reject(self, reason: str) -> None:
         """The message cannot be mapped: dead-letter it or drop it, never redeliver forever."""
+
+
+Settlement = tuple[Acknowledger, str | None]
+"""An upstream message to settle once its events are stored: accept it (``None``), or reject
+it with a reason."""
 
 
 @dataclass(slots=True)
@@ -76,6 +82,9 @@ class Event:
     bridge: str
     tags: Mapping[str, str] = field(default_factory=dict)
     reason: str | None = None
+    body: str | None = field(default=None, compare=False, repr=False)
+    """The event's documented JSON when it was already serialized (by a worker process), so
+    the store does not serialize it again; ``None`` otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """The event as the documented JSON object."""
@@ -93,6 +102,12 @@ class Event:
             "tags": dict(self.tags),
             "bridge": self.bridge,
         }
+
+    def to_json(self) -> str:
+        """The documented JSON object, compact: ``body`` when the event carries it."""
+        if self.body is not None:
+            return self.body
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
 
 
 _second_text: tuple[int, str] = (0, "1970-01-01T00:00:00.")
@@ -126,6 +141,26 @@ def parse_timestamp(text: str) -> float:
 
 _id_lock = threading.Lock()
 _id_state = [0, 0]  # last millisecond, sequence within it
+_RANDOM_POOL = 4096
+"""Random bytes fetched from the OS at a time: one system call per 500 ids, not two per id."""
+class _RandomPool:
+    """Bytes from the OS's CSPRNG, fetched ``_RANDOM_POOL`` at a time (use with ``_id_lock``
+    held)."""
+
+    def __init__(self) -> None:
+        self.pool = b""
+        self.used = 0
+
+    def take(self, count: int) -> bytes:
+        """The next ``count`` unused bytes."""
+        if self.used + count > len(self.pool):
+            self.pool, self.used = os.urandom(_RANDOM_POOL), 0
+        start = self.used
+        self.used = start + count
+        return self.pool[start:start + count]
+
+
+_random = _RandomPool()
 
 
 def new_event_id() -> str:
@@ -144,9 +179,9 @@ def new_event_id() -> str:
                 milliseconds += 1
                 sequence = 0
         else:
-            sequence = int.from_bytes(os.urandom(1), "big")  # random start, room to count
+            sequence = _random.take(1)[0]  # random start, room to count
         _id_state[0], _id_state[1] = milliseconds, sequence
-    random_bits = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        random_bits = int.from_bytes(_random.take(8), "big") & ((1 << 62) - 1)
     value = (milliseconds & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | sequence << 64
     value |= 0x2 << 62 | random_bits
     text = f"{value:032x}"

@@ -42,6 +42,9 @@ class ProtocolSpec:
     """The sink's config model, if the protocol can be a sink; ``protocol`` is ``Literal[name]``."""
     build_sink: Callable[[SinkBase, BuildContext], Sink] | None = None
     """Create the sink for one configured sink."""
+    shared_workers: bool = False
+    """Whether several worker processes can share one source: the broker spreads its messages
+    over them (MQTT shared subscriptions, AMQP competing consumers)."""
 
 
 @cache

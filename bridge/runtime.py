@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import Config, ResolvedPoint, SourceBase, load_config
-from bridge.errors import ConfigError, DecodeError
-from bridge.model import Event, Reading
+from bridge.errors import ConfigError
+from bridge.model import Reading
 from bridge.notify import notify, watchdog_interval
 from bridge.outbox import Outbox, OutboxLimits
 from bridge.registry import protocols
-from bridge.router import Router, Settlement
+from bridge.router import Router
 from bridge.sink import Sink, SinkContext, SinkOutbox
-from bridge.source import BuildContext, SourceContext, SourceUnit
+from bridge.source import BuildContext, SourceContext, SourceUnit, map_readings
 from bridge.status import EndpointStatus
 from bridge.store import Retention, Store
 from bridge.supervisor import Backoff, source_status, supervise
@@ -91,7 +91,12 @@ class Runtime:
 
     def _build_source(self, config: Config, source_config: SourceBase) -> RunningSource:
         spec = protocols()[source_config.protocol]
-        unit = spec.build(source_config, config.points[source_config.id], self._build_context)
+        points = config.points[source_config.id]
+        unit = spec.build(source_config, points, self._build_context)
+        if source_config.workers:
+            from bridge.worker import build_worker_unit
+
+            unit = build_worker_unit(unit, source_config, points, self._build_context)
         status = source_status(unit)
         if not source_config.enabled:
             status.disabled()
@@ -144,7 +149,7 @@ class Runtime:
     def _start_source(self, source_id: str, running: RunningSource) -> None:
         if not running.enabled or self._group is None:
             return
-        context = SourceContext(status=running.status, publish=self.publisher(running))
+        context = self.source_context(running)
         self._source_tasks[source_id] = self._group.create_task(
             supervise(running.unit.source, context, Backoff()),
             name=f"{running.unit.source.protocol}[{source_id}]")
@@ -176,31 +181,17 @@ class Runtime:
         """The ``publish`` callback for one source: map, count, route."""
         mapper = running.unit.mapper
         status = running.status
-        counters = status.counters
         router = self.router
 
         async def publish(readings: Sequence[Reading]) -> None:
-            events: list[Event] = []
-            settlements: list[Settlement] = []
-            for reading in readings:
-                counters["readings"] += 1
-                try:
-                    mapped = mapper.map(reading)
-                except DecodeError as exc:
-                    counters["rejected"] += 1
-                    status.details["last_rejection"] = {
-                        "address": str(reading.address), "reason": exc.reason,
-                        "at": time.time()}
-                    if reading.ack is not None:
-                        settlements.append((reading.ack, exc.reason))
-                    continue
-                events.extend(mapped)
-                if reading.ack is not None:
-                    settlements.append((reading.ack, None))
-            counters["events"] += len(events)
-            await router.submit(events, settlements)
+            await router.submit(*map_readings(mapper, status, readings))
 
         return publish
+
+    def source_context(self, running: RunningSource) -> SourceContext:
+        """What a running source is handed: its status, and the way into the router."""
+        return SourceContext(status=running.status, publish=self.publisher(running),
+                             submit=self.router.submit)
 
     async def run(self, *, serve_api: bool = True) -> None:
         """Run until ``stop()``; raises ``StoreError`` if the store cannot be opened."""

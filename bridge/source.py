@@ -9,16 +9,18 @@ the supervisor owns reconnecting and backoff.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bridge.errors import ErrorCategory, WriteError
-from bridge.model import Event, Reading, Value
+from bridge.errors import DecodeError, ErrorCategory, WriteError
+from bridge.model import Event, Reading, Settlement, Value
 from bridge.status import EndpointStatus
 
 Publish = Callable[[Sequence[Reading]], Awaitable[None]]
+Submit = Callable[[Sequence[Event], Sequence[Settlement]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class SourceContext:
     """The source's status; devices are ``status.child(device_id)``."""
     publish: Publish
     """Hand readings on to mapping and routing; waits when the router applies backpressure."""
+    submit: Submit | None = None
+    """Hand on events mapped elsewhere (in a worker process) with the upstream messages to
+    settle once they are stored; waits like ``publish``."""
 
 
 class Source(abc.ABC):
@@ -77,6 +82,34 @@ class Mapper(Protocol):
         ...
 
 
+def map_readings(mapper: Mapper, status: EndpointStatus,
+                 readings: Sequence[Reading]) -> tuple[list[Event], list[Settlement]]:
+    """Map a batch of readings: their events, and how to settle their upstream messages.
+
+    A reading that cannot be mapped is counted as rejected, with its reason on the status;
+    its message is settled with that reason (dead-lettered), the others are accepted.
+    """
+    counters = status.counters
+    events: list[Event] = []
+    settlements: list[Settlement] = []
+    for reading in readings:
+        counters["readings"] += 1
+        try:
+            mapped = mapper.map(reading)
+        except DecodeError as exc:
+            counters["rejected"] += 1
+            status.details["last_rejection"] = {
+                "address": str(reading.address), "reason": exc.reason, "at": time.time()}
+            if reading.ack is not None:
+                settlements.append((reading.ack, exc.reason))
+            continue
+        events.extend(mapped)
+        if reading.ack is not None:
+            settlements.append((reading.ack, None))
+    counters["events"] += len(events)
+    return events, settlements
+
+
 @dataclass(frozen=True)
 class BuildContext:
     """What a protocol needs to build its source and mapping."""
@@ -86,6 +119,8 @@ class BuildContext:
     config_dir: Path | None = None
     """Where the configuration file is: relative file names in a source's config (TLS
     certificates, say) are relative to it."""
+    worker: int | None = None
+    """In a worker process: which of the source's ``workers`` this is (from 0)."""
 
     def resolve(self, path: Path) -> Path:
         """``path`` made absolute against the configuration's directory."""

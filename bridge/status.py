@@ -107,6 +107,34 @@ class EndpointStatus:
         self.last_error_at = time.time()
         self.counters["errors"] += 1
 
+    def snapshot(self) -> dict[str, Any]:
+        """State, errors, counters, details and devices as plain data (sent by a worker
+        process to the daemon, which ``mirror``s it)."""
+        return {
+            "state": self.state.value, "since": self.since, "last_success": self.last_success,
+            "last_error": self.last_error,
+            "error_category": self.error_category.value if self.error_category else None,
+            "last_error_at": self.last_error_at, "counters": dict(self.counters),
+            "details": dict(self.details),
+            "children": {name: child.snapshot() for name, child in self.children.items()},
+        }
+
+    def mirror(self, snapshot: dict[str, Any], *, counters: bool = True) -> None:
+        """Take state, errors, details and devices (and counters, unless told not to) from a
+        ``snapshot``, without logging: the process that made it logged its changes."""
+        self.state = ConnectionState(snapshot["state"])
+        self.since = snapshot["since"]
+        self.last_success = snapshot["last_success"]
+        self.last_error = snapshot["last_error"]
+        category = snapshot["error_category"]
+        self.error_category = ErrorCategory(category) if category is not None else None
+        self.last_error_at = snapshot["last_error_at"]
+        if counters:
+            self.counters = Counter(snapshot["counters"])
+        self.details.update(snapshot["details"])
+        for name, child in snapshot["children"].items():
+            self.child(name).mirror(child)
+
     def to_dict(self) -> dict[str, Any]:
         """The inventory entry."""
 

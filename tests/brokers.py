@@ -28,10 +28,8 @@ import pytest
 import yaml
 
 from bridge.config import load_config
-from bridge.model import Event
-from bridge.router import Settlement
+from bridge.model import Event, Settlement
 from bridge.runtime import RunningSink, Runtime
-from bridge.source import SourceContext
 from bridge.status import ConnectionState, EndpointStatus
 from bridge.supervisor import Backoff, supervise
 
@@ -376,7 +374,7 @@ class SourceRun:
 
     def start(self) -> None:
         """Start the supervised source."""
-        context = SourceContext(status=self.status, publish=self.runtime.publisher(self.running))
+        context = self.runtime.source_context(self.running)
         self._task = asyncio.create_task(
             supervise(self.running.unit.source, context, Backoff(initial=0.05, maximum=0.5)),
             name=f"test[{self.running.unit.source.id}]")

@@ -53,5 +53,6 @@ SPEC = ProtocolSpec(
     source_points=_points,
     sink_model=AmqpSinkConfig,
     build_sink=build_sink,
+    shared_workers=True,
 )
 """The AMQP entry of the protocol registry."""

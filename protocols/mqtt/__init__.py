@@ -31,7 +31,13 @@ def build(source: SourceBase, points: Sequence[ResolvedPoint],
     client_id = config.client_id
     if client_id is None and not config.clean_session:
         client_id = f"fieldbridge-{context.bridge_id}-{config.id}"
-    return SourceUnit(source=MqttSource(config, mapper, client_id=client_id), mapper=mapper)
+    share_group = config.share_group
+    if config.workers > 1:
+        share_group = share_group or f"fieldbridge-{context.bridge_id}-{config.id}"
+        if client_id is not None and context.worker is not None:
+            client_id = f"{client_id}-{context.worker}"  # one session per worker
+    return SourceUnit(source=MqttSource(config, mapper, client_id=client_id,
+                                        share_group=share_group), mapper=mapper)
 
 
 def _points(source: SourceBase, path: KeyPath) -> list[ResolvedPoint]:
@@ -43,5 +49,6 @@ SPEC = ProtocolSpec(
     source_model=MqttSourceConfig,
     build=build,
     source_points=_points,
+    shared_workers=True,
 )
 """The MQTT entry of the protocol registry."""

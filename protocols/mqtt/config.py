@@ -74,6 +74,13 @@ class MqttSourceConfig(MessageSourceBase):
     qos: QoS = Field(
         default=1, description="QoS of the subscriptions. 1 and 2: a message is acknowledged "
         "only once its events are stored.")
+    share_group: str | None = Field(
+        default=None, min_length=1, pattern=r"^[^/+#]+$",
+        description="Subscribe as a member of this shared-subscription group "
+        "(`$share/<group>/<filter>`, MQTT 5, and 3.1.1 on Mosquitto, EMQX and HiveMQ): the "
+        "broker spreads the messages over the group's members, other bridges or this "
+        "source's worker processes. Default with `workers` above 1: "
+        "`fieldbridge-<bridge id>-<source id>`.")
     points: Sequence[MqttPoint] = Field(min_length=1, description="The points to read.")
 
     @model_validator(mode="after")
@@ -95,11 +102,13 @@ class MqttSourceConfig(MessageSourceBase):
         user = f"{self.username}@" if self.username else ""
         return f"{scheme}://{user}{self.host}:{self.port_number}"
 
-    def subscriptions(self) -> dict[str, int]:
-        """Each topic filter to subscribe to, with the highest QoS a point asks of it."""
+    def subscriptions(self, share_group: str | None = None) -> dict[str, int]:
+        """Each topic filter to subscribe to, with the highest QoS a point asks of it; as a
+        shared subscription of ``share_group`` when given."""
+        prefix = f"$share/{share_group}/" if share_group else ""
         filters: dict[str, int] = {}
         for point in self.points:
-            subscription = point.pattern().subscription
+            subscription = prefix + point.pattern().subscription
             qos = self.qos if point.qos is None else point.qos
             filters[subscription] = max(qos, filters.get(subscription, 0))
         return filters

@@ -75,14 +75,17 @@ class MqttSource(Source):
         mapper: MessageMapper,
         *,
         client_id: str | None,
+        share_group: str | None = None,
         client_factory: ClientFactory = aiomqtt.Client,
     ) -> None:
         super().__init__(source_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint())
         self.config = config
         self.mapper = mapper
         self.client_id = client_id
-        self.subscriptions = config.subscriptions()
-        """Topic filter to QoS, subscribed on every connect."""
+        self.subscriptions = config.subscriptions(share_group)
+        """Topic filter to QoS, subscribed on every connect (as ``$share/<group>/<filter>``
+        in a shared-subscription group: messages still carry their own topic, which the
+        mapping matches as usual)."""
         self._client_factory = client_factory
         self._manual_ack = max(self.subscriptions.values()) > 0
 

@@ -1,0 +1,208 @@
+"""Sources in worker processes: real child processes, against Mosquitto and the plant
+simulator, with the daemon's store and router as usual."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
+from brokers import (
+    MQTT_HOST,
+    MQTT_PORT,
+    BridgeRun,
+    require_broker,
+    unique,
+    wait_until,
+)
+
+from bridge.config import load_config
+from bridge.demo import PORT_VARIABLE, load_demo_config
+from bridge.errors import ConfigError
+from bridge.runtime import Runtime
+from bridge.simulator import PlantSimulator
+from bridge.status import ConnectionState, EndpointStatus
+from bridge.worker import WorkerSource
+
+WITHIN = 20.0
+"""Seconds: worker processes import the daemon's modules before they connect."""
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix no other test uses."""
+    require_broker("Mosquitto", MQTT_HOST, MQTT_PORT)
+    return unique("fbworker/")
+
+
+@pytest.fixture
+async def publisher(prefix: str) -> AsyncIterator[aiomqtt.Client]:
+    """A separate client that publishes test messages."""
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=unique("fbtest-pub-")) as client:
+        yield client
+
+
+def write_bridge(tmp_path: Path, source: dict[str, Any]) -> Path:
+    """A one-source configuration with its store under ``tmp_path``."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
+        "sources": [source]}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def mqtt_source(prefix: str, **options: Any) -> dict[str, Any]:
+    """Temperature messages on ``<prefix>/<device>/t``, mapped to ``<device>.temp``."""
+    return {"id": "telemetry", "protocol": "mqtt", "host": MQTT_HOST, "port": MQTT_PORT,
+            "clean_session": True, "qos": 1, "report": {"mode": "always"},
+            "points": [{"name": "{device}.temp", "topic": f"{prefix}/{{device}}/t",
+                        "path": "t"}], **options}
+
+
+def workers_of(status: EndpointStatus) -> list[dict[str, Any]]:
+    """The per-worker entries of a source's inventory."""
+    entries = status.details.get("workers", [])
+    assert isinstance(entries, list)
+    return entries
+
+
+async def workers_up(status: EndpointStatus, count: int) -> None:
+    """Wait until ``count`` workers report their connection up."""
+    await wait_until(lambda: status.state is ConnectionState.UP
+                     and len(workers_of(status)) == count, WITHIN,
+                     f"{count} workers up (state {status.state}, {status.last_error})")
+
+
+def assert_gone(pids: list[int]) -> None:
+    """Every process in ``pids`` has exited and was reaped."""
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.broker
+async def test_shared_subscription_spreads_messages_over_workers_each_stored_once(
+    tmp_path: Path, prefix: str, publisher: aiomqtt.Client
+) -> None:
+    config = write_bridge(tmp_path, mqtt_source(prefix, workers=2))
+    async with BridgeRun(config) as run:
+        status = run.runtime.sources["telemetry"].status
+        await workers_up(status, 2)
+        pids = [entry["pid"] for entry in workers_of(status)]
+        for index in range(400):
+            await publisher.publish(f"{prefix}/dev{index % 20}/t",
+                                    json.dumps({"t": index}), qos=1)
+        router = run.runtime.router
+        await wait_until(lambda: router.counters["events"] >= 400, WITHIN, "400 events stored")
+        await wait_until(lambda: sum(entry["readings"] for entry in workers_of(status)) == 400,
+                         WITHIN, "both workers' counts reported")
+        entries = workers_of(status)
+        store = run.runtime.store
+        stored = sorted(event.value for device in range(20)
+                        for event in store.history(f"dev{device}.temp", limit=100))
+        assert router.counters["events"] == 400
+        assert status.counters["readings"] == 400 and status.counters["events"] == 400
+    assert stored == list(range(400)), "every message stored exactly once"
+    assert all(entry["readings"] > 0 for entry in entries), entries
+    assert {event["protocol"] for event in (store_event.to_dict() for store_event in
+                                            run.runtime.router.latest.values())} == {"mqtt"}
+    assert_gone(pids)
+
+
+@pytest.mark.broker
+async def test_a_killed_worker_is_started_again_and_the_others_keep_serving(
+    tmp_path: Path, prefix: str, publisher: aiomqtt.Client
+) -> None:
+    config = write_bridge(tmp_path, mqtt_source(prefix, workers=1))
+    async with BridgeRun(config) as run:
+        running = run.runtime.sources["telemetry"]
+        status = running.status
+        await workers_up(status, 1)
+        (first,) = workers_of(status)
+        os.kill(first["pid"], signal.SIGKILL)
+        await wait_until(lambda: status.counters["reconnects"] >= 1, WITHIN, "restart counted")
+        assert "exited with status -9" in (status.last_error or "")
+        await workers_up(status, 1)
+        (second,) = workers_of(status)
+        assert second["pid"] != first["pid"]
+        await publisher.publish(f"{prefix}/boiler/t", json.dumps({"t": 7}), qos=1)
+        router = run.runtime.router
+        await wait_until(lambda: "boiler.temp" in router.latest, WITHIN, "event after restart")
+        assert router.latest["boiler.temp"].value == 7
+    assert_gone([first["pid"], second["pid"]])
+
+
+@pytest.mark.broker
+async def test_a_malformed_payload_is_counted_in_the_daemons_inventory(
+    tmp_path: Path, prefix: str, publisher: aiomqtt.Client
+) -> None:
+    config = write_bridge(tmp_path, mqtt_source(prefix, workers=1))
+    async with BridgeRun(config) as run:
+        status = run.runtime.sources["telemetry"].status
+        await workers_up(status, 1)
+        await publisher.publish(f"{prefix}/boiler/t", b"{not json", qos=1)
+        await publisher.publish(f"{prefix}/boiler/t", json.dumps({"t": 3}), qos=1)
+        router = run.runtime.router
+        await wait_until(lambda: "boiler.temp" in router.latest, WITHIN, "the good message")
+        await wait_until(lambda: status.counters["rejected"] == 1, WITHIN, "rejection reported")
+        entry = run.runtime.inventory()[0]
+    assert entry["state"] == "up"
+    assert entry["counters"]["readings"] == 2
+    assert "last_rejection" in entry["details"]
+    assert entry["details"]["workers"][0]["readings"] == 2
+
+
+def test_more_than_one_worker_needs_a_broker_that_shares_messages(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "bridge: {id: edge}\n"
+        "sources:\n"
+        "  - id: plc\n"
+        "    protocol: modbus\n"
+        "    host: 127.0.0.1\n"
+        "    workers: 2\n"
+        "    devices:\n"
+        "      - id: meter\n"
+        "        points: [{name: power, address: 40001, type: int16}]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    (issue,) = raised.value.issues
+    assert (issue.line, issue.path) == (6, "sources[0].workers")
+    assert "at most one worker process" in issue.message
+
+
+async def test_a_modbus_source_in_a_worker_polls_reads_and_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with PlantSimulator(port=0, seed=3, interval=0.2) as simulator:
+        monkeypatch.setenv(PORT_VARIABLE, str(simulator.port))
+        demo = load_demo_config(state_dir=tmp_path / "state", api_port=0)
+        sources = [source.model_copy(update={"workers": 1}) if source.enabled else source
+                   for source in demo.sources]
+        config = type(demo)(**{**demo.__dict__, "sources": sources})
+        runtime = Runtime(config)
+        running = next(each for each in runtime.sources.values() if each.enabled)
+        assert isinstance(running.unit.source, WorkerSource)
+        import asyncio
+
+        task = asyncio.create_task(runtime.run(serve_api=False))
+        try:
+            status = running.status
+            await workers_up(status, 1)
+            await wait_until(lambda: "boiler.supply_temp" in runtime.router.latest, WITHIN,
+                             "a polled value")
+            assert status.children["boiler"].state is ConnectionState.UP
+            await running.unit.source.write("boiler.setpoint", 61.5)
+            (reading,) = await running.unit.source.read("boiler.setpoint")
+            assert running.unit.mapper.map(reading)[0].value == 61.5
+            pid = workers_of(status)[0]["pid"]
+        finally:
+            runtime.stop()
+            await task
+    assert_gone([pid])
