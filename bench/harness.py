@@ -128,6 +128,51 @@ class CpuMeter:
         return self.seconds / self.wall if self.wall else 0.0
 
 
+def pids_matching(fragment: str) -> list[int]:
+    """Live processes whose command line contains ``fragment`` (a broker, say)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            continue
+        if fragment in command:
+            found.append(int(entry.name))
+    return found
+
+
+class MachineCpu:
+    """Busy CPU seconds of the whole machine (all cores) between ``start()`` and ``stop()``,
+    from ``/proc/stat``: what every process together used, ours or not."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.wall = 0.0
+        self._busy = 0.0
+        self._started = 0.0
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        with open("/proc/stat") as f:
+            fields = [int(value) for value in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> MachineCpu:
+        """Start measuring now."""
+        self._busy, self._started = self._busy_seconds(), time.monotonic()
+        return self
+
+    def stop(self) -> float:
+        """Stop; busy CPU seconds since ``start()``."""
+        self.seconds = self._busy_seconds() - self._busy
+        self.wall = time.monotonic() - self._started
+        return self.seconds
+
+
 def tree_peak_rss_mb(pid: int) -> float:
     """Sum of the peak RSS of a process and its live descendants (an upper bound)."""
     return sum(peak_rss_mb(member) for member in process_tree(pid))
