@@ -182,7 +182,10 @@ class WorkerSource(Source):
                 sys.executable, "-m", "bridge", "--log-level",
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
                 "worker", "--fd", str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),), env=environment, stdin=asyncio.subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), env=environment, stdin=asyncio.subprocess.DEVNULL,
+                # Out of the terminal's process group: Ctrl-C reaches the daemon, which stops
+                # its workers after their sources.
+                start_new_session=True)
         except OSError as exc:
             ours.close()
             raise ConnectorError(self.endpoint, f"cannot start worker process {index}: {exc}",
