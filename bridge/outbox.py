@@ -2,7 +2,10 @@
 
 The store's writer thread adds the rows in the same transaction as history and last values,
 one row per (sink, event), so each sink reads its own rows in ``seq`` order and deletes them
-once they are confirmed. The bound (events and bytes, per sink) is kept with an explicit policy:
+once they are confirmed. Once committed, the rows are also handed to each sink in memory (its
+*feed*), so a sink keeping up takes them from there without reading them back from SQLite; it
+reads the table after a (re)connect or a refusal, or when its feed lost track (it overflowed
+while the sink was away). The bound (events and bytes, per sink) is kept with an explicit policy:
 ``block`` stores only the events that fit and has the router wait until a sink made room;
 ``drop_oldest`` deletes the oldest rows to make room and counts them.
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bridge.model import Event
 
@@ -45,6 +50,9 @@ cursor only ever moves forward."""
 _COLUMNS = "seq, id, source, point, quality, ts, created, address, size, body"
 _DELETE_CHUNK = 500
 """Rows deleted per statement (each is one SQL parameter)."""
+FEED_ROWS = 20_000
+"""Rows a sink's feed holds at most; past that it lets go of them and the sink reads the
+table until it caught up again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,34 @@ class OutboxRow:
 
 
 @dataclass(slots=True)
+class _Feed:
+    """Rows of one sink committed since it last caught up, in ``seq`` order.
+
+    While ``after`` is not ``None`` the feed holds every row of the sink left in the table with
+    a ``seq`` above it; ``None``: it does not know (never caught up, or it overflowed). The
+    writer thread adds to it, the event loop takes from it: ``lock`` guards both.
+    """
+
+    rows: deque[OutboxRow] = field(default_factory=deque)
+    after: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(slots=True)
+class OutboxInsert:
+    """What one batch put in the outbox, handed from ``insert`` to ``committed``."""
+
+    taken: int
+    """Events (a prefix of the batch) that got their rows."""
+    sinks: frozenset[str] = frozenset()
+    """The sinks that got rows."""
+    rows: dict[str, list[OutboxRow]] = field(default_factory=dict)
+    """The new rows of each sink whose feed takes them."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """The highest ``seq`` ``drop_oldest`` deleted, per sink that lost rows."""
+
+
+@dataclass(slots=True)
 class OutboxDepth:
     """What waits for one sink, and what was dropped since the store was opened."""
 
@@ -108,6 +144,7 @@ class Outbox:
         """Counts the batches stored with rows for each sink (on the event loop)."""
         self._room = asyncio.Event()
         self._signals = {route.sink: asyncio.Event() for route in self.routes}
+        self._feeds = {route.sink: _Feed() for route in self.routes}
 
     # --- on the writer thread ------------------------------------------------------------------
 
@@ -124,18 +161,19 @@ class Outbox:
             depth.events, depth.bytes = events, size
 
     def insert(self, writer: sqlite3.Connection, events: Sequence[Event], bodies: Sequence[str],
-               *, force: bool = False) -> tuple[int, frozenset[str]]:
-        """Add rows for ``events`` inside the caller's transaction.
+               *, force: bool = False) -> OutboxInsert:
+        """Add rows for ``events`` inside the caller's transaction; pass the result to
+        ``committed`` once the transaction is committed.
 
-        Returns how many events (a prefix) were taken, and the sinks that got rows. With the
-        ``block`` policy that prefix ends at the first event a sink has no room for, unless
-        ``force``; a sink with an empty outbox always takes one event, however large.
+        Takes a prefix of ``events``: with the ``block`` policy it ends at the first event a sink
+        has no room for, unless ``force``; a sink with an empty outbox always takes one event,
+        however large.
         """
         limits = self.limits
         block = not (limits.drop_oldest or force)
         created = time.time()
         added = {route.sink: OutboxDepth() for route in self.routes}
-        rows: list[tuple[object, ...]] = []
+        parameters: list[tuple[str, str, str, str, str, float, float, str, int, str]] = []
         taken = 0
         for event, body in zip(events, bodies, strict=True):
             size = len(body.encode())
@@ -146,22 +184,53 @@ class Outbox:
                 extra = added[route.sink]
                 extra.events += 1
                 extra.bytes += size
-                rows.append((route.sink, event.id, event.source, event.point,
-                             event.quality.value, event.ts, created, route.address(event), size,
-                             body))
+                parameters.append((route.sink, event.id, event.source, event.point,
+                                   event.quality.value, event.ts, created, route.address(event),
+                                   size, body))
             taken += 1
+        if not parameters:
+            return OutboxInsert(taken)
+        result = OutboxInsert(taken, frozenset(
+            sink for sink, extra in added.items() if extra.events))
         writer.executemany(f"INSERT INTO outbox (sink, {_COLUMNS.removeprefix('seq, ')}) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        touched = []
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", parameters)
+        # One writer and AUTOINCREMENT: the rows just inserted got consecutive seqs ending at
+        # the last rowid.
+        (last,) = writer.execute("SELECT last_insert_rowid()").fetchone()
+        # Only this thread switches a feed between following and not: no lock needed to ask.
+        following = {sink for sink in result.sinks if self._feeds[sink].after is not None}
+        seq = last - len(parameters)
+        for sink, event_id, source, point, quality, ts, _, address, size, body in parameters:
+            seq += 1
+            if sink in following:
+                result.rows.setdefault(sink, []).append(OutboxRow(
+                    seq, event_id, source, point, quality, ts, created, address, size, body))
         for sink, extra in added.items():
             if extra.events:
                 depth = self.depths[sink]
                 depth.events += extra.events
                 depth.bytes += extra.bytes
-                touched.append(sink)
                 if limits.drop_oldest:
-                    self._trim(writer, sink, depth)
-        return taken, frozenset(touched)
+                    cutoff = self._trim(writer, sink, depth)
+                    if cutoff is not None:
+                        result.dropped[sink] = cutoff
+        return result
+
+    def committed(self, inserted: OutboxInsert) -> None:
+        """The transaction of ``inserted`` is committed: hand its rows to the sinks' feeds."""
+        for sink, rows in inserted.rows.items():
+            feed = self._feeds[sink]
+            with feed.lock:
+                if feed.after is None:
+                    continue
+                cutoff = inserted.dropped.get(sink)
+                if cutoff is not None:
+                    while feed.rows and feed.rows[0].seq <= cutoff:
+                        feed.rows.popleft()
+                feed.rows.extend(row for row in rows if cutoff is None or row.seq > cutoff)
+                if len(feed.rows) > FEED_ROWS:
+                    feed.rows.clear()
+                    feed.after = None
 
     def _full(self, sink: str, added: OutboxDepth, size: int) -> bool:
         """Whether ``sink`` has no room for an event of ``size`` bytes after ``added``."""
@@ -170,11 +239,12 @@ class Outbox:
         return waiting > 0 and (waiting >= self.limits.max_events
                                 or depth.bytes + added.bytes + size > self.limits.max_bytes)
 
-    def _trim(self, writer: sqlite3.Connection, sink: str, depth: OutboxDepth) -> None:
+    def _trim(self, writer: sqlite3.Connection, sink: str, depth: OutboxDepth) -> int | None:
+        """Drop the oldest rows beyond the bound; the highest ``seq`` dropped, if any."""
         excess_events = depth.events - self.limits.max_events
         excess_bytes = depth.bytes - self.limits.max_bytes
         if excess_events <= 0 and excess_bytes <= 0:
-            return
+            return None
         dropped = freed = 0
         cutoff: int | None = None
         cursor = writer.execute("SELECT seq, size FROM outbox WHERE sink = ? ORDER BY seq",
@@ -197,13 +267,24 @@ class Outbox:
             depth.events -= dropped
             depth.bytes -= freed
             depth.dropped += dropped
+        return cutoff
 
     def read(self, writer: sqlite3.Connection, sink: str, after: int,
              limit: int) -> list[OutboxRow]:
-        """The oldest ``limit`` rows of ``sink`` after ``seq`` ``after``, in order."""
-        return [OutboxRow(*row) for row in writer.execute(
+        """The oldest ``limit`` rows of ``sink`` after ``seq`` ``after``, in order.
+
+        A read that comes back short has seen every row committed so far: from then on the
+        sink's feed holds the rows after it (``take``).
+        """
+        rows = [OutboxRow(*row) for row in writer.execute(
             f"SELECT {_COLUMNS} FROM outbox WHERE sink = ? AND seq > ? ORDER BY seq LIMIT ?",
             (sink, after, limit))]
+        feed = self._feeds.get(sink)
+        if feed is not None and len(rows) < limit:
+            with feed.lock:
+                feed.rows.clear()
+                feed.after = rows[-1].seq if rows else after
+        return rows
 
     def delete(self, writer: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> int:
         """Delete confirmed rows of ``sink`` in one transaction; returns how many were there.
@@ -232,6 +313,23 @@ class Outbox:
         row = reader.execute("SELECT created FROM outbox WHERE sink = ? ORDER BY seq LIMIT 1",
                              (sink,)).fetchone()
         return None if row is None else float(row[0])
+
+    def take(self, sink: str, after: int, limit: int) -> list[OutboxRow] | None:
+        """Like ``read``, from the sink's feed, without touching SQLite; ``None`` when the feed
+        cannot tell (it does not reach back to ``after``): then ``read`` the table.
+
+        Rows taken leave the feed: one connection of the sink takes them.
+        """
+        feed = self._feeds[sink]
+        with feed.lock:
+            if feed.after is None or after < feed.after:
+                return None
+            rows = feed.rows
+            while rows and rows[0].seq <= after:
+                rows.popleft()
+            taken = [rows.popleft() for _ in range(min(limit, len(rows)))]
+            feed.after = taken[-1].seq if taken else after
+            return taken
 
     def signal(self, sink: str) -> asyncio.Event:
         """Set whenever rows for ``sink`` were stored; the sink waits on it and clears it."""

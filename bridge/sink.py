@@ -73,6 +73,13 @@ class SinkOutbox:
         on the store's writer thread while the sink goes on publishing)."""
         return self.store.run_on_writer(self.outbox.read, self.sink, after, limit)
 
+    def take(self, after: int, limit: int) -> list[OutboxRow] | None:
+        """The oldest ``limit`` rows after ``seq`` ``after`` from the rows handed to this sink
+        in memory as they were stored; ``None`` when those do not reach back to ``after`` (the
+        first read of a connection, after a refusal, after the sink fell far behind): then
+        ``read`` them."""
+        return self.outbox.take(self.sink, after, limit)
+
     def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
         """Delete rows the broker confirmed, in one transaction, then wake a blocked router.
 

@@ -21,7 +21,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bridge.errors import BridgeError
 from bridge.model import Event, Quality, parse_timestamp
-from bridge.outbox import Outbox
+from bridge.outbox import Outbox, OutboxInsert
 
 _Parameters = ParamSpec("_Parameters")
 _Result = TypeVar("_Result")
@@ -183,12 +183,12 @@ class Store:
         assert writer is not None
         bodies = [event_to_json(event) for event in events]
         latest: dict[str, tuple[str, float, str]] = {}
+        inserted: OutboxInsert | None = None
         with writer:
             writer.execute("BEGIN")
-            sinks: frozenset[str] = frozenset()
             if self.outbox is not None:
-                count, sinks = self.outbox.insert(writer, events, bodies, force=force)
-                del events[count:]
+                inserted = self.outbox.insert(writer, events, bodies, force=force)
+                del events[inserted.taken:]
             rows = [(event.point, event.ts, event.received_at, event.id, body)
                     for event, body in zip(events, bodies, strict=False)]
             for point, ts, _, _, body in rows:
@@ -200,6 +200,10 @@ class Store:
                 "INSERT INTO latest (point, ts, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (point) DO UPDATE SET ts = excluded.ts, body = excluded.body",
                 list(latest.values()))
+        sinks: frozenset[str] = frozenset()
+        if inserted is not None and self.outbox is not None:
+            self.outbox.committed(inserted)
+            sinks = inserted.sinks
         for event in events:
             self._rows[event.point] += 1
         self.written += len(events)

@@ -250,3 +250,73 @@ async def test_router_stores_past_the_bound_when_it_stops(store: Store) -> None:
     await asyncio.gather(runner, return_exceptions=True)
     assert store.history_count("a.p") == 7
     assert outbox_of(store).depths[SINK].events == 7
+
+
+async def test_a_sink_that_caught_up_takes_new_rows_from_memory(store: Store) -> None:
+    sink = SinkOutbox(store, SINK)
+    assert sink.take(0, 10) is None  # nothing read yet: the feed cannot tell
+    events = [make_event("a.p", value) for value in range(3)]
+    await store.write(events[:1])
+    (first,) = await sink.read(0, 10)  # short: caught up, the feed follows from here
+    await store.write(events[1:])
+    taken = sink.take(first.seq, 10)
+    assert taken is not None
+    assert [row.id for row in taken] == [event.id for event in events[1:]]
+    assert [(row.seq, row.id, row.address, row.size, row.body) for row in taken] == [
+        (seq, event_id, address, size, body)
+        for seq, event_id, _, address, size, body in rows(store)[1:]]
+    assert sink.take(taken[-1].seq, 10) == []
+    # A new connection starts from the oldest row: only the table knows what came before.
+    assert sink.take(0, 10) is None
+    assert [row.id for row in await sink.read(0, 10)] == [event.id for event in events]
+
+
+async def test_a_full_read_does_not_let_the_feed_skip_rows(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "fb.db", OutboxLimits(100, 1 << 20), [route()])
+    try:
+        sink = SinkOutbox(store, SINK)
+        events = [make_event("a.p", value) for value in range(6)]
+        await store.write(events[:4])
+        page = await sink.read(0, 2)  # not the end of the table: no feed yet
+        assert sink.take(page[-1].seq, 10) is None
+        rest = await sink.read(page[-1].seq, 10)
+        await store.write(events[4:])
+        taken = sink.take(rest[-1].seq, 10)
+        assert taken is not None
+        assert [row.id for row in [*page, *rest, *taken]] == [event.id for event in events]
+    finally:
+        store.close()
+
+
+async def test_the_feed_falls_back_to_the_table_after_it_overflowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.outbox.FEED_ROWS", 3)
+    store = open_store(tmp_path / "fb.db", OutboxLimits(100, 1 << 20), [route()])
+    try:
+        sink = SinkOutbox(store, SINK)
+        assert await sink.read(0, 10) == []
+        events = [make_event("a.p", value) for value in range(5)]
+        await store.write(events[:2])
+        await store.write(events[2:])  # 5 rows waiting: more than the feed holds
+        assert sink.take(0, 10) is None
+        assert [row.id for row in await sink.read(0, 10)] == [event.id for event in events]
+    finally:
+        store.close()
+
+
+async def test_rows_dropped_by_drop_oldest_leave_the_feed_too(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "fb.db", OutboxLimits(3, 1 << 20, drop_oldest=True),
+                       [route()])
+    try:
+        sink = SinkOutbox(store, SINK)
+        assert await sink.read(0, 10) == []
+        events = [make_event("a.p", value) for value in range(5)]
+        await store.write(events[:2])
+        await store.write(events[2:])  # drops the two oldest
+        taken = sink.take(0, 10)
+        assert taken is not None
+        assert [row.id for row in taken] == [row[1] for row in rows(store)]
+        assert [row.id for row in taken] == [event.id for event in events[2:]]
+    finally:
+        store.close()

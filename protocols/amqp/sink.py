@@ -313,7 +313,8 @@ class AmqpSink(Sink):
                        status: EndpointStatus) -> None:
         """Publish the outbox in order, ``window`` messages ahead of the confirms.
 
-        One loop drives everything: outbox reads and deletions run on the store's thread as
+        One loop drives everything: rows stored while it keeps up are taken from memory
+        (``outbox.take``); other outbox reads, and deletions, run on the store's thread as
         futures while publishing goes on, and every completion (a read, a deletion, a broker
         confirm, rows stored) sets ``outbox.signal`` to wake it.
         """
@@ -355,10 +356,15 @@ class AmqpSink(Sink):
                     cursor, read_at = 0, -1
                     continue
             else:
-                if (session.reading is None and len(buffer) < limit // 2
-                        and outbox.arrivals != read_at):
-                    session.read_arrivals = outbox.arrivals
-                    session.reading = self._wake_when_done(outbox.read(cursor, limit), signal)
+                if session.reading is None and len(buffer) < limit // 2:
+                    taken = outbox.take(cursor, limit)
+                    if taken:
+                        cursor = taken[-1].seq
+                        buffer.extend(taken)
+                    elif taken is None and outbox.arrivals != read_at:
+                        session.read_arrivals = outbox.arrivals
+                        session.reading = self._wake_when_done(outbox.read(cursor, limit),
+                                                               signal)
                 while buffer and len(in_flight) < window:
                     session.publish(channel, exchange, buffer.popleft())
                     status.counters["published"] += 1

@@ -1,0 +1,127 @@
+"""Store → outbox → AMQP sink in one process, without a broker: events/s, CPU per event and
+the latency from ``Store.write`` to the sink publishing an event.
+
+The sink is the real ``AmqpSink`` publishing loop on a fake channel that confirms every
+publish at once (one ``multiple`` ack per loop turn), so what is measured is the store, the
+outbox and the sink's own work. Run: ``python -m bench.experiments.store_outbox.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pika.spec
+
+from bridge.model import Event, Quality, new_event_id
+from bridge.outbox import Outbox, OutboxLimits
+from bridge.sink import SinkOutbox
+from bridge.status import EndpointStatus
+from bridge.store import Retention, Store
+from protocols.amqp.sink import AmqpSink, _Publishing
+from protocols.amqp.sink_config import AmqpSinkConfig
+
+
+class _Frame:
+    def __init__(self, tag: int) -> None:
+        self.method = pika.spec.Basic.Ack(delivery_tag=tag, multiple=True)
+
+
+class _Channel:
+    """Confirms what was published, once per loop turn, like a fast broker."""
+
+    def __init__(self, session: _Publishing, published: dict[str, float]) -> None:
+        self.session = session
+        self.published = published
+        self.tag = 0
+        self.scheduled = False
+
+    def basic_publish(self, exchange: str, key: str, body: bytes, properties: Any,
+                      mandatory: bool) -> None:
+        self.tag += 1
+        self.published[properties.message_id] = time.perf_counter()
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._confirm)
+
+    def _confirm(self) -> None:
+        self.scheduled = False
+        self.session.on_confirm(_Frame(self.tag))
+
+
+def make_event(index: int) -> Event:
+    now = time.time()
+    device = f"dev{index % 100}"
+    return Event(id=new_event_id(), source=device, point=f"{device}.p{index % 20}",
+                 value=float(index), unit="degC", quality=Quality.GOOD, ts=now, received_at=now,
+                 protocol="modbus", bridge="edge", tags={"site": "north"})
+
+
+async def run(total: int, batch: int, rate: float | None, sink_on: bool) -> dict[str, float]:
+    config = AmqpSinkConfig.model_validate({"id": "rabbit", "protocol": "amqp"})
+    sink = AmqpSink(config, bridge_id="edge")
+    with tempfile.TemporaryDirectory() as directory:
+        outbox = Outbox(OutboxLimits(max_events=1_000_000, max_bytes=1 << 30),
+                        [sink.route()] if sink_on else [])
+        store = Store(Path(directory) / "fb.db", Retention(max_age=3600, max_rows=1000), outbox)
+        store.open()
+        published: dict[str, float] = {}
+        written: dict[str, float] = {}
+        status = EndpointStatus(name="rabbit", kind="sink", protocol="amqp", endpoint="fake")
+        task = None
+        if sink_on:
+            sink_outbox = SinkOutbox(store, "rabbit")
+            session = _Publishing("fake", step_timeout=5, wake=sink_outbox.signal, sink=sink,
+                                  status=status)
+            channel = _Channel(session, published)
+            task = asyncio.create_task(sink._publish(session, channel, sink_outbox, status))
+        events = [make_event(index) for index in range(total)]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for start in range(0, total, batch):
+            chunk = events[start:start + batch]
+            at = time.perf_counter()
+            for event in chunk:
+                written[event.id] = at
+            if rate is not None:
+                due = wall + (start + batch) / rate
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                at = time.perf_counter()
+                for event in chunk:
+                    written[event.id] = at
+            await store.write(chunk)
+        if sink_on:
+            # The depth is kept by the store's thread: polled, as a consumer would.
+            while len(published) < total or outbox.depths["rabbit"].events:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        store.close()
+    latencies = sorted((published[key] - written[key]) * 1000 for key in published)
+    result = {"events/s": total / wall, "cpu us/event": cpu / total * 1e6,
+              "cpu share": cpu / wall}
+    if latencies:
+        result["p50 ms"] = statistics.median(latencies)
+        result["p99 ms"] = latencies[int(len(latencies) * 0.99) - 1]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=None, help="events/s (paced)")
+    parser.add_argument("--no-sink", action="store_true")
+    options = parser.parse_args()
+    result = asyncio.run(run(options.events, options.batch, options.rate, not options.no_sink))
+    print(" ".join(f"{key}={value:,.2f}" for key, value in result.items()))
+
+
+if __name__ == "__main__":
+    main()
