@@ -61,8 +61,9 @@ class Retention:
 
 
 def event_to_json(event: Event) -> str:
-    """The event's documented JSON, compact."""
-    return json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False)
+    """The event's documented JSON, compact (serialized once: a worker process may have done
+    it already)."""
+    return event.to_json()
 
 
 def event_from_json(body: str) -> Event:
