@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bridge.config import SinkBase
 from bridge.model import Event
@@ -44,6 +44,33 @@ class EventSelector:
         if self.sources and event.source not in self.sources:
             return False
         return self.pattern is None or self.pattern.match(event.point) is not None
+
+
+class OutboxView(Protocol):
+    """What a sink needs of the outbox: ``SinkOutbox`` in the daemon's process, a view whose
+    reads and deletions the daemon carries out in a sink's worker process."""
+
+    @property
+    def signal(self) -> asyncio.Event:
+        """Set when rows were stored for the sink (the sink may set it to wake itself)."""
+        ...
+
+    @property
+    def arrivals(self) -> int:
+        """Batches stored with rows for the sink so far."""
+        ...
+
+    def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        """The oldest ``limit`` rows after ``seq`` ``after``, in order."""
+        ...
+
+    def take(self, after: int, limit: int) -> list[OutboxRow] | None:
+        """Like ``read``, from memory, or ``None``: then ``read``."""
+        ...
+
+    def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
+        """Delete rows the broker confirmed."""
+        ...
 
 
 class SinkOutbox:
@@ -130,7 +157,7 @@ class SinkContext:
     """What a running sink is handed by the supervisor."""
 
     status: EndpointStatus
-    outbox: SinkOutbox
+    outbox: OutboxView
 
 
 class Sink(abc.ABC):

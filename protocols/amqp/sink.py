@@ -29,7 +29,7 @@ from bridge.errors import ConnectorError, ErrorCategory
 from bridge.model import Event
 from bridge.outbox import OutboxRow
 from bridge.payload import Template
-from bridge.sink import EventSelector, Sink, SinkContext, SinkOutbox
+from bridge.sink import EventSelector, OutboxView, Sink, SinkContext
 from bridge.status import EndpointStatus
 from protocols.amqp.connection import (
     AmqpSession,
@@ -131,7 +131,7 @@ class _Publishing(AmqpSession):
         """``outbox.arrivals`` when the current read started."""
         self.deleting: asyncio.Future[int] | None = None
 
-    async def settle_outbox(self, outbox: SinkOutbox) -> None:
+    async def settle_outbox(self, outbox: OutboxView) -> None:
         """Finish the outbox work under way and delete what was confirmed: confirmed is
         confirmed, whatever ended the connection, and is not published again."""
         reading, deleting = self.reading, self.deleting
@@ -309,7 +309,7 @@ class AmqpSink(Sink):
                     channel.exchange_bind, link.destination, link.source,
                     routing_key=link.routing_key, arguments=link.arguments or None))
 
-    async def _publish(self, session: _Publishing, channel: Any, outbox: SinkOutbox,
+    async def _publish(self, session: _Publishing, channel: Any, outbox: OutboxView,
                        status: EndpointStatus) -> None:
         """Publish the outbox in order, ``window`` messages ahead of the confirms.
 
@@ -384,7 +384,7 @@ class AmqpSink(Sink):
         future.add_done_callback(lambda _: signal.set())
         return future
 
-    async def _refused(self, session: _Publishing, outbox: SinkOutbox, status: EndpointStatus,
+    async def _refused(self, session: _Publishing, outbox: OutboxView, status: EndpointStatus,
                        retry: float) -> float:
         """Everything in flight is settled and some of it was refused: wait, then start over
         from the oldest row left. Returns the next delay."""
