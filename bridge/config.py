@@ -256,6 +256,10 @@ class SinkBase(StrictModel):
     points: list[str] = Field(
         default_factory=list, description="Only events of points whose id matches one of these "
         "patterns (`*` any characters, `?` one, e.g. `boiler.*`); empty: every point.")
+    workers: int = Field(
+        default=0, ge=0, le=1,
+        description="1: publish from a worker process of its own, on another core; the daemon "
+        "keeps the outbox and serves the worker its rows. 0: publish from the daemon's process.")
 
     def endpoint(self) -> str:
         """Where this sink connects, with any secret redacted."""

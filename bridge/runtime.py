@@ -60,6 +60,11 @@ class Runtime:
             build_sink = registry[sink_config.protocol].build_sink
             assert build_sink is not None  # the config model exists only with a builder
             sink = build_sink(sink_config, context)
+            if sink_config.workers:
+                from bridge.worker import SinkWorker, SinkWorkerSpec
+
+                sink = SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
+                                                       config.state_dir, config.path.parent))
             status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
                                     endpoint=sink.endpoint)
             if not sink_config.enabled:

@@ -34,15 +34,17 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.config import ResolvedPoint, SourceBase
+from bridge.config import ResolvedPoint, SinkBase, SourceBase
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
 from bridge.model import Event, Reading, Settlement, Value
+from bridge.outbox import OutboxRoute, OutboxRow
 from bridge.registry import protocols
+from bridge.sink import Sink, SinkContext, SinkOutbox
 from bridge.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
 from bridge.status import ConnectionState, EndpointStatus
 from bridge.supervisor import Backoff, source_status, supervise
@@ -95,6 +97,44 @@ def _event_row(event: Event) -> tuple[object, ...]:
     return (event.id, event.source, event.point, event.value, event.unit, event.quality,
             event.ts, event.received_at, event.protocol, event.bridge, event.tags,
             event.reason, event.to_json())
+
+
+async def _spawn(endpoint: str, what: str) -> tuple[
+        asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Start ``fieldbridge worker`` with one end of a new socket pair; the other end's streams.
+    """
+    ours, theirs = socket.socketpair()
+    try:
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in _CHILD_ENVIRONMENT_DROPS}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "--log-level",
+            logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+            "worker", "--fd", str(theirs.fileno()),
+            pass_fds=(theirs.fileno(),), env=environment, stdin=asyncio.subprocess.DEVNULL,
+            # Out of the terminal's process group: Ctrl-C reaches the daemon, which stops its
+            # workers after their sources.
+            start_new_session=True)
+    except OSError as exc:
+        ours.close()
+        raise ConnectorError(endpoint, f"cannot start {what}: {exc}",
+                             ErrorCategory.CONFIG) from exc
+    finally:
+        theirs.close()
+    try:
+        reader, writer = await asyncio.open_connection(sock=ours)
+    except BaseException:
+        await _stop_process(process)
+        raise
+    return process, reader, writer
+
+
+def _add_counters(status: EndpointStatus, counted: Counter[str],
+                  counters: dict[str, int]) -> Counter[str]:
+    """Add to ``status`` what a worker counted since ``counted``; returns the new mark."""
+    for key, value in counters.items():
+        status.counters[key] += value - counted.get(key, 0)
+    return Counter(counters)
 
 
 # --- in the daemon ---------------------------------------------------------------------------
@@ -174,29 +214,11 @@ class WorkerSource(Source):
     async def _run_worker(self, index: int, context: SourceContext) -> None:
         submit = context.submit
         assert submit is not None
-        ours, theirs = socket.socketpair()
-        try:
-            environment = {key: value for key, value in os.environ.items()
-                           if key not in _CHILD_ENVIRONMENT_DROPS}
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge", "--log-level",
-                logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
-                "worker", "--fd", str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),), env=environment, stdin=asyncio.subprocess.DEVNULL,
-                # Out of the terminal's process group: Ctrl-C reaches the daemon, which stops
-                # its workers after their sources.
-                start_new_session=True)
-        except OSError as exc:
-            ours.close()
-            raise ConnectorError(self.endpoint, f"cannot start worker process {index}: {exc}",
-                                 ErrorCategory.CONFIG) from exc
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours)
+        process, reader, writer = await _spawn(self.endpoint, f"worker process {index}")
         running = _Process(index, process.pid, writer, Counter())
         self.processes[index] = running
         try:
-            writer.write(_frame(("start", WorkerSpec(
+            writer.write(_frame(("source", WorkerSpec(
                 self.spec.source, self.spec.points, self.spec.bridge_id, self.spec.state_dir,
                 self.spec.config_dir, index))))
             while True:
@@ -212,7 +234,7 @@ class WorkerSource(Source):
                         [(_Stored(writer, batch), None)] if batch else [])
                     await submit(events, settlements)
                 elif kind == "status":
-                    self._mirror(running, message[1], context.status)
+                    self._mirror(running, message[1], context.status)  # details unused
                 elif kind == "reply":
                     _, call, ok, payload = message
                     reply = self._replies.pop(call, None)
@@ -231,10 +253,7 @@ class WorkerSource(Source):
                 status: EndpointStatus) -> None:
         """Fold one worker's status into the source's: counters added, state combined."""
         running.snapshot = snapshot
-        counters = Counter(snapshot["counters"])
-        for key, value in counters.items():
-            status.counters[key] += value - running.counted.get(key, 0)
-        running.counted = counters
+        running.counted = _add_counters(status, running.counted, snapshot["counters"])
         snapshots = [(process.index, process.snapshot) for process in self.processes.values()
                      if process.snapshot is not None]
         combined = _combine(snapshots, self.workers)
@@ -336,6 +355,123 @@ async def _stop_process(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
+@dataclass(frozen=True)
+class SinkWorkerSpec:
+    """What a sink's worker process runs: one sink, and where it runs."""
+
+    sink: SinkBase
+    bridge_id: str
+    state_dir: Path
+    config_dir: Path | None
+
+
+def _row_tuple(row: OutboxRow) -> tuple[object, ...]:
+    return (row.seq, row.id, row.source, row.point, row.quality, row.ts, row.created,
+            row.address, row.size, row.body)
+
+
+class SinkWorker(Sink):
+    """A sink that publishes from a worker process; stands in for it in the daemon.
+
+    The daemon keeps the outbox: rows are still routed, addressed (with ``inner``, the same
+    sink built here and never run) and stored by it. The worker process runs the sink itself
+    (connection, publishing, confirms) against a view of the outbox whose reads and deletions
+    the daemon carries out, so publishing takes no time from the daemon's core.
+    """
+
+    def __init__(self, inner: Sink, spec: SinkWorkerSpec) -> None:
+        super().__init__(sink_id=inner.id, protocol=inner.protocol, endpoint=inner.endpoint,
+                         selector=inner.selector)
+        self.inner = inner
+        self.spec = spec
+        self.pid: int | None = None
+        """The worker process, while it runs."""
+        self._details: dict[str, Any] = {}
+
+    def route(self) -> OutboxRoute:
+        """The inner sink's route: the daemon stores its rows."""
+        return self.inner.route()
+
+    def address(self, event: Event) -> str:
+        """The inner sink's address of ``event``."""
+        return self.inner.address(event)
+
+    def details(self) -> dict[str, Any]:
+        """The publishing figures the worker process reported last, and its pid."""
+        return {**(self._details or self.inner.details()), "worker_pid": self.pid}
+
+    async def run(self, context: SinkContext) -> None:
+        """Start the worker process and serve its outbox reads and deletions until cancelled;
+        raises ``ConnectorError`` when the process exits."""
+        outbox = context.outbox
+        if not isinstance(outbox, SinkOutbox):
+            raise ConnectorError(self.endpoint, "a sink worker needs the daemon's outbox",
+                                 ErrorCategory.CONFIG)
+        process, reader, writer = await _spawn(self.endpoint, "sink worker process")
+        self.pid = process.pid
+        counted: Counter[str] = Counter()
+        calls: set[asyncio.Task[None]] = set()
+        announcing = asyncio.create_task(self._announce(outbox, writer),
+                                         name=f"sink-worker[{self.id}].announce")
+        try:
+            writer.write(_frame(("sink", self.spec)))
+            while True:
+                try:
+                    message = await _read_frame(reader)
+                except EOFError:
+                    break
+                kind = message[0]
+                if kind == "status":
+                    _, snapshot, details = message
+                    counted = _add_counters(context.status, counted, snapshot["counters"])
+                    context.status.mirror(snapshot, counters=False)
+                    self._details = details
+                else:
+                    task = asyncio.create_task(self._answer(outbox, writer, message))
+                    calls.add(task)
+                    task.add_done_callback(calls.discard)
+            code = await process.wait()
+            raise ConnectorError(self.endpoint, f"sink worker process (pid {process.pid}) "
+                                 f"exited with status {code}", ErrorCategory.PROTOCOL)
+        finally:
+            self.pid = None
+            self._details = {}
+            for task in (announcing, *calls):
+                task.cancel()
+            await asyncio.gather(announcing, *calls, return_exceptions=True)
+            writer.close()
+            await _stop_process(process)
+
+    @staticmethod
+    async def _announce(outbox: SinkOutbox, writer: asyncio.StreamWriter) -> None:
+        """Tell the worker whenever rows were stored for it (it reads them then)."""
+        signal = outbox.signal
+        while True:
+            await signal.wait()
+            signal.clear()
+            if not writer.is_closing():
+                writer.write(_frame(("arrivals", outbox.arrivals)))
+
+    @staticmethod
+    async def _answer(outbox: SinkOutbox, writer: asyncio.StreamWriter,
+                      message: tuple[Any, ...]) -> None:
+        """Carry out one outbox read or deletion for the worker and answer it."""
+        kind, call = message[0], message[1]
+        payload: object
+        if kind == "read":
+            after, limit = message[2], message[3]
+            rows = outbox.take(after, limit)
+            if rows is None:
+                rows = await outbox.read(after, limit)
+            payload = [_row_tuple(row) for row in rows]
+        elif kind == "confirm":
+            payload = await outbox.confirm(message[2])
+        else:
+            return
+        if not writer.is_closing():
+            writer.write(_frame(("reply", call, payload)))
+
+
 def build_worker_unit(unit: SourceUnit, source: SourceBase, points: Sequence[ResolvedPoint],
                       context: BuildContext) -> SourceUnit:
     """The daemon's stand-in for a source with ``workers`` set: its mapping stays the one
@@ -390,16 +526,6 @@ class _Worker:
         async with self.room:
             self.room.notify_all()
 
-    async def report(self) -> None:
-        """Send the status whenever it changed, a few times a second."""
-        last: dict[str, Any] | None = None
-        while True:
-            snapshot = self.status.snapshot()
-            if snapshot != last:
-                self.writer.write(_frame(("status", snapshot)))
-                last = snapshot
-            await asyncio.sleep(STATUS_EVERY)
-
     async def call(self, call: int, operation: str, point_id: str, value: Value) -> None:
         """Carry out a live read or write for the daemon and answer."""
         source = self.unit.source
@@ -432,31 +558,142 @@ class _Worker:
                 group.create_task(self.call(call, operation, point_id, value))
 
 
+class _RemoteOutbox:
+    """The outbox as a sink sees it in a worker process: reads and deletions go to the daemon,
+    which announces the rows it stores."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.signal = asyncio.Event()
+        """Set when rows were stored for the sink, or by the sink itself to wake its loop."""
+        self.arrivals = 0
+        """The daemon's count of batches stored with rows for this sink."""
+        self._calls = itertools.count(1)
+        self._replies: dict[int, tuple[asyncio.Future[Any], bool]] = {}
+
+    def _call(self, message: tuple[Any, ...], rows: bool) -> asyncio.Future[Any]:
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.writer.is_closing():
+            reply.set_exception(ConnectorError("daemon", "the daemon is gone",
+                                               ErrorCategory.TRANSIENT))
+            return reply
+        call = next(self._calls)
+        self._replies[call] = (reply, rows)
+        self.writer.write(_frame((message[0], call, *message[1:])))
+        return reply
+
+    def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        """The oldest ``limit`` rows after ``after``, read by the daemon."""
+        return self._call(("read", after, limit), rows=True)
+
+    def take(self, after: int, limit: int) -> list[OutboxRow] | None:
+        """Always ``None``: the daemon serves every read from its own feed or the table."""
+        return None
+
+    def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
+        """Have the daemon delete rows the broker confirmed."""
+        return self._call(("confirm", list(seqs)), rows=False)
+
+    def answered(self, call: int, payload: Any) -> None:
+        """The daemon's answer to one call."""
+        reply, rows = self._replies.pop(call, (None, False))
+        if reply is not None and not reply.done():
+            reply.set_result([OutboxRow(*row) for row in payload] if rows else payload)
+
+    def announced(self, arrivals: int) -> None:
+        """The daemon stored rows for the sink."""
+        self.arrivals = arrivals
+        self.signal.set()
+
+    def close(self) -> None:
+        """The daemon is gone: fail what waits for it (the rows stay in its outbox)."""
+        for reply, _ in self._replies.values():
+            if not reply.done():
+                reply.set_exception(ConnectorError("daemon", "the daemon is gone",
+                                                   ErrorCategory.TRANSIENT))
+        self._replies.clear()
+
+
+async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+    """Run a sink against the daemon's outbox until the daemon closes the socket."""
+    context = BuildContext(bridge_id=spec.bridge_id, state_dir=spec.state_dir,
+                           config_dir=spec.config_dir)
+    build_sink = protocols()[spec.sink.protocol].build_sink
+    assert build_sink is not None  # the config model exists only with a builder
+    sink = build_sink(spec.sink, context)
+    status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
+                            endpoint=sink.endpoint)
+    outbox = _RemoteOutbox(writer)
+    logger.info("sink %s publishes from worker process %d", sink.id, os.getpid())
+    try:
+        async with asyncio.TaskGroup() as group:
+            publishing = group.create_task(
+                supervise(sink, SinkContext(status=status, outbox=outbox), Backoff()),
+                name=f"{sink.protocol}[{sink.id}].sink")
+            reporting = group.create_task(
+                _report(writer, status, sink.details), name="status")
+            while True:
+                try:
+                    message = await _read_frame(reader)
+                except EOFError:
+                    break
+                if message[0] == "reply":
+                    outbox.answered(message[1], message[2])
+                elif message[0] == "arrivals":
+                    outbox.announced(message[1])
+            outbox.close()
+            publishing.cancel()
+            reporting.cancel()
+    finally:
+        outbox.close()
+
+
+async def _report(writer: asyncio.StreamWriter, status: EndpointStatus,
+                  details: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Send the status (and ``details()``) whenever it changed, a few times a second."""
+    last: tuple[dict[str, Any], dict[str, Any]] | None = None
+    while True:
+        current = (status.snapshot(), details() if details is not None else {})
+        if current != last and not writer.is_closing():
+            writer.write(_frame(("status", *current)))
+            last = current
+        await asyncio.sleep(STATUS_EVERY)
+
+
 async def _serve(fd: int) -> None:
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
-    start = await _read_frame(reader)
-    spec: WorkerSpec = start[1]
-    worker = _Worker(spec, writer)
-    source = worker.unit.source
-    logger.info("worker %d of source %s started (pid %d)", spec.index, source.id, os.getpid())
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     loop.add_signal_handler(signal.SIGINT, main.cancel)
-    context = SourceContext(status=worker.status, publish=worker.publish)
     try:
-        async with asyncio.TaskGroup() as group:
-            connection = group.create_task(supervise(source, context, Backoff()),
-                                           name=f"{source.protocol}[{source.id}]")
-            reporter = group.create_task(worker.report(), name="status")
-            await worker.listen(reader, group)
-            connection.cancel()
-            reporter.cancel()
-    except asyncio.CancelledError:
+        kind, spec = await _read_frame(reader)
+        if kind == "sink":
+            await _serve_sink(spec, reader, writer)
+        else:
+            await _serve_source(spec, reader, writer)
+    except (asyncio.CancelledError, EOFError):
         pass
     finally:
         writer.close()
+
+
+async def _serve_source(spec: WorkerSpec, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+    """Run a source, sending its events to the daemon, until the daemon closes the socket."""
+    worker = _Worker(spec, writer)
+    source = worker.unit.source
+    logger.info("worker %d of source %s started (pid %d)", spec.index, source.id, os.getpid())
+    context = SourceContext(status=worker.status, publish=worker.publish)
+    async with asyncio.TaskGroup() as group:
+        connection = group.create_task(supervise(source, context, Backoff()),
+                                       name=f"{source.protocol}[{source.id}]")
+        reporter = group.create_task(_report(writer, worker.status), name="status")
+        await worker.listen(reader, group)
+        connection.cancel()
+        reporter.cancel()
 
 
 def run_worker(fd: int) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from brokers import AMQP_HOST, AMQP_PORT, RabbitAdmin, require_broker
 
 THREAD_GRACE = 5.0
 """Seconds a thread the test started may take to finish its last step before it counts."""
@@ -49,3 +50,14 @@ def broker_lock(request: pytest.FixtureRequest) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def rabbit() -> Iterator[RabbitAdmin]:
+    """The RabbitMQ admin connection; queues and exchanges it tracks are deleted afterwards."""
+    require_broker("RabbitMQ", AMQP_HOST, AMQP_PORT)
+    admin = RabbitAdmin()
+    try:
+        yield admin
+    finally:
+        admin.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from brokers import (
     SourceRun,
     TcpProxy,
     assert_no_tasks_left,
-    require_broker,
     unique,
     wait_until,
     write_config,
@@ -26,17 +24,6 @@ from bridge.model import Quality
 from bridge.status import ConnectionState
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def rabbit() -> Iterator[RabbitAdmin]:
-    """The admin connection; queues and exchanges it tracks are deleted afterwards."""
-    require_broker("RabbitMQ", AMQP_HOST, AMQP_PORT)
-    admin = RabbitAdmin()
-    try:
-        yield admin
-    finally:
-        admin.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from brokers import (
     RabbitAdmin,
     TcpProxy,
     assert_no_tasks_left,
-    require_broker,
     unique,
     wait_until,
 )
@@ -38,17 +37,6 @@ from bridge.status import ConnectionState
 pytestmark = pytest.mark.broker
 
 SINK = "rabbit"
-
-
-@pytest.fixture
-def rabbit() -> Iterator[RabbitAdmin]:
-    """The admin connection; queues and exchanges it tracks are deleted afterwards."""
-    require_broker("RabbitMQ", AMQP_HOST, AMQP_PORT)
-    admin = RabbitAdmin()
-    try:
-        yield admin
-    finally:
-        admin.close()
 
 
 def make_event(source: str, point: str, value: float | None, **fields: Any) -> Event:

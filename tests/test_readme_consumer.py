@@ -10,7 +10,6 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from brokers import (
     SETTLE,
     BridgeRun,
     RabbitAdmin,
-    require_broker,
     unique,
 )
 
@@ -39,17 +37,6 @@ def readme_consumer() -> str:
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match is not None, "README's Subscribing section has no Python example"
     return match.group(1)
-
-
-@pytest.fixture
-def rabbit() -> Iterator[RabbitAdmin]:
-    """The admin connection; queues and exchanges it tracks are deleted afterwards."""
-    require_broker("RabbitMQ", AMQP_HOST, AMQP_PORT)
-    admin = RabbitAdmin()
-    try:
-        yield admin
-    finally:
-        admin.close()
 
 
 async def test_readme_consumer_prints_every_event_once(tmp_path: Path,

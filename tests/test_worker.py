@@ -1,5 +1,5 @@
-"""Sources in worker processes: real child processes, against Mosquitto and the plant
-simulator, with the daemon's store and router as usual."""
+"""Sources and sinks in worker processes: real child processes, against Mosquitto, RabbitMQ
+and the plant simulator, with the daemon's store, router and outbox as usual."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from brokers import (
     MQTT_HOST,
     MQTT_PORT,
     BridgeRun,
+    RabbitAdmin,
     require_broker,
     unique,
     wait_until,
 )
+from test_amqp_sink import SINK, bodies, feed, make_event, write_bridge_config
 
 from bridge.config import load_config
 from bridge.demo import PORT_VARIABLE, load_demo_config
@@ -28,7 +30,7 @@ from bridge.errors import ConfigError
 from bridge.runtime import Runtime
 from bridge.simulator import PlantSimulator
 from bridge.status import ConnectionState, EndpointStatus
-from bridge.worker import WorkerSource
+from bridge.worker import SinkWorker, WorkerSource
 
 WITHIN = 20.0
 """Seconds: worker processes import the daemon's modules before they connect."""
@@ -107,7 +109,8 @@ async def test_shared_subscription_spreads_messages_over_workers_each_stored_onc
         stored = sorted(event.value for device in range(20)
                         for event in store.history(f"dev{device}.temp", limit=100))
         assert router.counters["events"] == 400
-        assert status.counters["readings"] == 400 and status.counters["events"] == 400
+        assert status.counters["readings"] == 400
+        assert status.counters["events"] == 400
     assert stored == list(range(400)), "every message stored exactly once"
     assert all(entry["readings"] > 0 for entry in entries), entries
     assert {event["protocol"] for event in (store_event.to_dict() for store_event in
@@ -206,3 +209,62 @@ async def test_a_modbus_source_in_a_worker_polls_reads_and_writes(
             runtime.stop()
             await task
     assert_gone([pid])
+
+
+# --- a sink in a worker process ------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_a_sink_worker_delivers_the_outbox_in_order_and_reports_its_figures(
+    tmp_path: Path, rabbit: RabbitAdmin
+) -> None:
+    queue = unique("fbtest.worker.")
+    config = write_bridge_config(tmp_path, rabbit, {"workers": 1, "topology": {
+        "queues": [{"name": queue}]}})
+    events = [make_event("plant", f"boiler.t{index % 7}", float(index)) for index in range(600)]
+    async with BridgeRun(config) as bridge:
+        running = bridge.sink(SINK)
+        assert isinstance(running.sink, SinkWorker)
+        await wait_until(lambda: running.status.state is ConnectionState.UP, WITHIN,
+                         f"the sink worker up ({running.status.last_error})")
+        pid = running.sink.pid
+        await feed(bridge, events)
+        await bridge.delivered(SINK, len(events), within=WITHIN)
+        entry = bridge.runtime.sink_entry(SINK)
+    received = rabbit.drain(queue, len(events))
+    assert [delivery.message_id for delivery in received] == [event.id for event in events]
+    assert bodies(received) == [event.to_dict() for event in events]
+    assert entry["counters"]["confirmed"] == len(events)
+    assert entry["outbox"]["events"] == 0
+    assert entry["details"]["worker_pid"] == pid
+    assert entry["details"]["window"] == 1000
+    assert pid is not None
+    assert_gone([pid])
+
+
+@pytest.mark.broker
+async def test_a_killed_sink_worker_loses_nothing(tmp_path: Path, rabbit: RabbitAdmin) -> None:
+    queue = unique("fbtest.worker.")
+    config = write_bridge_config(tmp_path, rabbit, {"workers": 1, "topology": {
+        "queues": [{"name": queue}]}})
+    first = [make_event("plant", "boiler.a", float(index)) for index in range(300)]
+    second = [make_event("plant", "boiler.b", float(index)) for index in range(300)]
+    async with BridgeRun(config) as bridge:
+        running = bridge.sink(SINK)
+        status = running.status
+        await wait_until(lambda: status.state is ConnectionState.UP, WITHIN, "the sink up")
+        await feed(bridge, first)
+        await bridge.delivered(SINK, len(first), within=WITHIN)
+        assert isinstance(running.sink, SinkWorker)
+        assert running.sink.pid is not None
+        killed = running.sink.pid
+        os.kill(killed, signal.SIGKILL)
+        # Stored while no worker runs: kept in the outbox for the next one.
+        await feed(bridge, second)
+        await wait_until(lambda: status.counters["reconnects"] >= 1, WITHIN, "the restart")
+        await wait_until(lambda: bridge.depth(SINK) == 0, WITHIN, "the outbox drained")
+    received = rabbit.drain(queue, len(first) + len(second))
+    ids = [delivery.message_id for delivery in received]
+    assert set(ids) == {event.id for event in first + second}
+    assert ids[-len(second):] == [event.id for event in second]
+    assert_gone([killed])
