@@ -56,8 +56,9 @@ STATUS_EVERY = 0.25
 """Seconds between a worker's status reports (sent only when something changed)."""
 MAX_UNSETTLED = 64
 """Batches with upstream messages a worker may have waiting to be stored before it waits."""
-STOP_GRACE = 5.0
-"""Seconds a worker process has to exit after SIGTERM before it is killed."""
+STOP_GRACE = 2.0
+"""Seconds a worker process has to exit after SIGTERM before it is killed (less than the
+runtime's own patience with a stopping task)."""
 CALL_TIMEOUT = 30.0
 """Seconds a relayed live read or write may take."""
 
@@ -341,7 +342,8 @@ def _forget(running: _Process, status: EndpointStatus) -> None:
 
 
 async def _stop_process(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM, then SIGKILL after ``STOP_GRACE``; waits until the process is gone."""
+    """SIGTERM, then SIGKILL after ``STOP_GRACE``; waits until the process is gone. Cancelled
+    meanwhile (a shutdown that ran out of patience), it kills the process at once."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
@@ -350,8 +352,12 @@ async def _stop_process(process: asyncio.subprocess.Process) -> None:
                 await process.wait()
         except TimeoutError:
             logger.warning("worker process %d did not stop on SIGTERM; killing it", process.pid)
+        except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            raise
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
     await process.wait()
 
 

@@ -28,6 +28,8 @@ class Consumer:
     def __init__(self, host: str, port: int, exchange: str) -> None:
         self.received = 0
         self.latencies: list[float] = []
+        self.in_bridge: list[float] = []
+        """From the daemon's receipt (``received_at``) to here: the bridge and RabbitMQ."""
         self.connection = pika.BlockingConnection(pika.ConnectionParameters(host, port))
         self.channel = self.connection.channel()
         self.channel.exchange_declare(exchange, "topic", durable=True)
@@ -41,23 +43,28 @@ class Consumer:
         arrived = datetime.now().timestamp()
         self.received += 1
         try:
-            stamp = json.loads(body)["ts"]
-            sent = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        except (ValueError, KeyError, TypeError):
+            event = json.loads(body)
+            sent = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+            received = datetime.fromisoformat(
+                event["received_at"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
         self.latencies.append((arrived - sent) * 1000)
+        self.in_bridge.append((arrived - received) * 1000)
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset."""
-        latencies = list(self.latencies)
+        latencies, in_bridge = list(self.latencies), list(self.in_bridge)
         return {"received": self.received, "latency_ms": {
             "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
-            "samples": len(latencies)}}
+            "samples": len(latencies)}, "from_received_ms": {
+            "p50": percentile(in_bridge, 0.5), "p99": percentile(in_bridge, 0.99)}}
 
     def reset(self) -> dict[str, Any]:
         """Zero the counters."""
         self.received = 0
         self.latencies = []
+        self.in_bridge = []
         return {"reset": True}
 
     def stop(self) -> None:

@@ -109,12 +109,12 @@ def source(port: int, devices: range | None, workers: int = 0) -> dict[str, Any]
 
 
 def config(mqtt_port: int, devices: range | None, with_sink: bool,
-           workers: int = 0) -> dict[str, Any]:
+           workers: int = 0, sink_workers: int = 0) -> dict[str, Any]:
     """The daemon's config."""
     document: dict[str, Any] = {"sources": [source(mqtt_port, devices, workers)]}
     if with_sink:
         document["sinks"] = [{"id": "rabbit", "protocol": "amqp", "host": "127.0.0.1",
-                              "exchange": {"name": EXCHANGE}}]
+                              "exchange": {"name": EXCHANGE}, "workers": sink_workers}]
     return document
 
 
