@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS history (
     id TEXT NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS latest_mark (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS history_point_seq ON history (point, seq);
 CREATE INDEX IF NOT EXISTS history_received_at ON history (received_at);
 CREATE INDEX IF NOT EXISTS history_id ON history (id);
@@ -90,6 +94,8 @@ class Store:
 
     PRUNE_EVERY = 30.0
     """Seconds between retention passes."""
+    LATEST_EVERY = 5.0
+    """Seconds between updates of the ``latest`` table (with a batch, in its transaction)."""
 
     def __init__(self, path: Path, retention: Retention, outbox: Outbox | None = None) -> None:
         self.path = path
@@ -101,6 +107,9 @@ class Store:
         self._reader: sqlite3.Connection | None = None
         self._rows: Counter[str] = Counter()
         self._last_prune = 0.0
+        self._latest: dict[str, tuple[str, float, str]] = {}
+        """Last values not yet in the ``latest`` table (on the writer thread)."""
+        self._last_latest = 0.0
         self.written = 0
         """Events written since open."""
 
@@ -123,6 +132,9 @@ class Store:
         # the last transactions.
         writer.execute("PRAGMA synchronous = NORMAL")
         writer.executescript(_SCHEMA)
+        # A store from before latest_mark kept latest up to date with every batch.
+        writer.execute("INSERT OR IGNORE INTO latest_mark (id, seq) "
+                       "SELECT 1, COALESCE(MAX(seq), 0) FROM history")
         for point, count in writer.execute("SELECT point, COUNT(*) FROM history GROUP BY point"):
             self._rows[point] = count
         if self.outbox is not None:
@@ -133,13 +145,24 @@ class Store:
         """Close both connections and stop the writer thread."""
         if self._executor is not None:
             if self._writer is not None:
-                self._executor.submit(self._writer.close).result()
+                self._executor.submit(self._close_writer).result()
                 self._writer = None
             self._executor.shutdown(wait=True)
             self._executor = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    def _close_writer(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        try:
+            with writer:
+                writer.execute("BEGIN")
+                self._flush_latest(writer, self._latest)
+            self._latest.clear()
+        finally:
+            writer.close()
 
     async def write(self, events: Sequence[Event], *, force: bool = False) -> int:
         """Store a batch of events, with their outbox rows, in one transaction, off the loop.
@@ -183,8 +206,8 @@ class Store:
         writer = self._writer
         assert writer is not None
         bodies = [event_to_json(event) for event in events]
-        latest: dict[str, tuple[str, float, str]] = {}
         inserted: OutboxInsert | None = None
+        now = time.monotonic()
         with writer:
             writer.execute("BEGIN")
             if self.outbox is not None:
@@ -192,27 +215,42 @@ class Store:
                 del events[inserted.taken:]
             rows = [(event.point, event.ts, event.received_at, event.id, body)
                     for event, body in zip(events, bodies, strict=False)]
-            for point, ts, _, _, body in rows:
-                latest[point] = (point, ts, body)
             writer.executemany(
                 "INSERT INTO history (point, ts, received_at, id, body) VALUES (?, ?, ?, ?, ?)",
                 rows)
-            writer.executemany(
-                "INSERT INTO latest (point, ts, body) VALUES (?, ?, ?) "
-                "ON CONFLICT (point) DO UPDATE SET ts = excluded.ts, body = excluded.body",
-                list(latest.values()))
+            fresh = {point: (point, ts, body) for point, ts, _, _, body in rows}
+            flush = now - self._last_latest >= self.LATEST_EVERY
+            if flush:
+                self._flush_latest(writer, {**self._latest, **fresh})
+        # Only values of a committed batch may reach the latest table later.
+        if flush:
+            self._latest.clear()
+            self._last_latest = now
+        else:
+            self._latest.update(fresh)
         sinks: frozenset[str] = frozenset()
         if inserted is not None and self.outbox is not None:
             self.outbox.committed(inserted)
             sinks = inserted.sinks
-        for event in events:
-            self._rows[event.point] += 1
+        self._rows.update(event.point for event in events)
         self.written += len(events)
-        now = time.monotonic()
         if now - self._last_prune >= self.PRUNE_EVERY:
             self._last_prune = now
             self._prune()
         return len(events), sinks
+
+    @staticmethod
+    def _flush_latest(writer: sqlite3.Connection,
+                      values: dict[str, tuple[str, float, str]]) -> None:
+        """Write ``values`` (every last value since the previous flush) to the ``latest``
+        table, inside the caller's transaction, and move its mark to the newest history."""
+        if not values:
+            return
+        writer.executemany(
+            "INSERT INTO latest (point, ts, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (point) DO UPDATE SET ts = excluded.ts, body = excluded.body",
+            list(values.values()))
+        writer.execute("UPDATE latest_mark SET seq = (SELECT COALESCE(MAX(seq), 0) FROM history)")
 
     def _prune(self) -> None:
         writer = self._writer
@@ -221,6 +259,8 @@ class Store:
         limit = self.retention.max_rows
         with writer:
             writer.execute("BEGIN")
+            # History after latest_mark holds last values the latest table does not have yet.
+            self._flush_latest(writer, self._latest)
             # By arrival time: a device clock that is off must not wipe its own history.
             writer.execute("DELETE FROM history WHERE received_at < ?", (cutoff,))
             for point, count in list(self._rows.items()):
@@ -230,6 +270,8 @@ class Store:
                     "DELETE FROM history WHERE point = ? AND seq <= ("
                     "SELECT seq FROM history WHERE point = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                     (point, point, limit))
+        self._latest.clear()
+        self._last_latest = time.monotonic()
         self._rows = Counter(dict(
             writer.execute("SELECT point, COUNT(*) FROM history GROUP BY point").fetchall()))
 
@@ -246,8 +288,15 @@ class Store:
 
     def latest(self) -> dict[str, Event]:
         """The last stored event of every point."""
-        rows = self._read().execute("SELECT body FROM latest").fetchall()
-        return {event.point: event for event in (event_from_json(body) for (body,) in rows)}
+        reader = self._read()
+        with reader:
+            # One read transaction: the table and the history after its mark agree.
+            reader.execute("BEGIN")
+            bodies = dict(reader.execute("SELECT point, body FROM latest").fetchall())
+            bodies.update(reader.execute(
+                "SELECT point, body FROM history "
+                "WHERE seq > (SELECT seq FROM latest_mark WHERE id = 1) ORDER BY seq"))
+        return {point: event_from_json(body) for point, body in bodies.items()}
 
     @property
     def is_open(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -155,6 +156,67 @@ async def test_restart_restores_latest(tmp_path: Path) -> None:
         routed = Router(second)
         routed.restore()
         assert routed.latest["a.p"].value == 42
+    finally:
+        second.close()
+
+
+async def test_last_values_survive_a_crash_between_updates_of_the_latest_table(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "fb.db"
+    first = Store(path, Retention(max_age=3600, max_rows=100))
+    first.open()
+    try:
+        await first.write([make_event("a.p", 1), make_event("b.p", 1)])  # latest updated
+        await first.write([make_event("a.p", 2)])  # too soon: only in history
+        await first.write([make_event("c.p", 3)])
+        with sqlite3.connect(path) as reader:
+            assert dict(reader.execute("SELECT point, json_extract(body, '$.value') "
+                                       "FROM latest")) == {"a.p": 1, "b.p": 1}
+        assert {point: event.value for point, event in first.latest().items()} == {
+            "a.p": 2, "b.p": 1, "c.p": 3}
+        # Opened again without the first one closing (as after kill -9): same last values.
+        second = Store(path, Retention(max_age=3600, max_rows=100))
+        second.open()
+        try:
+            routed = Router(second)
+            routed.restore()
+            assert {point: event.value for point, event in routed.latest.items()} == {
+                "a.p": 2, "b.p": 1, "c.p": 3}
+        finally:
+            second.close()
+    finally:
+        first.close()
+    with sqlite3.connect(path) as reader:  # closing brought the table up to date
+        assert dict(reader.execute("SELECT point, json_extract(body, '$.value') "
+                                   "FROM latest")) == {"a.p": 2, "b.p": 1, "c.p": 3}
+
+
+async def test_retention_keeps_last_values_not_yet_in_the_latest_table(store: Store) -> None:
+    now = time.time()
+    await store.write([make_event("a.p", 1)])
+    await store.write([make_event("old.p", 7, received_at=now - 7200)])  # only in history
+    await store.prune()
+    assert store.history_count("old.p") == 0
+    assert store.latest()["old.p"].value == 7
+
+
+async def test_a_store_from_before_the_latest_mark_opens_with_its_last_values(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "fb.db"
+    first = Store(path, Retention(max_age=3600, max_rows=100))
+    first.open()
+    await first.write([make_event("a.p", 1)])
+    first.close()
+    with sqlite3.connect(path) as older:
+        older.execute("DROP TABLE latest_mark")
+    second = Store(path, Retention(max_age=3600, max_rows=100))
+    second.open()
+    try:
+        assert second.latest()["a.p"].value == 1
+        await second.write([make_event("a.p", 2)])
+        assert second.latest()["a.p"].value == 2
     finally:
         second.close()
 
