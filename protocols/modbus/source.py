@@ -415,6 +415,9 @@ class ModbusSource(Source):
         self._client_factory = client_factory
         self._connection: _Connection | None = None
         self._units = {plan.id: plan.unit for plan in self.devices}
+        self._failing: dict[str, None] = {}
+        """Devices now degraded or down, oldest first (kept as they change: a poll must not
+        walk every device of the connection)."""
 
     def device_endpoints(self) -> dict[str, str]:
         """Each device as ``<endpoint>?unit=<id>``."""
@@ -574,16 +577,17 @@ class ModbusSource(Source):
                 status.down(reason, category)
             else:
                 status.degraded(reason, category)
-        failing = [
-            (name, child) for name, child in source_status.children.items()
-            if name in self._units and child.state in (
-                ConnectionState.DEGRADED, ConnectionState.DOWN)
-        ]
+        failing = self._failing
+        if status.state in (ConnectionState.DEGRADED, ConnectionState.DOWN):
+            failing.setdefault(status.name)
+        else:
+            failing.pop(status.name, None)
         if not failing:
             if source_status.state is not ConnectionState.UP:
                 source_status.up()
         elif source_status.state is ConnectionState.UP:
-            name, child = failing[0]
+            name = next(iter(failing))
+            child = source_status.children[name]
             source_status.degraded(f"device {name}: {child.last_error}",
                                    child.error_category or ErrorCategory.DEVICE)
 
@@ -599,6 +603,7 @@ class ModbusSource(Source):
         ]
         for plan in self.devices:
             context.status.child(plan.id).down(reason, category)
+            self._failing.setdefault(plan.id)
         if readings:
             await context.publish(readings)
 
