@@ -1,7 +1,8 @@
 """The router: stores events in batches, settles acknowledgements, fans events out.
 
 Sources hand in events through ``submit``; when more than ``max_pending`` events wait to be
-stored, ``submit`` waits, so a fast source slows down instead of growing memory. Storing a
+stored, ``submit`` waits, so a fast source slows down instead of growing memory. Batches are
+at least ``commit_interval`` apart: under load what arrives meanwhile is stored together. Storing a
 batch writes its history and its outbox rows in one transaction; only then are its upstream
 messages acknowledged, so an acknowledged message's events are always in the outbox. When a
 sink's outbox is full under the ``block`` policy, the router stores what fits and waits for a
@@ -38,10 +39,13 @@ class _Batch:
 class Router:
     """Routes events from sources to the store and to listeners, in order."""
 
-    def __init__(self, store: Store, *, max_pending: int = 20_000, max_batch: int = 5_000) -> None:
+    def __init__(self, store: Store, *, max_pending: int = 20_000, max_batch: int = 5_000,
+                 commit_interval: float = 0.0) -> None:
         self.store = store
         self.max_pending = max_pending
         self.max_batch = max_batch
+        self.commit_interval = commit_interval
+        """Seconds, at least, from the start of one batch's write to the next (group commit)."""
         self.latest: dict[str, Event] = {}
         """The last event of every point, kept in memory for the API."""
         self.counters: Counter[str] = Counter()
@@ -87,9 +91,17 @@ class Router:
         so nothing a source handed in is lost at shutdown.
         """
         flushing: asyncio.Task[bool] | None = None
+        loop = asyncio.get_running_loop()
+        started = -self.commit_interval
         try:
             while True:
                 await self._arrived.wait()
+                # Group commit: while batches follow each other closely, gather what arrives
+                # for the rest of the interval, so a busy store commits fewer, larger batches.
+                delay = started + self.commit_interval - loop.time()
+                if delay > 0 and self._pending < self.max_batch:
+                    await asyncio.sleep(delay)
+                started = loop.time()
                 outbox = self.store.outbox
                 generation = outbox.generation if outbox is not None else 0
                 flushing = asyncio.create_task(self._flush(), name="router.flush")

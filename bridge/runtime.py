@@ -77,7 +77,7 @@ class Runtime:
         self.store = Store(config.store_path, Retention(
             max_age=config.store.history_max_age, max_rows=config.store.history_max_rows),
             self.outbox)
-        self.router = Router(self.store)
+        self.router = Router(self.store, commit_interval=config.store.commit_interval)
         self.points: dict[str, ResolvedPoint] = config.point_index()
         self.sources: dict[str, RunningSource] = {}
         self.started_at = time.time()

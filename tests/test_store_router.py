@@ -229,3 +229,35 @@ def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
     broken = Store(blocker / "sub" / "fb.db", Retention(max_age=1, max_rows=1))
     with pytest.raises(StoreError, match="cannot open store"):
         broken.open()
+
+
+async def test_batches_arriving_within_the_commit_interval_are_committed_together(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    write = store.write
+
+    async def counting(events: list[Event], *, force: bool = False) -> int:
+        writes.append(len(events))
+        return await write(events, force=force)
+
+    monkeypatch.setattr(store, "write", counting)
+    routed = Router(store, commit_interval=0.2)
+    stored = asyncio.Event()
+    routed.add_listener(lambda events: stored.set())
+    task = asyncio.create_task(routed.run(), name="router")
+    try:
+        await routed.submit([make_event("a", 0.0)])
+        await stored.wait()  # the first after a quiet spell is committed at once
+        stored.clear()
+        for value in range(1, 5):
+            await routed.submit([make_event("a", float(value))])
+        while routed.counters["events"] < 5:
+            await stored.wait()
+            stored.clear()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert writes == [1, 4]
+    assert [event.value for event in store.history("a", newest_first=False)][-4:] == [
+        1.0, 2.0, 3.0, 4.0]
