@@ -99,12 +99,11 @@ def run(options: Options) -> ScenarioResult:
     ]
     result.notes.append(
         "Jitter: the daemon polls the devices sharing a connection at evenly spread phases of "
-        "their interval (commit 'Modbus: spread the polls of devices sharing a connection'); "
-        "what is left in the every-reading-an-event run are pauses of the event loop during "
-        "Python's full (generation 2) garbage collections, which walk every long-lived object "
-        "while 10,000 events/s are allocated. The gc.freeze() run shows they go away when the "
-        "objects that exist after start-up are frozen: a one-line change for the daemon's "
-        "start-up (bridge/cli.py or bridge/runtime.py), not made here.")
+        "their interval (commit 'Modbus: spread the polls of devices sharing a connection'). "
+        "The runtime freezes its start-up objects out of the garbage collector's full passes "
+        "(gc.freeze(), commit 'Runtime: freeze start-up objects out of the garbage "
+        "collector's full passes'); the gc.freeze() run repeats that from outside "
+        "(bench/experiments/gc_freeze) as a control.")
     result.baselines.append(Figure("daemon / pymodbus alone CPU (report by exception)",
                                    runs["change"]["share"] / raw_share if raw_share else None,
                                    "x"))
