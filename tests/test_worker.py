@@ -268,3 +268,35 @@ async def test_a_killed_sink_worker_loses_nothing(tmp_path: Path, rabbit: Rabbit
     assert set(ids) == {event.id for event in first + second}
     assert ids[-len(second):] == [event.id for event in second]
     assert_gone([killed])
+
+
+@pytest.mark.broker
+async def test_a_reload_that_changes_a_worker_source_replaces_its_processes(
+    tmp_path: Path, prefix: str, publisher: aiomqtt.Client
+) -> None:
+    path = write_bridge(tmp_path, mqtt_source(prefix, workers=1))
+    async with BridgeRun(path) as run:
+        status = run.runtime.sources["telemetry"].status
+        await workers_up(status, 1)
+        (old,) = workers_of(status)
+        write_bridge(tmp_path, mqtt_source(prefix, workers=2, tags={"site": "north"}))
+        changes = await run.runtime.reload()
+        assert changes == ["source telemetry: restarted"]
+        status = run.runtime.sources["telemetry"].status
+        await workers_up(status, 2)
+        assert_gone([old["pid"]])
+        await publisher.publish(f"{prefix}/boiler/t", json.dumps({"t": 5}), qos=1)
+        router = run.runtime.router
+        await wait_until(lambda: "boiler.temp" in router.latest, WITHIN, "an event after reload")
+        assert router.latest["boiler.temp"].tags == {"site": "north"}
+        pids = [entry["pid"] for entry in workers_of(status)]
+    assert_gone(pids)
+
+
+def test_a_share_group_is_one_topic_level(tmp_path: Path) -> None:
+    path = write_bridge(tmp_path, {**mqtt_source("plant", share_group="a/b")})
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    (issue,) = raised.value.issues
+    assert issue.path == "sources[0].share_group"
+    assert issue.line is not None
