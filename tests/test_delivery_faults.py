@@ -133,14 +133,16 @@ async def produce(bridge: BridgeRun, produced: list[Event], stop: asyncio.Event)
 
 
 @pytest.mark.stops_broker
-async def test_broker_outage_loses_nothing(tmp_path: Path, record_property: Any) -> None:
+@pytest.mark.parametrize("sink_workers", [0, 1], ids=["in-process", "sink-worker"])
+async def test_broker_outage_loses_nothing(tmp_path: Path, record_property: Any,
+                                           sink_workers: int) -> None:
     control = rabbitmqctl()
     exchange, queue = unique("fbtest.outage."), unique("fbtest.outage.")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
         "api": {"enabled": False},
-        "sinks": [sink_section(exchange, queue)],
+        "sinks": [{**sink_section(exchange, queue), "workers": sink_workers}],
     }), encoding="utf-8")
     produced: list[Event] = []
     stop = asyncio.Event()
@@ -183,7 +185,8 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, record_property: Any)
     duplicates = check_delivery(deliveries, [event.id for event in produced],
                                 {event.id: event.point for event in produced})
     assert duplicates <= republished
-    report(record_property, "broker outage", len(produced), duplicates)
+    report(record_property, f"broker outage ({'sink worker' if sink_workers else 'in-process'})",
+           len(produced), duplicates)
 
 
 # --- daemon killed -------------------------------------------------------------------------
