@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +24,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from bridge.errors import BridgeError
 from bridge.model import Event, Quality, parse_timestamp
 from bridge.outbox import Outbox, OutboxInsert
+
+logger = logging.getLogger(__name__)
 
 _Parameters = ParamSpec("_Parameters")
 _Result = TypeVar("_Result")
@@ -96,6 +100,13 @@ class Store:
     """Seconds between retention passes."""
     LATEST_EVERY = 5.0
     """Seconds between updates of the ``latest`` table (with a batch, in its transaction)."""
+    CHECKPOINT_EVERY: float | None = 1.0
+    """Seconds between checkpoints of the write-ahead log, made by a thread of their own so the
+    writer never waits for one (they copy pages and sync the files); ``None``: SQLite's own
+    checkpoints, made by the writer whenever the log reaches 1,000 pages."""
+    FALLBACK_CHECKPOINT_PAGES = 16_384
+    """The writer still checkpoints when the log reaches this many pages (64 MiB), should the
+    checkpoint thread fall behind."""
 
     def __init__(self, path: Path, retention: Retention, outbox: Outbox | None = None) -> None:
         self.path = path
@@ -112,6 +123,8 @@ class Store:
         self._last_latest = 0.0
         self.written = 0
         """Events written since open."""
+        self._checkpointing: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
 
     def open(self) -> None:
         """Create the database if needed and open both connections."""
@@ -121,6 +134,12 @@ class Store:
             self._executor.submit(self._open_writer).result()
             self._reader = sqlite3.connect(self.path, check_same_thread=False)
             self._reader.execute("PRAGMA query_only = ON")
+            if self.CHECKPOINT_EVERY is not None:
+                self._stop_checkpoints.clear()
+                self._checkpointing = threading.Thread(
+                    target=self._checkpoint, args=(self.CHECKPOINT_EVERY,),
+                    name="store-checkpoint", daemon=True)
+                self._checkpointing.start()
         except (OSError, sqlite3.Error) as exc:
             self.close()
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
@@ -131,6 +150,8 @@ class Store:
         # NORMAL in WAL mode survives a process crash (kill -9); only power loss can undo
         # the last transactions.
         writer.execute("PRAGMA synchronous = NORMAL")
+        if self.CHECKPOINT_EVERY is not None:
+            writer.execute(f"PRAGMA wal_autocheckpoint = {self.FALLBACK_CHECKPOINT_PAGES}")
         writer.executescript(_SCHEMA)
         # A store from before latest_mark kept latest up to date with every batch.
         writer.execute("INSERT OR IGNORE INTO latest_mark (id, seq) "
@@ -141,8 +162,27 @@ class Store:
             self.outbox.open(writer)
         self._writer = writer
 
+    def _checkpoint(self, every: float) -> None:
+        """Copy the write-ahead log into the database every ``every`` seconds (PASSIVE: never
+        waits for the writer or the readers; what it cannot copy now it copies next time)."""
+        connection = sqlite3.connect(self.path)
+        try:
+            while not self._stop_checkpoints.wait(every):
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    # Busy or short of disk: the writer's fallback checkpoint still bounds the
+                    # log, and the next pass tries again.
+                    logger.debug("store checkpoint failed", exc_info=True)
+        finally:
+            connection.close()
+
     def close(self) -> None:
-        """Close both connections and stop the writer thread."""
+        """Close both connections and stop the writer and checkpoint threads."""
+        if self._checkpointing is not None:
+            self._stop_checkpoints.set()
+            self._checkpointing.join()
+            self._checkpointing = None
         if self._executor is not None:
             if self._writer is not None:
                 self._executor.submit(self._close_writer).result()

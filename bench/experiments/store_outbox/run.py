@@ -113,12 +113,17 @@ async def run(total: int, batch: int, rate: float | None, sink_on: bool) -> dict
 
 
 def main() -> None:
+    """Run once and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rate", type=float, default=None, help="events/s (paced)")
     parser.add_argument("--no-sink", action="store_true")
+    parser.add_argument("--writer-checkpoints", action="store_true",
+                        help="let the writer checkpoint (SQLite's default), not a thread")
     options = parser.parse_args()
+    if options.writer_checkpoints:
+        Store.CHECKPOINT_EVERY = None
     result = asyncio.run(run(options.events, options.batch, options.rate, not options.no_sink))
     print(" ".join(f"{key}={value:,.2f}" for key, value in result.items()))
 
