@@ -68,7 +68,11 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--commit-interval", type=float, default=None,
                         help="store.commit_interval (default: the daemon's)")
+    parser.add_argument("--writer-checkpoints", action="store_true",
+                        help="let the writer checkpoint (SQLite's default), not a thread")
     options = parser.parse_args()
+    if options.writer_checkpoints:
+        Store.CHECKPOINT_EVERY = None
     _hook()
     with workdir("latency") as directory, mosquitto(directory) as port:
         document = config(port, None, True)
