@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -34,7 +35,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,15 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
         return pickle.loads(await reader.readexactly(size))
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise EOFError from exc
+
+
+async def _frames(reader: asyncio.StreamReader) -> AsyncIterator[Any]:
+    """Every message until the other end closes the socket."""
+    while True:
+        try:
+            yield await _read_frame(reader)
+        except EOFError:
+            return
 
 
 def _event_row(event: Event) -> tuple[object, ...]:
@@ -219,14 +229,8 @@ class WorkerSource(Source):
         running = _Process(index, process.pid, writer, Counter())
         self.processes[index] = running
         try:
-            writer.write(_frame(("source", WorkerSpec(
-                self.spec.source, self.spec.points, self.spec.bridge_id, self.spec.state_dir,
-                self.spec.config_dir, index))))
-            while True:
-                try:
-                    message = await _read_frame(reader)
-                except EOFError:
-                    break
+            writer.write(_frame(("source", dataclasses.replace(self.spec, index=index))))
+            async for message in _frames(reader):
                 kind = message[0]
                 if kind == "events":
                     _, batch, rows = message
@@ -235,7 +239,7 @@ class WorkerSource(Source):
                         [(_Stored(writer, batch), None)] if batch else [])
                     await submit(events, settlements)
                 elif kind == "status":
-                    self._mirror(running, message[1], context.status)  # details unused
+                    self._mirror(running, message[1], context.status)
                 elif kind == "reply":
                     _, call, ok, payload = message
                     reply = self._replies.pop(call, None)
@@ -421,11 +425,7 @@ class SinkWorker(Sink):
                                          name=f"sink-worker[{self.id}].announce")
         try:
             writer.write(_frame(("sink", self.spec)))
-            while True:
-                try:
-                    message = await _read_frame(reader)
-                except EOFError:
-                    break
+            async for message in _frames(reader):
                 kind = message[0]
                 if kind == "status":
                     _, snapshot, details = message
@@ -552,11 +552,7 @@ class _Worker:
 
     async def listen(self, reader: asyncio.StreamReader, group: asyncio.TaskGroup) -> None:
         """Take the daemon's messages until it closes the socket."""
-        while True:
-            try:
-                message = await _read_frame(reader)
-            except EOFError:
-                return
+        async for message in _frames(reader):
             if message[0] == "stored":
                 await self.stored(message[1])
             elif message[0] == "call":
@@ -639,11 +635,7 @@ async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
                 name=f"{sink.protocol}[{sink.id}].sink")
             reporting = group.create_task(
                 _report(writer, status, sink.details), name="status")
-            while True:
-                try:
-                    message = await _read_frame(reader)
-                except EOFError:
-                    break
+            async for message in _frames(reader):
                 if message[0] == "reply":
                     outbox.answered(message[1], message[2])
                 elif message[0] == "arrivals":

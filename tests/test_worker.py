@@ -3,6 +3,8 @@ and the plant simulator, with the daemon's store, router and outbox as usual."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -188,12 +190,10 @@ async def test_a_modbus_source_in_a_worker_polls_reads_and_writes(
         demo = load_demo_config(state_dir=tmp_path / "state", api_port=0)
         sources = [source.model_copy(update={"workers": 1}) if source.enabled else source
                    for source in demo.sources]
-        config = type(demo)(**{**demo.__dict__, "sources": sources})
+        config = dataclasses.replace(demo, sources=sources)
         runtime = Runtime(config)
         running = next(each for each in runtime.sources.values() if each.enabled)
         assert isinstance(running.unit.source, WorkerSource)
-        import asyncio
-
         task = asyncio.create_task(runtime.run(serve_api=False))
         try:
             status = running.status
