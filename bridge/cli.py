@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from bridge import __version__
-from bridge.config import load_config, root_model
+from bridge.config.loader import load_config, root_model
 from bridge.errors import BridgeError, ConfigError
 
 logger = logging.getLogger("bridge")
@@ -130,23 +130,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(root_model().model_json_schema(), indent=2))
             return 0
         if arguments.command == "event-schema":
-            from bridge.schema import event_schema
+            from bridge.core.schema import event_schema
 
             print(json.dumps(event_schema(), indent=2))
             return 0
         if arguments.command == "config-reference":
-            from bridge.reference import render
+            from bridge.config.reference import render
 
             print(render(), end="")
             return 0
         if arguments.command == "hash-key":
             return _hash_key(arguments.stdin)
         if arguments.command == "worker":
-            from bridge.worker import run_worker
+            from bridge.pipeline.worker import run_worker
 
             return run_worker(arguments.fd)
         if arguments.command == "demo":
-            from bridge.demo import run_demo
+            from bridge.demo.run import run_demo
 
             return asyncio.run(run_demo(port=arguments.port, state_dir=arguments.state_dir,
                                         opcua=arguments.opcua))

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
-from bridge.yamlsource import KeyPath
+from bridge.config.yamlsource import KeyPath
 
 if TYPE_CHECKING:
-    from bridge.config import ProfileBase, ResolvedPoint, SinkBase, SourceBase
-    from bridge.sink import Sink
-    from bridge.source import BuildContext, SourceUnit
+    from bridge.config.models import ProfileBase, ResolvedPoint, SinkBase, SourceBase
+    from bridge.pipeline.sink import Sink
+    from bridge.pipeline.source import BuildContext, SourceUnit
 
 
 def _no_points(source: SourceBase, path: KeyPath) -> list[ResolvedPoint]:

@@ -12,18 +12,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.config import Config, ResolvedPoint, SourceBase, load_config
+from bridge.config.loader import load_config
+from bridge.config.models import Config, ResolvedPoint, SourceBase
+from bridge.core.model import Reading
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError
-from bridge.model import Reading
-from bridge.notify import notify, watchdog_interval
-from bridge.outbox import Outbox, OutboxLimits
+from bridge.pipeline.notify import notify, watchdog_interval
+from bridge.pipeline.outbox import Outbox, OutboxLimits
+from bridge.pipeline.router import Router
+from bridge.pipeline.sink import Sink, SinkContext, SinkOutbox
+from bridge.pipeline.source import BuildContext, SourceContext, SourceUnit, map_readings
+from bridge.pipeline.store import Retention, Store
+from bridge.pipeline.supervisor import Backoff, source_status, supervise
 from bridge.registry import protocols
-from bridge.router import Router
-from bridge.sink import Sink, SinkContext, SinkOutbox
-from bridge.source import BuildContext, SourceContext, SourceUnit, map_readings
-from bridge.status import EndpointStatus
-from bridge.store import Retention, Store
-from bridge.supervisor import Backoff, source_status, supervise
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Runtime:
             assert build_sink is not None  # the config model exists only with a builder
             sink = build_sink(sink_config, context)
             if sink_config.workers:
-                from bridge.worker import SinkWorker, SinkWorkerSpec
+                from bridge.pipeline.worker import SinkWorker, SinkWorkerSpec
 
                 sink = SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
                                                        config.state_dir, config.path.parent))
@@ -99,7 +100,7 @@ class Runtime:
         points = config.points[source_config.id]
         unit = spec.build(source_config, points, self._build_context)
         if source_config.workers:
-            from bridge.worker import build_worker_unit
+            from bridge.pipeline.worker import build_worker_unit
 
             unit = build_worker_unit(unit, source_config, points, self._build_context)
         status = source_status(unit)
@@ -210,7 +211,7 @@ class Runtime:
     async def _run(self, serve_api: bool) -> None:
         server = None
         if serve_api and self.config.api.enabled:
-            from bridge.api import ApiServer
+            from bridge.api.app import ApiServer
 
             server = ApiServer(self)
             await server.start()  # before the task group: a busy port is a plain error

@@ -27,11 +27,11 @@ import pika.exceptions
 import pytest
 import yaml
 
-from bridge.config import load_config
-from bridge.model import Event, Settlement
+from bridge.config.loader import load_config
+from bridge.core.model import Event, Settlement
+from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.pipeline.supervisor import Backoff, supervise
 from bridge.runtime import RunningSink, Runtime
-from bridge.status import ConnectionState, EndpointStatus
-from bridge.supervisor import Backoff, supervise
 
 MQTT_HOST = os.environ.get("FIELDBRIDGE_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("FIELDBRIDGE_TEST_MQTT_PORT", "1883"))

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from bridge.core.model import Event, Quality, Reading
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError
-from bridge.model import Event, Quality, Reading
-from bridge.source import Source, SourceContext, SourceUnit
-from bridge.status import EndpointStatus
-from bridge.supervisor import Backoff, supervise
+from bridge.pipeline.source import Source, SourceContext, SourceUnit
+from bridge.pipeline.supervisor import Backoff, supervise
 
 WAIT = 10.0
 """Seconds any awaited condition may take before a test fails."""

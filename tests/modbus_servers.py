@@ -25,9 +25,9 @@ from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
+from bridge.pipeline.source import BuildContext, SourceUnit
 from bridge.registry import protocols
-from bridge.source import BuildContext, SourceUnit
 from protocols.modbus import ModbusSource
 
 WAIT = helpers.WAIT

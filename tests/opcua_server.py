@@ -1,6 +1,6 @@
 """Real OPC-UA peers for tests, in the test's event loop, on free loopback ports.
 
-- ``PlantServer`` (from ``protocols.opcua.server``) is the server; ``VARIABLES`` is the
+- ``PlantServer`` (from ``bridge.demo.opcua_plant``) is the server; ``VARIABLES`` is the
   address space the tests use;
 - ``make_certificate``: a self-signed application certificate and key, as files;
 - ``ServerRecorder``: what a server was asked (Read batches, monitored item requests);
@@ -28,11 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bridge.source import BuildContext
+from bridge.demo.opcua_plant import PlantServer
+from bridge.pipeline.source import BuildContext
 from protocols.opcua import OpcuaSource, OpcuaSourceConfig, build
 from protocols.opcua.config import source_points
 from protocols.opcua.security import thumbprint
-from protocols.opcua.server import PlantServer
 
 WAIT = helpers.WAIT
 """Generous bound for anything a test waits for; normally reached in milliseconds."""

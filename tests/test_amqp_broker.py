@@ -19,9 +19,9 @@ from brokers import (
     write_config,
 )
 
+from bridge.core.model import Quality
+from bridge.core.status import ConnectionState
 from bridge.errors import ErrorCategory
-from bridge.model import Quality
-from bridge.status import ConnectionState
 
 pytestmark = pytest.mark.broker
 

@@ -9,11 +9,11 @@ import pika.exceptions
 import pytest
 from brokers import write_config
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
+from bridge.core.model import Reading
+from bridge.core.payload import MessageMapper
 from bridge.errors import ConfigError, ConnectorError, DecodeError
-from bridge.model import Reading
-from bridge.payload import MessageMapper
-from bridge.source import BuildContext
+from bridge.pipeline.source import BuildContext
 from protocols.amqp import SPEC, AmqpAcknowledger, AmqpSourceConfig
 from protocols.amqp.connection import closed_error, connection_parameters, open_error
 from protocols.amqp.mapping import message_variables

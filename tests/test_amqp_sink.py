@@ -29,10 +29,10 @@ from brokers import (
 )
 from helpers import free_port
 
+from bridge.api.metrics import render
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.core.status import ConnectionState
 from bridge.errors import ErrorCategory
-from bridge.metrics import render
-from bridge.model import Event, Quality, new_event_id
-from bridge.status import ConnectionState
 
 pytestmark = pytest.mark.broker
 

@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bridge import __version__, api
-from bridge.api import (
+from bridge import __version__
+from bridge.api import app as api
+from bridge.api.app import (
     ApiServer,
     ApiServerError,
     History,
@@ -35,13 +36,14 @@ from bridge.api import (
     create_app,
     parse_time,
 )
-from bridge.config import PointBase, ReportSpec, ResolvedPoint, load_config
+from bridge.api.metrics import Family, escape_label
+from bridge.config.loader import load_config
+from bridge.config.models import PointBase, ReportSpec, ResolvedPoint
+from bridge.core.model import Event, Quality, Reading, new_event_id
+from bridge.core.status import EndpointStatus
 from bridge.errors import ErrorCategory
-from bridge.metrics import Family, escape_label
-from bridge.model import Event, Quality, Reading, new_event_id
+from bridge.pipeline.source import Source, SourceContext, SourceUnit
 from bridge.runtime import RunningSource, Runtime
-from bridge.source import Source, SourceContext, SourceUnit
-from bridge.status import EndpointStatus
 
 READ_KEY = "read-key-0123456789abcdef"
 WRITE_KEY = "write-key-0123456789abcdef"

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.api import ApiServer, create_app
-from bridge.config import load_config
-from bridge.model import Event, Quality, new_event_id
+from bridge.api.app import ApiServer, create_app
+from bridge.api.stream import StreamSettings
+from bridge.config.loader import load_config
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.pipeline.store import Retention, Store, event_to_json
 from bridge.runtime import Runtime
-from bridge.store import Retention, Store, event_to_json
-from bridge.stream import StreamSettings
 
 READ_KEY = "read-key-0123456789abcdef"
 SETTLE = 10.0
@@ -449,7 +449,7 @@ async def test_a_slow_consumer_is_dropped_with_a_reason_and_can_resume(
             assert [message.id for message in await reader.events(2)] == [
                 event.id for event in head]
             # One stored batch larger than the client's queue: it cannot keep up.
-            with caplog.at_level(logging.WARNING, logger="bridge.stream"):
+            with caplog.at_level(logging.WARNING, logger="bridge.api.stream"):
                 await bridge.feed(burst)
                 rest = await reader.rest()
         assert [message.event for message in rest] == ["error"]
@@ -494,7 +494,7 @@ async def test_a_client_that_reads_nothing_is_dropped(
     try:
         fed = 0
         hub = bridge.server.context.hub
-        with caplog.at_level(logging.WARNING, logger="bridge.stream"):
+        with caplog.at_level(logging.WARNING, logger="bridge.api.stream"):
             async with asyncio.timeout(SETTLE * 3):
                 # Until the socket's buffers are full and the stream stops taking events:
                 # its queue overflowed, or a write waited longer than send_timeout.

@@ -19,15 +19,16 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.api import EventModel, WriteResult, create_app
-from bridge.config import ApiKey, Config, PointBase, ReportSpec, ResolvedPoint, load_config
-from bridge.demo import PORT_VARIABLE, load_demo_config
+from bridge.api.app import EventModel, WriteResult, create_app
+from bridge.config.loader import load_config
+from bridge.config.models import ApiKey, Config, PointBase, ReportSpec, ResolvedPoint
+from bridge.core.model import Event, Reading, Value
+from bridge.core.status import EndpointStatus
+from bridge.demo.run import PORT_VARIABLE, load_demo_config
+from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ErrorCategory, WriteError
-from bridge.model import Event, Reading, Value
+from bridge.pipeline.source import Source, SourceContext, SourceUnit
 from bridge.runtime import RunningSource, Runtime
-from bridge.simulator import PlantSimulator
-from bridge.source import Source, SourceContext, SourceUnit
-from bridge.status import EndpointStatus
 
 SETTLE = 10.0
 """Seconds any awaited condition may take before the test fails."""
@@ -291,7 +292,7 @@ async def test_live_reads_through_opcua(
 ) -> None:
     from datetime import UTC, datetime
 
-    from protocols.opcua.server import PlantServer
+    from bridge.demo.opcua_plant import PlantServer
 
     async with PlantSimulator(port=0, interval=0.2) as simulator, PlantServer(port=0) as server:
         monkeypatch.setenv(PORT_VARIABLE, str(simulator.port))
@@ -327,7 +328,7 @@ async def test_live_reads_through_opcua(
 
 def datetime_seconds(text: str) -> float:
     """ISO 8601 to POSIX seconds."""
-    from bridge.model import parse_timestamp
+    from bridge.core.model import parse_timestamp
 
     return parse_timestamp(text)
 

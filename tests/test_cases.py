@@ -41,11 +41,12 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import Config, DeviceSourceBase, load_config
+from bridge.config.loader import load_config
+from bridge.config.models import Config, DeviceSourceBase
+from bridge.core.model import Event, Quality, Reading
 from bridge.errors import ConfigError
-from bridge.model import Event, Quality, Reading
+from bridge.pipeline.source import BuildContext, Mapper
 from bridge.registry import protocols
-from bridge.source import BuildContext, Mapper
 from protocols.modbus.mapping import BlockAddress
 
 CASES = Path(__file__).resolve().parent / "cases"

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from bridge.codec import (
+from bridge.core.codec import (
     BYTE_ORDERS,
     DataType,
     compile_bytes_decoder,
@@ -15,8 +15,8 @@ from bridge.codec import (
     compile_register_encoder,
     register_count,
 )
+from bridge.core.model import Value
 from bridge.errors import DecodeError
-from bridge.model import Value
 
 SAMPLES: dict[DataType, list[Value]] = {
     "bool": [True, False],

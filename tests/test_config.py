@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
 from bridge.errors import ConfigError
 
 MAIN = """\

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
 from bridge.errors import ConfigError, ConfigIssue
 from protocols.modbus.config import ModbusPoint, ModbusSourceConfig, modicon_table
 

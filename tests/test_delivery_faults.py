@@ -39,8 +39,8 @@ from brokers import (
     wait_until,
 )
 
-from bridge.model import Event, Quality, message_event_id, new_event_id
-from bridge.status import ConnectionState
+from bridge.core.model import Event, Quality, message_event_id, new_event_id
+from bridge.core.status import ConnectionState
 
 pytestmark = pytest.mark.broker
 

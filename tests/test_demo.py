@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.demo import PORT_VARIABLE, demo_config_path
+from bridge.demo.run import PORT_VARIABLE, demo_config_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 STARTUP = 30.0

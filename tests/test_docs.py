@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 from bridge.cli import main
-from bridge.model import Event, Quality, new_event_id
-from bridge.reference import END, START, render
-from bridge.schema import event_schema
+from bridge.config.reference import END, START, render
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.core.schema import event_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from bridge.config import PointBase, ReportSpec, ResolvedPoint
-from bridge.mapping import PointProgram
-from bridge.model import Quality
+from bridge.config.models import PointBase, ReportSpec, ResolvedPoint
+from bridge.core.mapping import PointProgram
+from bridge.core.model import Quality
 
 
 def _program(report: dict[str, Any] | None = None, **spec: Any) -> PointProgram:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bridge.model import isoformat, parse_timestamp
+from bridge.core.model import isoformat, parse_timestamp
 
 
 def reference(timestamp: float) -> str:

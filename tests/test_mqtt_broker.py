@@ -25,11 +25,11 @@ from brokers import (
 )
 from helpers import free_port
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
+from bridge.core.model import Event, Quality
+from bridge.core.status import ConnectionState
 from bridge.errors import ErrorCategory
-from bridge.model import Event, Quality
 from bridge.runtime import Runtime
-from bridge.status import ConnectionState
 
 pytestmark = pytest.mark.broker
 

@@ -14,11 +14,11 @@ from helpers import free_port
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
+from bridge.core.model import Reading
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError, ConnectorError, ErrorCategory
-from bridge.model import Reading
-from bridge.source import BuildContext, SourceContext
-from bridge.status import EndpointStatus
+from bridge.pipeline.source import BuildContext, SourceContext
 from protocols.mqtt import SPEC, MqttAcknowledger, MqttSource, MqttSourceConfig
 from protocols.mqtt.source import _connector_error
 

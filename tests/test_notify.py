@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_no_other_tasks
 
-from bridge.config import load_config
-from bridge.notify import notify, watchdog_interval
+from bridge.config.loader import load_config
+from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.runtime import Runtime
 
 SETTLE = 10.0
@@ -161,6 +161,6 @@ def test_unreachable_socket_is_a_warning_not_a_crash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    with caplog.at_level(logging.WARNING, logger="bridge.notify"):
+    with caplog.at_level(logging.WARNING, logger="bridge.pipeline.notify"):
         assert notify("READY=1") is False
     assert "cannot notify systemd" in caplog.text

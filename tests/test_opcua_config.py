@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import load_config, root_model
+from bridge.config.loader import load_config, root_model
 from bridge.errors import ConfigError, ConfigIssue
 from protocols.opcua import OpcuaPoint, OpcuaSourceConfig
 from protocols.opcua.config import redact_url

@@ -11,9 +11,9 @@ import pytest
 from asyncua import ua
 from asyncua.ua.uaerrors import BadIdentityTokenRejected, BadTimeout, UaError
 
-from bridge.config import ReportSpec, ResolvedPoint
+from bridge.config.models import ReportSpec, ResolvedPoint
+from bridge.core.model import Quality, Reading
 from bridge.errors import DecodeError, ErrorCategory, WriteError
-from bridge.model import Quality, Reading
 from protocols.opcua import OpcuaMapper, OpcuaPoint
 from protocols.opcua.mapping import normalize
 from protocols.opcua.source import (

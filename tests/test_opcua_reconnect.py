@@ -12,10 +12,10 @@ import pytest
 from helpers import free_port
 from opcua_server import VARIABLES, FreezingProxy, SourceRunner, settle_tasks, source_config
 
+from bridge.core.model import Quality
+from bridge.core.status import ConnectionState
+from bridge.demo.opcua_plant import PlantServer
 from bridge.errors import ErrorCategory
-from bridge.model import Quality
-from bridge.status import ConnectionState
-from protocols.opcua.server import PlantServer
 
 
 @pytest.fixture(autouse=True)

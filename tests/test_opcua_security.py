@@ -23,8 +23,9 @@ from opcua_server import (
     source_config,
 )
 
+from bridge.core.model import Quality
+from bridge.demo.opcua_plant import PlantServer, ServerSecurity
 from bridge.errors import ErrorCategory
-from bridge.model import Quality
 from protocols.opcua.security import (
     CERTIFICATE_FILE,
     KEY_FILE,
@@ -32,7 +33,6 @@ from protocols.opcua.security import (
     read_material,
     thumbprint,
 )
-from protocols.opcua.server import PlantServer, ServerSecurity
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

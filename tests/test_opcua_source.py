@@ -17,10 +17,10 @@ from asyncua import ua
 from helpers import free_port
 from opcua_server import VARIABLES, ServerRecorder, SourceRunner, settle_tasks, source_config
 
+from bridge.core.model import Quality
+from bridge.core.status import ConnectionState
+from bridge.demo.opcua_plant import NAMESPACE_URI, PlantServer
 from bridge.errors import ErrorCategory, WriteError
-from bridge.model import Quality
-from bridge.status import ConnectionState
-from protocols.opcua.server import NAMESPACE_URI, PlantServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

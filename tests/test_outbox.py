@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from brokers import wait_until
 
-from bridge.model import Event, Quality, new_event_id
-from bridge.outbox import Outbox, OutboxLimits, OutboxRoute
-from bridge.router import Router
-from bridge.sink import EventSelector, SinkOutbox
-from bridge.store import Retention, Store, event_to_json
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.pipeline.outbox import Outbox, OutboxLimits, OutboxRoute
+from bridge.pipeline.router import Router
+from bridge.pipeline.sink import EventSelector, SinkOutbox
+from bridge.pipeline.store import Retention, Store, event_to_json
 
 SINK = "rabbit"
 
@@ -291,7 +291,7 @@ async def test_a_full_read_does_not_let_the_feed_skip_rows(tmp_path: Path) -> No
 async def test_the_feed_falls_back_to_the_table_after_it_overflowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("bridge.outbox.FEED_ROWS", 3)
+    monkeypatch.setattr("bridge.pipeline.outbox.FEED_ROWS", 3)
     store = open_store(tmp_path / "fb.db", OutboxLimits(100, 1 << 20), [route()])
     try:
         sink = SinkOutbox(store, SINK)

@@ -10,12 +10,18 @@ from typing import Any
 import pytest
 from brokers import write_config
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
+from bridge.core.model import Quality, Reading, parse_timestamp
+from bridge.core.payload import (
+    AMQP_ROUTING_KEY,
+    MQTT_TOPIC,
+    AddressPattern,
+    MessageMapper,
+    Template,
+)
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError, DecodeError
-from bridge.model import Quality, Reading, parse_timestamp
-from bridge.payload import AMQP_ROUTING_KEY, MQTT_TOPIC, AddressPattern, MessageMapper, Template
-from bridge.source import BuildContext
-from bridge.status import EndpointStatus
+from bridge.pipeline.source import BuildContext
 from protocols.mqtt import SPEC
 
 RECEIVED = 1_700_000_000.0

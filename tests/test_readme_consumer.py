@@ -23,7 +23,7 @@ from brokers import (
     unique,
 )
 
-from bridge.model import Event, Quality, isoformat, new_event_id
+from bridge.core.model import Event, Quality, isoformat, new_event_id
 
 pytestmark = pytest.mark.broker
 

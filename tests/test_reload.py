@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_no_other_tasks
 
-from bridge.config import load_config
+from bridge.config.loader import load_config
+from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ConfigError
 from bridge.runtime import Runtime
-from bridge.simulator import PlantSimulator
 
 SOURCE = """\
   - id: {id}

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from helpers import assert_no_other_tasks
 
-from bridge.config import Config
-from bridge.demo import PORT_VARIABLE, load_demo_config
-from bridge.model import Event, Quality, Value
+from bridge.config.models import Config
+from bridge.core.model import Event, Quality, Value
+from bridge.demo.run import PORT_VARIABLE, load_demo_config
+from bridge.demo.simulator import PlantSimulator
 from bridge.runtime import Runtime
-from bridge.simulator import PlantSimulator
 
 DEMO_POINTS = {
     f"boiler.{name}" for name in (

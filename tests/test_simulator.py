@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_no_other_tasks
 from pymodbus.client import AsyncModbusTcpClient
 
-from bridge.simulator import (
+from bridge.demo.simulator import (
     INPUT_REGISTER_COUNT,
     MODE_ALARM,
     MODE_HEATING,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.model import Event, Quality, new_event_id
-from bridge.router import Router
-from bridge.store import Retention, Store
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.pipeline.router import Router
+from bridge.pipeline.store import Retention, Store
 
 
 def make_event(
@@ -222,7 +222,7 @@ async def test_a_store_from_before_the_latest_mark_opens_with_its_last_values(
 
 
 def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
-    from bridge.store import StoreError
+    from bridge.pipeline.store import StoreError
 
     blocker = tmp_path / "file"
     blocker.write_text("")

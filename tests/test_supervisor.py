@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 
+from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.source import Source, SourceContext
-from bridge.status import ConnectionState, EndpointStatus
-from bridge.supervisor import Backoff, supervise
+from bridge.pipeline.source import Source, SourceContext
+from bridge.pipeline.supervisor import Backoff, supervise
 
 
 class FlakySource(Source):

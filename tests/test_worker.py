@@ -26,13 +26,13 @@ from brokers import (
 )
 from test_amqp_sink import SINK, bodies, feed, make_event, write_bridge_config
 
-from bridge.config import load_config
-from bridge.demo import PORT_VARIABLE, load_demo_config
+from bridge.config.loader import load_config
+from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.demo.run import PORT_VARIABLE, load_demo_config
+from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ConfigError
+from bridge.pipeline.worker import SinkWorker, WorkerSource
 from bridge.runtime import Runtime
-from bridge.simulator import PlantSimulator
-from bridge.status import ConnectionState, EndpointStatus
-from bridge.worker import SinkWorker, WorkerSource
 
 WITHIN = 20.0
 """Seconds: worker processes import the daemon's modules before they connect."""

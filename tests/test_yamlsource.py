@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.config.yamlsource import format_path, load_yaml, substitute
 from bridge.errors import ConfigIssue
-from bridge.yamlsource import format_path, load_yaml, substitute
 
 
 def _load(tmp_path: Path, text: str) -> tuple[object, list[ConfigIssue], object]:

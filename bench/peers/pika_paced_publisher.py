@@ -15,7 +15,7 @@ import time
 import pika
 
 from bench.peers.control import say
-from bridge.model import isoformat
+from bridge.core.model import isoformat
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from bench.harness import ROOT, CpuMeter, Daemon, Peer, peak_rss_mb, python, rss
 from bench.results import Figure, Options, ScenarioResult, at_most
 from bench.scenarios.fleet import fleet_config
 
-IMPORTS = ("import bridge.cli, bridge.runtime, bridge.api, bridge.config, protocols.modbus, "
+IMPORTS = ("import bridge.cli, bridge.runtime, bridge.api.app, bridge.config.loader, protocols.modbus, "
            "protocols.opcua, protocols.mqtt, protocols.amqp")
 
 

@@ -58,8 +58,8 @@ def mapper_microbench(seconds: float) -> dict[str, float]:
     """Points decoded per second by the Modbus mapper alone (no I/O), RBE off and on."""
     import random
 
-    from bridge.config import ReportSpec, ResolvedPoint
-    from bridge.model import Reading
+    from bridge.config.models import ReportSpec, ResolvedPoint
+    from bridge.core.model import Reading
     from protocols.modbus.config import ModbusPoint
     from protocols.modbus.mapping import BlockAddress, ModbusMapper
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config import ResolvedPoint, SinkBase, SourceBase
-from bridge.payload import resolve_points
+from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
+from bridge.config.yamlsource import KeyPath
+from bridge.core.payload import resolve_points
+from bridge.pipeline.sink import Sink
+from bridge.pipeline.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
-from bridge.sink import Sink
-from bridge.source import BuildContext, SourceUnit
-from bridge.yamlsource import KeyPath
 from protocols.amqp.config import AmqpPoint, AmqpSourceConfig
 from protocols.amqp.mapping import PROTOCOL, compile_mapper
 from protocols.amqp.sink import AmqpSink

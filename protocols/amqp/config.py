@@ -9,8 +9,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from bridge.config import Duration, StrictModel
-from bridge.payload import (
+from bridge.config.models import Duration, StrictModel
+from bridge.core.payload import (
     AMQP_ROUTING_KEY,
     AddressPattern,
     ClientTls,

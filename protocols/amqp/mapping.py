@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from bridge.config import ResolvedPoint
-from bridge.model import Reading
-from bridge.payload import MessageMapper, Route
+from bridge.config.models import ResolvedPoint
+from bridge.core.model import Reading
+from bridge.core.payload import MessageMapper, Route
 from protocols.amqp.config import AmqpPoint, AmqpSourceConfig
 
 PROTOCOL = "amqp"

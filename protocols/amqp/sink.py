@@ -25,12 +25,12 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from bridge.core.model import Event
+from bridge.core.payload import Template
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.model import Event
-from bridge.outbox import OutboxRow
-from bridge.payload import Template
-from bridge.sink import EventSelector, OutboxView, Sink, SinkContext
-from bridge.status import EndpointStatus
+from bridge.pipeline.outbox import OutboxRow
+from bridge.pipeline.sink import EventSelector, OutboxView, Sink, SinkContext
 from protocols.amqp.connection import (
     AmqpSession,
     CoalescingConnection,

@@ -8,8 +8,8 @@ from urllib.parse import quote
 
 from pydantic import ByteSize, Field, field_validator, model_validator
 
-from bridge.config import Duration, SinkBase, StrictModel
-from bridge.payload import Template
+from bridge.config.models import Duration, SinkBase, StrictModel
+from bridge.core.payload import Template
 from protocols.amqp.config import AmqpConnectionSettings, ArgumentValue
 
 ExchangeType = Literal["topic", "direct", "fanout", "headers"]

@@ -20,10 +20,10 @@ from typing import Any
 
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from bridge.core.model import Reading
+from bridge.core.payload import MessageMapper
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.model import Reading
-from bridge.payload import MessageMapper
-from bridge.source import Source, SourceContext
+from bridge.pipeline.source import Source, SourceContext
 from protocols.amqp.config import AmqpBinding, AmqpSourceConfig
 from protocols.amqp.connection import AmqpSession, ConnectionFactory
 from protocols.amqp.mapping import PROTOCOL

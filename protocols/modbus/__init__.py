@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config import ResolvedPoint, SourceBase
+from bridge.config.models import ResolvedPoint, SourceBase
+from bridge.config.yamlsource import KeyPath
+from bridge.pipeline.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
-from bridge.source import BuildContext, SourceUnit
-from bridge.yamlsource import KeyPath
 from protocols.modbus.config import (
     BIT_TABLES,
     ModbusPoint,

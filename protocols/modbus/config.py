@@ -13,8 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from bridge.codec import ByteOrder, DataType, parse_order, register_count
-from bridge.config import (
+from bridge.config.models import (
     DeviceBase,
     DeviceSourceBase,
     Duration,
@@ -22,7 +21,8 @@ from bridge.config import (
     ProfileBase,
     StrictModel,
 )
-from bridge.validation import field_error
+from bridge.config.validation import field_error
+from bridge.core.codec import ByteOrder, DataType, parse_order, register_count
 
 Table = Literal["coil", "discrete", "input", "holding"]
 """The four Modbus data tables."""

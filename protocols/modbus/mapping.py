@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.codec import compile_register_decoder, compile_register_encoder
-from bridge.config import PointBase, ResolvedPoint
+from bridge.config.models import PointBase, ResolvedPoint
+from bridge.core.codec import compile_register_decoder, compile_register_encoder
+from bridge.core.mapping import PointProgram
+from bridge.core.model import Event, Quality, Reading, Value
 from bridge.errors import DecodeError
-from bridge.mapping import PointProgram
-from bridge.model import Event, Quality, Reading, Value
 from protocols.modbus.config import BIT_TABLES, ModbusPoint, Table
 from protocols.modbus.planner import Span
 
@@ -156,7 +156,7 @@ class _CompiledPoint:
 
 
 class ModbusMapper:
-    """Implements ``bridge.source.Mapper`` for Modbus block readings."""
+    """Implements ``bridge.pipeline.source.Mapper`` for Modbus block readings."""
 
     def __init__(self, points: Sequence[ResolvedPoint], *, bridge_id: str) -> None:
         self._devices: dict[str, list[_CompiledPoint]] = {}

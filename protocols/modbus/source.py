@@ -35,11 +35,11 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from bridge.aio import raise_if_cancelling
+from bridge.core.aio import raise_if_cancelling
+from bridge.core.model import Quality, Reading, Value
+from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.model import Quality, Reading, Value
-from bridge.source import Source, SourceContext
-from bridge.status import ConnectionState, EndpointStatus
+from bridge.pipeline.source import Source, SourceContext
 from protocols.modbus.config import BIT_TABLES, ModbusSourceConfig
 from protocols.modbus.mapping import PROTOCOL, BlockAddress, PointLocation
 from protocols.modbus.planner import Block

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config import ResolvedPoint, SourceBase
-from bridge.payload import resolve_points
+from bridge.config.models import ResolvedPoint, SourceBase
+from bridge.config.yamlsource import KeyPath
+from bridge.core.payload import resolve_points
+from bridge.pipeline.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
-from bridge.source import BuildContext, SourceUnit
-from bridge.yamlsource import KeyPath
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
 from protocols.mqtt.mapping import compile_mapper
 from protocols.mqtt.source import PROTOCOL, MqttAcknowledger, MqttSource

@@ -7,8 +7,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from bridge.config import Duration
-from bridge.payload import MQTT_TOPIC, AddressPattern, ClientTls, MessagePoint, MessageSourceBase
+from bridge.config.models import Duration
+from bridge.core.payload import (
+    MQTT_TOPIC,
+    AddressPattern,
+    ClientTls,
+    MessagePoint,
+    MessageSourceBase,
+)
 
 QoS = Literal[0, 1, 2]
 

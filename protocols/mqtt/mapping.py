@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config import ResolvedPoint
-from bridge.payload import MessageMapper, Route
+from bridge.config.models import ResolvedPoint
+from bridge.core.payload import MessageMapper, Route
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
 from protocols.mqtt.source import PROTOCOL
 

@@ -24,10 +24,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.core.model import Reading
+from bridge.core.payload import MessageMapper
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.model import Reading
-from bridge.payload import MessageMapper
-from bridge.source import Source, SourceContext
+from bridge.pipeline.source import Source, SourceContext
 from protocols.mqtt.config import MqttSourceConfig
 
 logger = logging.getLogger(__name__)

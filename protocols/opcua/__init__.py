@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config import ResolvedPoint, SourceBase
+from bridge.config.models import ResolvedPoint, SourceBase
+from bridge.pipeline.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
-from bridge.source import BuildContext, SourceUnit
 from protocols.opcua.config import (
     PROTOCOL,
     AuthConfig,

@@ -17,7 +17,7 @@ from asyncua import ua
 from asyncua.ua.uaerrors import UaError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from bridge.config import (
+from bridge.config.models import (
     Duration,
     PointBase,
     ReportSpec,
@@ -25,8 +25,8 @@ from bridge.config import (
     SourceBase,
     StrictModel,
 )
-from bridge.validation import field_error
-from bridge.yamlsource import KeyPath
+from bridge.config.validation import field_error
+from bridge.config.yamlsource import KeyPath
 
 PROTOCOL = "opcua"
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from asyncua import ua
 
-from bridge.config import ResolvedPoint
+from bridge.config.models import ResolvedPoint
+from bridge.core.mapping import PointProgram
+from bridge.core.model import Event, Quality, Reading, Value, isoformat
 from bridge.errors import DecodeError
-from bridge.mapping import PointProgram
-from bridge.model import Event, Quality, Reading, Value, isoformat
 from protocols.opcua.config import PROTOCOL, OpcuaPoint
 
 

@@ -39,11 +39,11 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography.hazmat.primitives import serialization
 
-from bridge.config import PointBase, ResolvedPoint
+from bridge.config.models import PointBase, ResolvedPoint
+from bridge.core.model import Quality, Reading, Value
+from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.model import Quality, Reading, Value
-from bridge.source import Source, SourceContext
-from bridge.status import ConnectionState, EndpointStatus
+from bridge.pipeline.source import Source, SourceContext
 from protocols.opcua.config import (
     PROTOCOL,
     OpcuaPoint,

@@ -19,13 +19,13 @@ from typing import Any
 
 from bench.harness import Peer, percentile, workdir
 from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, config, mosquitto
-from bridge.config import load_config
-from bridge.model import Event
-from bridge.outbox import OutboxRow
-from bridge.router import Router, Settlement
+from bridge.config.loader import load_config
+from bridge.core.model import Event
+from bridge.core.status import ConnectionState
+from bridge.pipeline.outbox import OutboxRow
+from bridge.pipeline.router import Router, Settlement
+from bridge.pipeline.store import Store
 from bridge.runtime import Runtime
-from bridge.status import ConnectionState
-from bridge.store import Store
 from protocols.amqp.sink import _Publishing
 
 STAGES: dict[str, list[float]] = {

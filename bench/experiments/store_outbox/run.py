@@ -18,11 +18,11 @@ from typing import Any
 
 import pika.spec
 
-from bridge.model import Event, Quality, new_event_id
-from bridge.outbox import Outbox, OutboxLimits
-from bridge.sink import SinkOutbox
-from bridge.status import EndpointStatus
-from bridge.store import Retention, Store
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.core.status import EndpointStatus
+from bridge.pipeline.outbox import Outbox, OutboxLimits
+from bridge.pipeline.sink import SinkOutbox
+from bridge.pipeline.store import Retention, Store
 from protocols.amqp.sink import AmqpSink, _Publishing
 from protocols.amqp.sink_config import AmqpSinkConfig
 

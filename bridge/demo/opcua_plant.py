@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import ua
 from asyncua.common.node import Node
@@ -33,9 +33,22 @@ from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from protocols.opcua.security import load_certificate, read_material
+def _read_material(path: Path) -> tuple[bytes, Literal["pem", "der"]]:
+    """A PEM or DER file's bytes and their encoding, as asyncua's server takes them."""
+    content = path.read_bytes()
+    return content, "pem" if b"-----BEGIN" in content[:4096] else "der"
+
+
+def _certificate_der(path: Path) -> bytes:
+    """The certificate in a PEM or DER file, as DER."""
+    content, encoding = _read_material(path)
+    if encoding == "pem":
+        return x509.load_pem_x509_certificate(content).public_bytes(serialization.Encoding.DER)
+    return x509.load_der_x509_certificate(content).public_bytes(serialization.Encoding.DER)
+
 
 NAMESPACE_URI = "urn:fieldbridge:plant"
 """The namespace of the plant's nodes."""
@@ -170,8 +183,7 @@ class PlantServer:
 
     async def start(self) -> None:
         """Build the address space and listen."""
-        trusted = [load_certificate(read_material(path)).public_bytes(serialization.Encoding.DER)
-                   for path in self._user_certificates]
+        trusted = [_certificate_der(path) for path in self._user_certificates]
         tokens: list[type] = []
         if self._users is not None:
             tokens.append(ua.UserNameIdentityToken)
@@ -185,10 +197,10 @@ class PlantServer:
         server.set_server_name("Fieldbridge plant simulator")
         security = self._security
         if security is not None:
-            certificate = read_material(security.certificate)
-            key = read_material(security.private_key)
-            await server.load_certificate(certificate.content, certificate.encoding)
-            await server.load_private_key(key.content, None, key.encoding)
+            certificate, certificate_encoding = _read_material(security.certificate)
+            key, key_encoding = _read_material(security.private_key)
+            await server.load_certificate(certificate, certificate_encoding)
+            await server.load_private_key(key, None, key_encoding)
             await server.set_application_uri(security.application_uri)
             policies = [_POLICY_TYPES[endpoint] for endpoint in security.endpoints]
             if security.allow_insecure:

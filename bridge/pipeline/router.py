@@ -17,8 +17,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.model import Acknowledger, Event
-from bridge.store import Store
+from bridge.core.model import Acknowledger, Event
+from bridge.pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 

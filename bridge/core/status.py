@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.core.model import isoformat
 from bridge.errors import ErrorCategory
-from bridge.model import isoformat
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from bridge import __version__
-from bridge.auth import AuthFailure, KeyRing
-from bridge.status import ConnectionState, EndpointStatus
+from bridge.api.auth import AuthFailure, KeyRing
+from bridge.core.status import ConnectionState, EndpointStatus
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime

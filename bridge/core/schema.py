@@ -1,4 +1,4 @@
-"""The JSON Schema of the normalized event, shipped as ``bridge/event.schema.json``."""
+"""The JSON Schema of the normalized event, shipped as ``bridge/core/event.schema.json``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,6 @@ from typing import Any
 
 def event_schema() -> dict[str, Any]:
     """The published JSON Schema of one normalized event."""
-    text = resources.files("bridge").joinpath("event.schema.json").read_text(encoding="utf-8")
+    text = resources.files("bridge.core").joinpath("event.schema.json").read_text(encoding="utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from bridge.core.model import Event, Reading, Settlement, Value
+from bridge.core.status import EndpointStatus
 from bridge.errors import DecodeError, ErrorCategory, WriteError
-from bridge.model import Event, Reading, Settlement, Value
-from bridge.status import EndpointStatus
 
 Publish = Callable[[Sequence[Reading]], Awaitable[None]]
 Submit = Callable[[Sequence[Event], Sequence[Settlement]], Awaitable[None]]

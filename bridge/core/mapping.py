@@ -11,9 +11,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
-from bridge.config import PointBase, ReportSpec, ResolvedPoint
+from bridge.config.models import PointBase, ReportSpec, ResolvedPoint
+from bridge.core.model import Event, Quality, Value, message_event_id, new_event_id
 from bridge.errors import DecodeError
-from bridge.model import Event, Quality, Value, message_event_id, new_event_id
 
 Transform = Callable[[Any], Value]
 

@@ -40,15 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.config import ResolvedPoint, SinkBase, SourceBase
+from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
+from bridge.core.model import Event, Reading, Settlement, Value
+from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.model import Event, Reading, Settlement, Value
-from bridge.outbox import OutboxRoute, OutboxRow
+from bridge.pipeline.outbox import OutboxRoute, OutboxRow
+from bridge.pipeline.sink import Sink, SinkContext, SinkOutbox
+from bridge.pipeline.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
+from bridge.pipeline.supervisor import Backoff, source_status, supervise
 from bridge.registry import protocols
-from bridge.sink import Sink, SinkContext, SinkOutbox
-from bridge.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
-from bridge.status import ConnectionState, EndpointStatus
-from bridge.supervisor import Backoff, source_status, supervise
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from typing import Any, Literal
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from bridge.model import Event
-from bridge.router import Router
-from bridge.store import Store, StoreError, event_to_json
+from bridge.core.model import Event
+from bridge.pipeline.router import Router
+from bridge.pipeline.store import Store, StoreError, event_to_json
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ FastAPI serves it on uvicorn inside the daemon's event loop. Handlers are cheap 
 latest values come from memory, history is one indexed query on the store's reader
 connection, and nothing runs in a thread pool. Live reads and writes wait for the device,
 through the running source's connection (``Source.read``/``Source.write``); the event stream
-is ``bridge.stream``.
+is ``bridge.api.stream``.
 
 The API listens on loopback (``127.0.0.1:8780``) unless ``api.host`` says otherwise. With no
 ``api.keys`` configured it needs no authentication, so expose it beyond loopback only with keys
@@ -38,16 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bridge import __version__, metrics
-from bridge.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
-from bridge.config import ResolvedPoint, parse_duration
-from bridge.errors import BridgeError, DecodeError, ErrorCategory, WriteError
-from bridge.model import Event, Quality, Reading, isoformat, parse_timestamp
-from bridge.registry import protocols
-from bridge.runtime import RunningSource, Runtime
-from bridge.source import BuildContext
-from bridge.store import StoreError
-from bridge.stream import (
+from bridge import __version__
+from bridge.api import metrics
+from bridge.api.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
+from bridge.api.stream import (
     EndReason,
     EventFilter,
     EventHub,
@@ -56,6 +50,13 @@ from bridge.stream import (
     StreamSettings,
     TagFilter,
 )
+from bridge.config.models import ResolvedPoint, parse_duration
+from bridge.core.model import Event, Quality, Reading, isoformat, parse_timestamp
+from bridge.errors import BridgeError, DecodeError, ErrorCategory, WriteError
+from bridge.pipeline.source import BuildContext
+from bridge.pipeline.store import StoreError
+from bridge.registry import protocols
+from bridge.runtime import RunningSource, Runtime
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("bridge.audit")

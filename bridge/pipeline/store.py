@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from bridge.core.model import Event, Quality, parse_timestamp
 from bridge.errors import BridgeError
-from bridge.model import Event, Quality, parse_timestamp
-from bridge.outbox import Outbox, OutboxInsert
+from bridge.pipeline.outbox import Outbox, OutboxInsert
 
 logger = logging.getLogger(__name__)
 

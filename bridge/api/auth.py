@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bridge.config import ApiKey
+from bridge.config.models import ApiKey
 
 
 class Scope(enum.StrEnum):

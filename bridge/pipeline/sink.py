@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bridge.config import SinkBase
-from bridge.model import Event
-from bridge.outbox import Outbox, OutboxRoute, OutboxRow
-from bridge.status import EndpointStatus
-from bridge.store import Store
+from bridge.config.models import SinkBase
+from bridge.core.model import Event
+from bridge.core.status import EndpointStatus
+from bridge.pipeline.outbox import Outbox, OutboxRoute, OutboxRow
+from bridge.pipeline.store import Store
 
 
 class EventSelector:

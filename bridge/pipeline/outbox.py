@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bridge.model import Event
+from bridge.core.model import Event
 
 logger = logging.getLogger(__name__)
 

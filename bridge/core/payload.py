@@ -10,7 +10,7 @@ itself, e.g. ``{site}.{device}.temperature``; events carry the expanded id, e.g.
 own report-by-exception state) on first sight, up to ``max_points`` per source.
 
 Payload formats: ``json`` (a JMESPath ``path`` picks the value; ``each`` fans out over a list),
-``text``, ``number`` and ``binary`` (decoded by ``bridge.codec`` with the same type and byte
+``text``, ``number`` and ``binary`` (decoded by ``bridge.core.codec`` with the same type and byte
 order vocabulary as Modbus registers).
 
 What goes wrong, and what happens:
@@ -46,13 +46,13 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from bridge.codec import ByteOrder, DataType, compile_bytes_decoder, register_count
-from bridge.config import PointBase, ReportSpec, ResolvedPoint, SourceBase, StrictModel
+from bridge.config.models import PointBase, ReportSpec, ResolvedPoint, SourceBase, StrictModel
+from bridge.config.yamlsource import KeyPath
+from bridge.core.codec import ByteOrder, DataType, compile_bytes_decoder, register_count
+from bridge.core.mapping import PointProgram
+from bridge.core.model import Event, Quality, Reading, parse_timestamp
+from bridge.core.status import EndpointStatus
 from bridge.errors import DecodeError
-from bridge.mapping import PointProgram
-from bridge.model import Event, Quality, Reading, parse_timestamp
-from bridge.status import EndpointStatus
-from bridge.yamlsource import KeyPath
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.config import Config, load_config
+from bridge.config.loader import load_config
+from bridge.config.models import Config
+from bridge.demo.simulator import PlantSimulator
 from bridge.errors import BridgeError
 from bridge.runtime import Runtime
-from bridge.simulator import PlantSimulator
 
 PORT_VARIABLE = "FIELDBRIDGE_DEMO_MODBUS_PORT"
 """The environment variable the demo configuration takes the simulator's port from."""
@@ -120,7 +121,7 @@ async def run_demo(*, port: int, state_dir: str | None, opcua: bool = False) -> 
 
 async def _start_opcua(stack: contextlib.AsyncExitStack) -> None:
     """An in-process OPC-UA server whose variables move, and the demo source turned on."""
-    from protocols.opcua.server import PlantServer
+    from bridge.demo.opcua_plant import PlantServer
 
     server = await stack.enter_async_context(PlantServer(host="127.0.0.1", port=0))
     animation = asyncio.create_task(server.animate(0.5), name="demo.opcua.animate")

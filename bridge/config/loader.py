@@ -1,0 +1,300 @@
+"""Loading a configuration file: YAML with file and line, includes, validation, resolution.
+
+The whole-file model is built from the protocol registry, so a connector's source, sink and
+profile models validate their own sections.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+from pydantic import BaseModel, Field, ValidationError, create_model
+
+from bridge.config.models import (
+    ApiSection,
+    BridgeSection,
+    Config,
+    DeviceBase,
+    DeviceSourceBase,
+    OutboxSection,
+    PointBase,
+    ReportSpec,
+    ResolvedPoint,
+    StoreSection,
+    StrictModel,
+)
+from bridge.config.yamlsource import Document, KeyPath, Location, load_yaml
+from bridge.errors import ConfigError, ConfigIssue
+from bridge.registry import protocols
+
+
+def root_model() -> type[BaseModel]:
+    """The whole-file model, built from the protocol registry (used for the JSON Schema too)."""
+    specs = list(protocols().values())
+    source_union: Any = Annotated[
+        _union([spec.source_model for spec in specs]), Field(discriminator="protocol")]
+    profile_models = [spec.profile_model for spec in specs if spec.profile_model is not None]
+    profile_union: Any = Annotated[_union(profile_models), Field(discriminator="protocol")]
+    sink_models = [spec.sink_model for spec in specs if spec.sink_model is not None]
+    sink_union: Any = Annotated[_union(sink_models), Field(discriminator="protocol")]
+    model = create_model(
+        "FieldbridgeConfig",
+        __base__=StrictModel,
+        bridge=(BridgeSection, Field(default_factory=BridgeSection)),
+        api=(ApiSection, Field(default_factory=ApiSection)),
+        store=(StoreSection, Field(default_factory=StoreSection)),
+        include=(list[str], Field(default_factory=list, description="Mapping files or globs, "
+                                  "relative to this file, whose `profiles` are merged in.")),
+        profiles=(dict[str, profile_union], Field(default_factory=dict)),
+        sources=(list[source_union], Field(default_factory=list)),
+        outbox=(OutboxSection, Field(default_factory=OutboxSection)),
+        sinks=(list[sink_union], Field(default_factory=list)),
+    )
+    return cast(type[BaseModel], model)
+
+
+def _union(models: list[Any]) -> Any:
+    if len(models) == 1:
+        return models[0]
+    union: Any = models[0]
+    for model in models[1:]:
+        union = union | model
+    return union
+
+
+def load_config(path: str | Path) -> Config:
+    """Load, validate and resolve a configuration file; raise ``ConfigError`` with every issue."""
+    config_path = Path(path).resolve()
+    issues: list[ConfigIssue] = []
+    document = load_yaml(config_path, issues)
+    if issues:
+        raise ConfigError(issues)
+    if not isinstance(document.data, dict):
+        raise ConfigError([document.issue((), "expected a mapping at the top of the file")])
+    _merge_includes(document, config_path, issues, seen={config_path})
+    if issues:
+        raise ConfigError(issues)
+    try:
+        model = root_model().model_validate(document.data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_issues(document, exc, ())) from None
+    config = Config(
+        path=config_path,
+        bridge=model.bridge,  # type: ignore[attr-defined]
+        api=model.api,  # type: ignore[attr-defined]
+        store=model.store,  # type: ignore[attr-defined]
+        profiles=dict(model.profiles),  # type: ignore[attr-defined]
+        sources=list(model.sources),  # type: ignore[attr-defined]
+        points={},
+        document=document,
+        outbox=model.outbox,  # type: ignore[attr-defined]
+        sinks=list(model.sinks),  # type: ignore[attr-defined]
+    )
+    _resolve(config, issues)
+    if issues:
+        raise ConfigError(issues)
+    return config
+
+
+def _merge_includes(
+    document: Document, path: Path, issues: list[ConfigIssue], seen: set[Path]
+) -> None:
+    """Merge the ``profiles`` of included files into ``document``, keeping their locations."""
+    data = document.data
+    includes = data.get("include", [])
+    if not isinstance(includes, list):
+        issues.append(document.issue(("include",), "expected a list of file names or globs"))
+        return
+    profiles = data.setdefault("profiles", {})
+    if not isinstance(profiles, dict):
+        return
+    for index, pattern in enumerate(includes):
+        if not isinstance(pattern, str):
+            issues.append(document.issue(("include", index), "expected a file name or glob"))
+            continue
+        full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
+        matches = sorted(glob.glob(full))
+        if not matches:
+            issues.append(document.issue(("include", index), f"no file matches '{pattern}'"))
+            continue
+        for match in matches:
+            included_path = Path(match).resolve()
+            if included_path in seen:
+                continue
+            seen.add(included_path)
+            included = load_yaml(included_path, issues)
+            if included.data is None:
+                continue
+            if not isinstance(included.data, dict):
+                issues.append(included.issue((), "expected a mapping with `profiles` and/or "
+                                                 "`include`"))
+                continue
+            unknown = set(included.data) - {"profiles", "include"}
+            for key in sorted(unknown, key=str):
+                issues.append(included.issue((key,), "an included file may only hold `profiles` "
+                                                     "and `include`"))
+            _merge_includes(included, included_path, issues, seen)
+            for name, profile in (included.data.get("profiles") or {}).items():
+                if name in profiles:
+                    where = document.locate(("profiles", name))
+                    first = f" (first defined at {where.file}:{where.line})" if where else ""
+                    issues.append(included.issue(("profiles", name),
+                                                 f"profile '{name}' is defined twice{first}"))
+                    continue
+                profiles[name] = profile
+                for key_path, location in included.locations.items():
+                    if key_path[:2] == ("profiles", name):
+                        document.locations[key_path] = location
+
+
+def _validation_issues(
+    document: Document, exc: ValidationError, prefix: KeyPath
+) -> list[ConfigIssue]:
+    issues = []
+    known = {key_path[:end] for key_path in document.locations
+             for end in range(1, len(key_path) + 1)}
+    for error in exc.errors(include_url=False):
+        path: list[str | int] = list(prefix)
+        loc = error["loc"]
+        for position, part in enumerate(loc):
+            candidate = (*path, part)
+            # Union tags and validator names sit in `loc` between real keys: skip them.
+            if candidate in known or position == len(loc) - 1:
+                path.append(part)
+        key_path = tuple(path)
+        message = error["msg"]
+        if error["type"] == "missing":
+            message = "required key is missing"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "union_tag_invalid":
+            message = f"unknown protocol; expected one of {error['ctx']['expected_tags']}"
+        elif error["type"] == "union_tag_not_found":
+            message = "required key `protocol` is missing"
+        elif key_path not in document.substituted and "input" in error and not isinstance(
+            error["input"], dict | list
+        ):
+            message = f"{message} (got {error['input']!r})"
+        issues.append(document.issue(key_path, message))
+    return issues
+
+
+def _resolve(config: Config, issues: list[ConfigIssue]) -> None:
+    """Instantiate profiles, merge settings, and check what a schema cannot."""
+    document = config.document
+    registry = protocols()
+    seen_sources: dict[str, int] = {}
+    seen_devices: dict[str, KeyPath] = {}
+    seen_points: dict[str, KeyPath] = {}
+    for index, source in enumerate(config.sources):
+        source_path: KeyPath = ("sources", index)
+        if source.id in seen_sources:
+            issues.append(document.issue((*source_path, "id"),
+                                         f"source id '{source.id}' is used twice"))
+        seen_sources[source.id] = index
+        points: list[ResolvedPoint] = []
+        if isinstance(source, DeviceSourceBase):
+            for device_index, device in enumerate(source.devices):
+                device_path: KeyPath = (*source_path, "devices", device_index)
+                if device.id in seen_devices:
+                    issues.append(document.issue((*device_path, "id"),
+                                                 f"device id '{device.id}' is used twice"))
+                seen_devices[device.id] = device_path
+                points.extend(_device_points(config, source, device, device_path, issues))
+        spec = registry[source.protocol]
+        points.extend(spec.source_points(source, source_path))
+        for point in points:
+            if point.id in seen_points:
+                first = document.locate(seen_points[point.id])
+                where = f" (first at {first.file}:{first.line})" if first else ""
+                issues.append(document.issue(point.path,
+                                             f"point id '{point.id}' is defined twice{where}"))
+            else:
+                seen_points[point.id] = point.path
+        for key_path, message in spec.check(source, points):
+            issues.append(document.issue(key_path, message))
+        if source.workers > 1 and not spec.shared_workers:
+            issues.append(document.issue(
+                (*source_path, "workers"),
+                f"{source.protocol} sources run in at most one worker process (more than one "
+                "needs a broker that shares the messages among them: mqtt, amqp)"))
+        config.points[source.id] = points
+    seen_sinks: set[str] = set()
+    for index, sink in enumerate(config.sinks):
+        if sink.id in seen_sinks:
+            issues.append(document.issue(("sinks", index, "id"),
+                                         f"sink id '{sink.id}' is used twice"))
+        seen_sinks.add(sink.id)
+        for position, source_id in enumerate(sink.sources):
+            if source_id not in seen_sources:
+                issues.append(document.issue(("sinks", index, "sources", position),
+                                             f"no source has the id '{source_id}'"))
+
+
+def _device_points(
+    config: Config,
+    source: DeviceSourceBase,
+    device: DeviceBase,
+    device_path: KeyPath,
+    issues: list[ConfigIssue],
+) -> list[ResolvedPoint]:
+    document = config.document
+    declared: dict[str, tuple[PointBase, KeyPath]] = {}
+    tags = dict(source.tags)
+    report = ReportSpec()
+    if device.profile is not None:
+        profile = config.profiles.get(device.profile)
+        if profile is None:
+            known = ", ".join(sorted(config.profiles)) or "none loaded"
+            issues.append(document.issue((*device_path, "profile"),
+                                         f"unknown profile '{device.profile}' (known: {known})"))
+            return []
+        if profile.protocol != source.protocol:
+            issues.append(document.issue(
+                (*device_path, "profile"),
+                f"profile '{device.profile}' is for {profile.protocol}, not {source.protocol}"))
+            return []
+        tags.update(profile.tags)
+        report = report.merged(profile.report)  # valid alone: nothing merged yet
+        for index, point in enumerate(profile.points):
+            declared[point.name] = (point, ("profiles", device.profile, "points", index))
+    tags.update(device.tags)
+    try:
+        report = report.merged(device.report)
+    except ValidationError:
+        issues.append(document.issue((*device_path, "report"),
+                                     "report settings conflict with the profile's"))
+        return []
+    for index, point in enumerate(device.points):
+        declared[point.name] = (point, (*device_path, "points", index))
+    prefix = device.prefix if device.prefix is not None else f"{device.id}."
+    resolved = []
+    for point, path in declared.values():
+        try:
+            merged = report.merged(point.report)
+        except ValidationError as exc:
+            # Each level is valid alone; together they may contradict (mode vs deadband).
+            reason = "; ".join(error["msg"].removeprefix("Value error, ")
+                               for error in exc.errors(include_url=False))
+            issues.append(document.issue((*path, "report"),
+                                         f"report settings conflict with the device's or "
+                                         f"profile's: {reason}"))
+            continue
+        resolved.append(ResolvedPoint(
+            id=f"{prefix}{point.name}",
+            source=source.id,
+            device=device.id,
+            spec=point,
+            tags={**tags, **point.tags},
+            report=merged,
+            path=path,
+        ))
+    return resolved
+
+
+def location_of(config: Config, path: KeyPath) -> Location | None:
+    """Where ``path`` was written, for messages raised after loading."""
+    return config.document.locate(path)
