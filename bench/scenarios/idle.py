@@ -15,8 +15,8 @@ from bench.harness import ROOT, CpuMeter, Daemon, Peer, peak_rss_mb, python, rss
 from bench.results import Figure, Options, ScenarioResult, at_most
 from bench.scenarios.fleet import fleet_config
 
-IMPORTS = ("import bridge.cli, bridge.runtime, bridge.api.app, bridge.config.loader, protocols.modbus, "
-           "protocols.opcua, protocols.mqtt, protocols.amqp")
+IMPORTS = ("import bridge.cli, bridge.runtime, bridge.api.app, bridge.config.loader, "
+           "protocols.modbus, protocols.opcua, protocols.mqtt, protocols.amqp")
 
 
 def _baseline(code: str) -> tuple[float, float]:

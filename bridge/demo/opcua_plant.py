@@ -36,6 +36,7 @@ from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+
 def _read_material(path: Path) -> tuple[bytes, Literal["pem", "der"]]:
     """A PEM or DER file's bytes and their encoding, as asyncua's server takes them."""
     content = path.read_bytes()
