@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from bridge import __version__
-from bridge.config.loader import load_config, root_model
 from bridge.errors import BridgeError, ConfigError
+from bridge.registry import load_config, protocols, root_model
 
 logger = logging.getLogger("bridge")
 
@@ -49,7 +49,8 @@ def setup_logging(level: str) -> None:
 
 
 async def run_config(path: str) -> int:
-    """Load a configuration and run it until SIGTERM or SIGINT."""
+    """Load a configuration and run it, with the API, until SIGTERM or SIGINT."""
+    from bridge.api.server import api_services
     from bridge.runtime import Runtime
 
     config = load_config(path)
@@ -59,7 +60,7 @@ async def run_config(path: str) -> int:
         loop.add_signal_handler(signum, runtime.stop)
     loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
     try:
-        await runtime.run()
+        await runtime.run(services=api_services(config))
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
@@ -99,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fieldbridge {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("FIELDBRIDGE_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"])
-    commands = parser.add_subparsers(dest="command", required=True)
+    # The metavar lists the commands people use: ``worker`` is how the daemon starts its own
+    # worker processes, so it is left out of the usage line and, having no help, of the list.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the daemon on a configuration file")
     run.add_argument("-c", "--config", required=True, help="the configuration file")
     validate = commands.add_parser("validate", help="check configuration files, touch nothing")
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)")
     hash_key = commands.add_parser("hash-key", help="print the SHA-256 of an API key for config")
     hash_key.add_argument("--stdin", action="store_true", help="read the key from stdin")
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker = commands.add_parser("worker")
     worker.add_argument("--fd", type=int, required=True, help="the socket to the daemon")
     return parser
 
@@ -130,14 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(root_model().model_json_schema(), indent=2))
             return 0
         if arguments.command == "event-schema":
-            from bridge.core.schema import event_schema
+            from bridge.core.schema import event_schema_text
 
-            print(json.dumps(event_schema(), indent=2))
+            # Generated from the declaration, never read from the file: this is how the
+            # committed bridge/core/event.schema.json is regenerated.
+            print(event_schema_text(), end="")
             return 0
         if arguments.command == "config-reference":
             from bridge.config.reference import render
 
-            print(render(), end="")
+            print(render(protocols()), end="")
             return 0
         if arguments.command == "hash-key":
             return _hash_key(arguments.stdin)

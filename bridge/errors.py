@@ -74,3 +74,50 @@ class WriteError(BridgeError):
         self.reason = reason
         self.category = category
         super().__init__(f"{point}: {reason}")
+
+
+class ConnectorUnavailableError(BridgeError):
+    """A protocol was asked for a part it does not provide (the source of a sink-only one)."""
+
+    def __init__(self, protocol: str, part: str) -> None:
+        super().__init__(f"protocol '{protocol}' provides no {part}")
+        self.protocol = protocol
+        self.part = part
+
+
+class ApiServerError(BridgeError):
+    """The API cannot serve: its address cannot be bound or its certificate not loaded."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"API cannot listen on {address}: {reason}")
+
+
+class ApiError(BridgeError):
+    """A request the API refuses: the HTTP status, a stable code, a message and a hint.
+
+    The API's exception handler turns it into the structured error body; ``details`` lists
+    per-field problems, ``headers`` go with the response (``WWW-Authenticate``,
+    ``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        *,
+        details: list[dict[str, object]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.details = details
+        self.headers = dict(headers or {})
+        super().__init__(message)

@@ -1,30 +1,40 @@
-"""The runtime: builds sources and sinks from the config and runs them, the router and the
-API."""
+"""The runtime: builds sources and sinks from the config and runs them with the router.
+
+Servers beside the pipeline (the REST API) are handed in as ``services``: the runtime builds
+each from its facade (``RuntimeFacade``), starts it before the sources and stops it after
+them. The facade is all such a service sees of the runtime.
+
+May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.registry`` and
+``bridge.pipeline``. Never the API: the API imports this module, not the reverse.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from bridge.config.loader import load_config
-from bridge.config.models import Config, ResolvedPoint, SourceBase
-from bridge.core.model import Reading
+from bridge.config.models import ApiSection, Config, ResolvedPoint, SourceBase
+from bridge.core.model import Event, Reading, Value
+from bridge.core.sink import Sink, SinkContext
+from bridge.core.source import BuildContext, SourceContext, SourceUnit, map_readings
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError
+from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
-from bridge.pipeline.outbox import Outbox, OutboxLimits
-from bridge.pipeline.router import Router
-from bridge.pipeline.sink import Sink, SinkContext, SinkOutbox
-from bridge.pipeline.source import BuildContext, SourceContext, SourceUnit, map_readings
-from bridge.pipeline.store import Retention, Store
+from bridge.pipeline.outbox import Outbox, OutboxDepth, OutboxLimits
+from bridge.pipeline.router import Listener, Router
+from bridge.pipeline.store import Retention, Store, StoreError
 from bridge.pipeline.supervisor import Backoff, source_status, supervise
-from bridge.registry import protocols
+from bridge.registry import load_config, protocols
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +57,34 @@ class RunningSink:
     enabled: bool
 
 
+class Service(Protocol):
+    """A server run beside the pipeline (the REST API).
+
+    Started before the sources, so that a busy port is a plain error before anything runs,
+    and stopped after them. ``start`` and ``stop`` are called from the same task.
+    """
+
+    @property
+    def name(self) -> str:
+        """What the ready log line calls it, e.g. ``API``."""
+
+    @property
+    def port(self) -> int | None:
+        """The port it listens on once started (the real one when configured as 0)."""
+
+    async def start(self) -> None:
+        """Start serving; return once it does, or raise why it cannot."""
+
+    async def stop(self) -> None:
+        """Stop serving and leave no task behind."""
+
+
+ServiceFactory = Callable[["RuntimeFacade"], Service]
+"""Builds a service from the facade of the runtime it serves (``ApiServer`` is one)."""
+
+
 class Runtime:
-    """One Fieldbridge instance: sources, router, store, sinks and API, for one configuration."""
+    """One Fieldbridge instance: sources, router, store and sinks, for one configuration."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -58,9 +94,7 @@ class Runtime:
                                config_dir=config.path.parent)
         self.sinks: dict[str, RunningSink] = {}
         for sink_config in config.sinks:
-            build_sink = registry[sink_config.protocol].build_sink
-            assert build_sink is not None  # the config model exists only with a builder
-            sink = build_sink(sink_config, context)
+            sink = registry[sink_config.protocol].sink(sink_config, context)
             if sink_config.workers:
                 from bridge.pipeline.worker import SinkWorker, SinkWorkerSpec
 
@@ -84,8 +118,9 @@ class Runtime:
         self.started_at = time.time()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self.api_port: int | None = None
-        """The port the API listens on, once it does."""
+        self.ports: dict[str, int] = {}
+        """The port of each running service that listens on one, by its name."""
+        self._facade = RuntimeFacade(self)
         self._build_context = context
         self._group: asyncio.TaskGroup | None = None
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
@@ -98,7 +133,7 @@ class Runtime:
     def _build_source(self, config: Config, source_config: SourceBase) -> RunningSource:
         spec = protocols()[source_config.protocol]
         points = config.points[source_config.id]
-        unit = spec.build(source_config, points, self._build_context)
+        unit = spec.source_unit(source_config, points, self._build_context)
         if source_config.workers:
             from bridge.pipeline.worker import build_worker_unit
 
@@ -199,31 +234,40 @@ class Runtime:
         return SourceContext(status=running.status, publish=self.publisher(running),
                              submit=self.router.submit)
 
-    async def run(self, *, serve_api: bool = True) -> None:
-        """Run until ``stop()``; raises ``StoreError`` if the store cannot be opened."""
+    @property
+    def api_port(self) -> int | None:
+        """The port of the service named ``API`` once it serves; ``None`` without one."""
+        return self.ports.get("API")
+
+    def facade(self) -> RuntimeFacade:
+        """What a service (the API) sees of this runtime."""
+        return self._facade
+
+    async def run(self, *, services: Sequence[ServiceFactory] = ()) -> None:
+        """Run until ``stop()``, with ``services`` (the API) built from the facade.
+
+        Each service starts, in order, before the task group (a busy port is a plain error,
+        raised as the service raises it) and stops, in reverse order, after every task has
+        ended. Raises ``StoreError`` if the store cannot be opened.
+        """
         self.store.open()
         try:
             self.router.restore()
-            await self._run(serve_api)
+            async with contextlib.AsyncExitStack() as running:
+                for build in services:
+                    service = build(self._facade)
+                    await service.start()
+                    running.push_async_callback(self._stop_service, service)
+                    if service.port is not None:
+                        self.ports[service.name] = service.port
+                async with asyncio.TaskGroup() as group:
+                    await self._serve(group)
         finally:
             self.store.close()
 
-    async def _run(self, serve_api: bool) -> None:
-        server = None
-        if serve_api and self.config.api.enabled:
-            from bridge.api.app import ApiServer
-
-            server = ApiServer(self)
-            await server.start()  # before the task group: a busy port is a plain error
-            self.api_port = server.port
-        try:
-            async with asyncio.TaskGroup() as group:
-                await self._serve(group)
-                if server is not None:
-                    await server.stop()
-        finally:
-            if server is not None:
-                await server.stop()
+    async def _stop_service(self, service: Service) -> None:
+        self.ports.pop(service.name, None)
+        await service.stop()
 
     async def _serve(self, group: asyncio.TaskGroup) -> None:
         self._group = group
@@ -251,7 +295,7 @@ class Runtime:
                f"{len(self.sources)} sources")
         logger.info("fieldbridge %s ready: %d sources, %d points%s", self.bridge_id,
                     len(self.sources), len(self.points),
-                    f", API on port {self.api_port}" if self.api_port else "")
+                    "".join(f", {name} on port {port}" for name, port in self.ports.items()))
         await self._stop.wait()
         notify("STOPPING=1")
         logger.info("stopping")
@@ -326,3 +370,356 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.error("task %s failed while stopping", task.get_name(),
                          exc_info=task.exception())
+
+
+# --- the facade: what the API sees ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TagFilter:
+    """``key=value``, or ``key`` alone for any value."""
+
+    key: str
+    value: str | None
+
+    def matches(self, tags: Mapping[str, str]) -> bool:
+        """Whether ``tags`` carry this tag (with this value, when one is given)."""
+        return self.key in tags and (self.value is None or tags[self.key] == self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class PointQuery:
+    """Which points a listing wants; every condition given must hold."""
+
+    source: str | None = None
+    device: str | None = None
+    prefix: str | None = None
+    """Point ids starting with this."""
+    tags: tuple[TagFilter, ...] = ()
+    qualities: frozenset[str] = frozenset()
+    """Qualities of the latest value (``good``, ``uncertain``, ``bad``, or ``none`` for a point
+    without data yet); empty: any."""
+
+
+@dataclass(frozen=True, slots=True)
+class PointState:
+    """One point: its configuration and its latest event."""
+
+    id: str
+    config: ResolvedPoint | None
+    """``None`` for a point that has a stored value but is no longer configured."""
+    latest: Event | None
+    """``None`` until the point has a value."""
+
+
+@dataclass(frozen=True, slots=True)
+class PointSlice:
+    """One page of the points a query matched, sorted by id."""
+
+    total: int
+    """Points the query matched, on all pages."""
+    items: list[PointState]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessFacts:
+    """What readiness is judged by."""
+
+    started: bool
+    """Every source is started."""
+    store_problem: str | None
+    """Why the store cannot be read; ``None`` when it can."""
+    source_states: dict[str, str]
+    """The connection state of every source, by id."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterFigures:
+    """The router's and the store's live figures."""
+
+    pending: int
+    """Events accepted from sources but not yet stored."""
+    max_pending: int
+    """Pending events beyond which sources wait (backpressure)."""
+    counters: Mapping[str, int]
+    """``events`` stored, ``backpressure_waits``, ``outbox_full_waits`` and others."""
+    stored: int
+    """Events written to the store since it was opened."""
+    points_with_value: int
+    """Points that have a latest value."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkFigures:
+    """One sink's status and delivery figures."""
+
+    id: str
+    status: EndpointStatus
+    outbox: OutboxDepth | None
+    """What waits in its outbox; ``None`` for a disabled sink."""
+    oldest_age: float | None
+    """Seconds the oldest waiting event has waited; ``None`` when none waits."""
+    in_flight: int
+    """Published, not yet confirmed."""
+    confirm_latency: float | None
+    """Moving average of the seconds from publish to the broker's confirmation."""
+
+
+class RuntimeFacade:
+    """What the API sees of a runtime and may do with it.
+
+    Reads come from the live objects, not copies: the mappings returned belong to the runtime
+    and must not be changed. A reload replaces the configured points; every call sees the
+    current ones.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._point_ids: tuple[tuple[int, int, int], list[str]] = ((0, -1, -1), [])
+
+    # --- identity and settings ---
+
+    @property
+    def bridge_id(self) -> str:
+        """The bridge instance id."""
+        return self._runtime.bridge_id
+
+    @property
+    def api(self) -> ApiSection:
+        """The ``api`` section of the configuration."""
+        return self._runtime.config.api
+
+    @property
+    def started_at(self) -> float:
+        """When the runtime was built (POSIX seconds)."""
+        return self._runtime.started_at
+
+    @property
+    def started(self) -> bool:
+        """Whether every source is started."""
+        return self._runtime.ready.is_set()
+
+    # --- points ---
+
+    def points(self) -> Mapping[str, ResolvedPoint]:
+        """The configured points, by id."""
+        return self._runtime.points
+
+    def point_ids(self) -> list[str]:
+        """Every configured or stored point id, sorted; recomputed only when the set changes.
+
+        Points are only ever added to the latest values, and a reload replaces the
+        configured points' dict, so the dict's identity and both sizes tell a change.
+        """
+        points, latest = self._runtime.points, self._runtime.router.latest
+        key = (id(points), len(points), len(latest))
+        if self._point_ids[0] != key:
+            self._point_ids = (key, sorted(points.keys() | latest.keys()))
+        return self._point_ids[1]
+
+    def point(self, point_id: str) -> PointState | None:
+        """One point; ``None`` when it is neither configured nor stored."""
+        config = self._runtime.points.get(point_id)
+        latest = self._runtime.router.latest.get(point_id)
+        if config is None and latest is None:
+            return None
+        return PointState(point_id, config, latest)
+
+    def query_points(self, query: PointQuery, *, offset: int, limit: int) -> PointSlice:
+        """The points ``query`` matches, sorted by id: ``limit`` of them from ``offset``, and
+        how many match in all."""
+        points, latest = self._runtime.points, self._runtime.router.latest
+        source, device, prefix = query.source, query.device, query.prefix
+        tags, qualities = query.tags, query.qualities
+        items: list[PointState] = []
+        total = 0
+        for point_id in self.point_ids():
+            if prefix is not None and not point_id.startswith(prefix):
+                continue
+            point = points.get(point_id)
+            event = latest.get(point_id)
+            point_source = point.source if point is not None else event.source if event else None
+            if source is not None and point_source != source:
+                continue
+            if device is not None and (point is None or point.device != device):
+                continue
+            if tags:
+                point_tags = point.tags if point is not None else event.tags if event else {}
+                if not all(wanted.matches(point_tags) for wanted in tags):
+                    continue
+            if qualities and (event.quality.value if event is not None else "none"
+                              ) not in qualities:
+                continue
+            if offset <= total < offset + limit:
+                items.append(PointState(point_id, point, event))
+            total += 1
+        return PointSlice(total, items)
+
+    # --- history ---
+
+    def history(
+        self,
+        point_id: str,
+        *,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[str]:
+        """A point's stored events between two times as their JSON bodies, at most ``limit``
+        from the end ``newest_first`` says. Raises ``StoreError`` when the store cannot be
+        read."""
+        with _reading():
+            return self._runtime.store.history_json(
+                point_id, since=since, until=until, limit=limit, newest_first=newest_first)
+
+    def history_position(self, event_id: str) -> int | None:
+        """Where a stored event sits in the history; ``None`` when it is not there (pruned,
+        or never stored here). Raises ``StoreError`` when the store cannot be read."""
+        with _reading():
+            return self._runtime.store.history_seq(event_id)
+
+    def history_after(self, position: int, *, limit: int) -> list[tuple[int, str, str, str]]:
+        """At most ``limit`` events stored after ``position``, in store order, as
+        ``(position, id, point, JSON body)``. Raises ``StoreError`` when the store cannot be
+        read."""
+        with _reading():
+            return self._runtime.store.history_after(position, limit=limit)
+
+    # --- health and inventory ---
+
+    def readiness(self) -> ReadinessFacts:
+        """Whether the sources are started, whether the store can be read, and the state of
+        every source."""
+        problem = None
+        try:
+            # One indexed lookup: proves the store is open and readable.
+            self._runtime.store.history_count("")
+        except (StoreError, sqlite3.Error) as exc:
+            problem = str(exc)
+        states = {source_id: running.status.state.value
+                  for source_id, running in self._runtime.sources.items()}
+        return ReadinessFacts(self.started, problem, states)
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Every configured source's inventory entry: state, last error, counters, devices,
+        whether it is enabled and how many configured points it serves."""
+        counts = self._point_counts()
+        return [self._source_entry(running, counts)
+                for running in self._runtime.sources.values()]
+
+    def source(self, source_id: str) -> dict[str, Any]:
+        """One source's inventory entry; ``KeyError`` for an unknown source."""
+        return self._source_entry(self._runtime.sources[source_id], self._point_counts())
+
+    def source_enabled(self, source_id: str) -> bool:
+        """Whether ``source_id`` is a configured, enabled source."""
+        running = self._runtime.sources.get(source_id)
+        return running is not None and running.enabled
+
+    def source_statuses(self) -> Mapping[str, EndpointStatus]:
+        """The live status of every source (with its devices), by id."""
+        return {source_id: running.status
+                for source_id, running in self._runtime.sources.items()}
+
+    def sinks(self) -> list[dict[str, Any]]:
+        """Every configured sink's inventory entry: state, counters, outbox and delivery
+        figures."""
+        return self._runtime.sink_inventory()
+
+    def sink(self, sink_id: str) -> dict[str, Any]:
+        """One sink's inventory entry; ``KeyError`` for an unknown sink."""
+        return self._runtime.sink_entry(sink_id)
+
+    def _point_counts(self) -> Counter[tuple[str, str | None]]:
+        return Counter((point.source, point.device) for point in self._runtime.points.values())
+
+    @staticmethod
+    def _source_entry(
+        running: RunningSource, counts: Counter[tuple[str, str | None]]
+    ) -> dict[str, Any]:
+        entry = running.status.to_dict()
+        source_id = entry["id"]
+        entry["enabled"] = running.enabled
+        entry["points"] = sum(count for (source, _), count in counts.items()
+                              if source == source_id)
+        if "devices" in entry:
+            entry["devices"] = [{**device, "points": counts[source_id, device["id"]]}
+                                for device in entry["devices"]]
+        return entry
+
+    # --- metrics ---
+
+    def router_figures(self) -> RouterFigures:
+        """The router's and the store's live figures."""
+        router = self._runtime.router
+        return RouterFigures(router.pending, router.max_pending, router.counters,
+                             self._runtime.store.written, len(router.latest))
+
+    def sink_figures(self) -> list[SinkFigures]:
+        """The status and delivery figures of every configured sink."""
+        runtime = self._runtime
+        now = time.time()
+        figures = []
+        for sink_id, running in runtime.sinks.items():
+            depth = runtime.outbox.depths.get(sink_id)
+            oldest = (runtime.store.outbox_oldest(sink_id)
+                      if depth is not None and runtime.store.is_open else None)
+            figures.append(SinkFigures(
+                sink_id, running.status, depth,
+                max(0.0, now - oldest) if oldest is not None else None,
+                running.sink.in_flight, running.sink.confirm_latency))
+        return figures
+
+    def outbox_limits(self) -> OutboxLimits:
+        """The bound of each sink's outbox."""
+        return self._runtime.outbox.limits
+
+    # --- devices ---
+
+    async def read_live(self, point_id: str) -> list[Event]:
+        """Read a configured point from its device now and return its events.
+
+        The point is compiled afresh, with its protocol's own builder, and the reading mapped
+        by that: the same decoding as the running mapping, without its report-by-exception
+        state, so a live read always yields the value and never moves the deadband or
+        heartbeat of what the bridge reports. Nothing is stored, streamed or published.
+        Raises ``KeyError`` for a point that is not configured, ``WriteError`` when the
+        device cannot be read, ``DecodeError`` when the reading cannot be mapped.
+        """
+        runtime = self._runtime
+        point = runtime.points[point_id]
+        readings = await runtime.sources[point.source].unit.source.read(point_id)
+        configured = {source.id: source for source in runtime.config.sources}[point.source]
+        build = BuildContext(bridge_id=runtime.bridge_id, state_dir=runtime.config.state_dir,
+                             config_dir=runtime.config.path.parent)
+        mapper = protocols()[configured.protocol].source_unit(configured, [point], build).mapper
+        events: list[Event] = []
+        for reading in readings:
+            events.extend(event for event in mapper.map(reading) if event.point == point_id)
+        return events
+
+    async def write(self, point_id: str, value: Value) -> None:
+        """Write an engineering value to a configured point through its source's connection.
+
+        Raises ``KeyError`` for a point that is not configured and ``WriteError`` when the
+        device refuses or cannot be reached.
+        """
+        point = self._runtime.points[point_id]
+        await self._runtime.sources[point.source].unit.source.write(point_id, value)
+
+    # --- the event stream ---
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` on the event loop with every batch of events once it is stored,
+        in store order; returns the function that unsubscribes it."""
+        return self._runtime.router.add_listener(listener)
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """A failed read of the store raised as ``StoreError``, whatever SQLite raised."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(str(exc)) from exc

@@ -1,13 +1,7 @@
-"""Protocol connectors; ``PROTOCOLS`` maps each protocol name to its spec."""
+"""The built-in protocol connectors: one sub-package each, registered as entry points.
 
-from __future__ import annotations
-
-from bridge.registry import ProtocolSpec
-from protocols.amqp import SPEC as AMQP
-from protocols.modbus import SPEC as MODBUS
-from protocols.mqtt import SPEC as MQTT
-from protocols.opcua import SPEC as OPCUA
-
-PROTOCOLS: dict[str, ProtocolSpec] = {
-    spec.name: spec for spec in (MODBUS, OPCUA, MQTT, AMQP)
-}
+Each of ``modbus``, ``opcua``, ``mqtt`` and ``amqp`` exposes a ``SPEC``
+(``bridge.registry.ProtocolSpec``) that ``pyproject.toml`` registers under the entry point
+group ``fieldbridge.protocols``, exactly as a third-party connector does. The core never
+imports this package, and no connector imports another.
+"""

@@ -27,11 +27,12 @@ import pika.exceptions
 import pytest
 import yaml
 
-from bridge.config.loader import load_config
+from bridge.api.server import ApiServer
 from bridge.core.model import Event, Settlement
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.pipeline.supervisor import Backoff, supervise
-from bridge.runtime import RunningSink, Runtime
+from bridge.registry import load_config
+from bridge.runtime import RunningSink, Runtime, ServiceFactory
 
 MQTT_HOST = os.environ.get("FIELDBRIDGE_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("FIELDBRIDGE_TEST_MQTT_PORT", "1883"))
@@ -398,11 +399,11 @@ class BridgeRun:
 
     def __init__(self, config_path: Path, *, serve_api: bool = False) -> None:
         self.runtime = Runtime(load_config(config_path))
-        self.serve_api = serve_api
+        self.services: list[ServiceFactory] = [ApiServer] if serve_api else []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> BridgeRun:
-        self._task = asyncio.create_task(self.runtime.run(serve_api=self.serve_api),
+        self._task = asyncio.create_task(self.runtime.run(services=self.services),
                                          name="test.bridge")
         ready = asyncio.create_task(self.runtime.ready.wait(), name="test.ready")
         done, _ = await asyncio.wait({ready, self._task}, timeout=SETTLE,

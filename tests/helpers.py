@@ -10,9 +10,9 @@ from types import TracebackType
 from typing import Any
 
 from bridge.core.model import Event, Quality, Reading
+from bridge.core.source import Source, SourceContext, SourceUnit
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError
-from bridge.pipeline.source import Source, SourceContext, SourceUnit
 from bridge.pipeline.supervisor import Backoff, supervise
 
 WAIT = 10.0

@@ -25,9 +25,8 @@ from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from bridge.config.loader import load_config
-from bridge.pipeline.source import BuildContext, SourceUnit
-from bridge.registry import protocols
+from bridge.core.source import BuildContext, SourceUnit
+from bridge.registry import load_config, protocols
 from protocols.modbus import ModbusSource
 
 WAIT = helpers.WAIT
@@ -182,7 +181,7 @@ def build_unit(tmp_path: Path, text: str, **variables: Any) -> SourceUnit:
     path.write_text(text.format(**variables) if variables else text, encoding="utf-8")
     config = load_config(path)
     source = config.sources[0]
-    return protocols()["modbus"].build(
+    return protocols()["modbus"].source_unit(
         source, config.points[source.id], BuildContext(bridge_id="test", state_dir=tmp_path))
 
 

@@ -28,8 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from bridge.core.source import BuildContext
 from bridge.demo.opcua_plant import PlantServer
-from bridge.pipeline.source import BuildContext
 from protocols.opcua import OpcuaSource, OpcuaSourceConfig, build
 from protocols.opcua.config import source_points
 from protocols.opcua.security import thumbprint

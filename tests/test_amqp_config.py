@@ -9,11 +9,11 @@ import pika.exceptions
 import pytest
 from brokers import write_config
 
-from bridge.config.loader import load_config
 from bridge.core.model import Reading
 from bridge.core.payload import MessageMapper
+from bridge.core.source import BuildContext
 from bridge.errors import ConfigError, ConnectorError, DecodeError
-from bridge.pipeline.source import BuildContext
+from bridge.registry import load_config
 from protocols.amqp import SPEC, AmqpAcknowledger, AmqpSourceConfig
 from protocols.amqp.connection import closed_error, connection_parameters, open_error
 from protocols.amqp.mapping import message_variables
@@ -38,7 +38,7 @@ def source_config(tmp_path: Path, **options: Any) -> AmqpSourceConfig:
 def mapper_for(tmp_path: Path, **options: Any) -> MessageMapper:
     """The compiled mapping of one AMQP source."""
     config = load_config(write_config(tmp_path / "config.yaml", source_document(**options)))
-    unit = SPEC.build(config.sources[0], config.points["a"], BuildContext("b", tmp_path))
+    unit = SPEC.source_unit(config.sources[0], config.points["a"], BuildContext("b", tmp_path))
     assert isinstance(unit.mapper, MessageMapper)
     return unit.mapper
 

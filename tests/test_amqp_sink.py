@@ -29,7 +29,6 @@ from brokers import (
 )
 from helpers import free_port
 
-from bridge.api.metrics import render
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.core.status import ConnectionState
 from bridge.errors import ErrorCategory
@@ -309,13 +308,13 @@ async def test_metrics_and_inventory_show_the_outbox_while_the_broker_is_away(
     async with BridgeRun(config, serve_api=True) as bridge:
         await feed(bridge, [make_event("plant", "p", index) for index in range(12)])
         await wait_until(lambda: bridge.runtime.router.pending == 0, what="events stored")
-        text = render(bridge.runtime)
         base = f"http://127.0.0.1:{bridge.runtime.api_port}"
         async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:
+            text = (await client.get("/metrics")).text
             listed = await client.get("/v1/sinks")
             one = await client.get(f"/v1/sinks/{SINK}")
             missing = await client.get("/v1/sinks/nope")
-    labels = f'{{sink="{SINK}",protocol="amqp"}}'
+    labels = f'{{protocol="amqp",sink="{SINK}"}}'
     assert f"fieldbridge_outbox_events{labels} 10" in text
     assert f"fieldbridge_outbox_dropped_total{labels} 2" in text
     assert f"fieldbridge_sink_up{labels} 0" in text

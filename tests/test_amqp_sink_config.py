@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config.loader import load_config
 from bridge.config.models import Config
 from bridge.core.model import Event, Quality
 from bridge.errors import ConfigError
+from bridge.registry import load_config
 from protocols.amqp import AmqpSinkConfig
 from protocols.amqp.sink import compile_routing_key, escape_word
 

@@ -24,25 +24,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bridge import __version__
-from bridge.api import app as api
-from bridge.api.app import (
-    ApiServer,
-    ApiServerError,
-    History,
-    PointPage,
-    PointValue,
-    SourceList,
-    SourceModel,
-    create_app,
-    parse_time,
-)
-from bridge.api.metrics import Family, escape_label
-from bridge.config.loader import load_config
+from bridge.api import server as api_server
+from bridge.api.app import create_app
+from bridge.api.context import parse_time
+from bridge.api.models import History, PointPage, PointValue, SourceList, SourceModel
+from bridge.api.server import ApiServer, api_services
 from bridge.config.models import PointBase, ReportSpec, ResolvedPoint
 from bridge.core.model import Event, Quality, Reading, new_event_id
+from bridge.core.source import Source, SourceContext, SourceUnit
 from bridge.core.status import EndpointStatus
-from bridge.errors import ErrorCategory
-from bridge.pipeline.source import Source, SourceContext, SourceUnit
+from bridge.errors import ApiServerError, ErrorCategory
+from bridge.registry import load_config
 from bridge.runtime import RunningSource, Runtime
 
 READ_KEY = "read-key-0123456789abcdef"
@@ -202,7 +194,7 @@ async def plant(tmp_path: Path) -> AsyncIterator[Runtime]:
 @pytest.fixture
 async def client(plant: Runtime) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client talking to the app in-process."""
-    transport = httpx.ASGITransport(app=create_app(plant))
+    transport = httpx.ASGITransport(app=create_app(plant.facade()))
     async with httpx.AsyncClient(transport=transport, base_url="http://fieldbridge.test") as http:
         yield http
 
@@ -484,7 +476,7 @@ async def test_liveness_and_readiness(plant: Runtime, client: httpx.AsyncClient)
 async def test_readiness_fails_when_the_store_is_closed(tmp_path: Path) -> None:
     runtime = Runtime(load_config(write_config(tmp_path)))
     runtime.ready.set()
-    transport = httpx.ASGITransport(app=create_app(runtime))
+    transport = httpx.ASGITransport(app=create_app(runtime.facade()))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         response = await http.get("/health/ready")
     assert response.status_code == 503
@@ -506,7 +498,7 @@ async def test_unknown_routes_and_methods_are_structured(client: httpx.AsyncClie
 
 
 async def test_a_failing_handler_is_a_structured_500(plant: Runtime) -> None:
-    app = create_app(plant)
+    app = create_app(plant.facade())
 
     @app.get("/test/broken")
     async def broken() -> None:
@@ -619,20 +611,27 @@ async def test_metrics_exposition(plant: Runtime, client: httpx.AsyncClient) -> 
     assert "fieldbridge_api_auth_failures_total" not in families
 
 
-def test_metric_labels_and_help_are_escaped() -> None:
-    family = Family("fieldbridge_test", "gauge", "a \\ help\nline")
-    family.add(1.5, endpoint='a"b\\c\nd')
-    family.add(float("inf"))
-    lines = list(family.render())
-    assert lines == [
-        "# HELP fieldbridge_test a \\\\ help\\nline",
-        "# TYPE fieldbridge_test gauge",
-        'fieldbridge_test{endpoint="a\\"b\\\\c\\nd"} 1.5',
-        "fieldbridge_test +Inf",
-    ]
-    assert escape_label("plain") == "plain"
-    parsed = parse_exposition("\n".join(lines[:3]) + "\n")
-    assert parsed["fieldbridge_test"]["samples"] == [({"endpoint": 'a\\"b\\\\c\\nd'}, 1.5)]
+async def test_metric_labels_and_help_are_escaped(
+    plant: Runtime, client: httpx.AsyncClient
+) -> None:
+    odd = add_source(plant, 'a"b\\c\nd')
+    odd.counters["odd\\key\nx"] += 3
+    response = await client.get("/metrics")
+    # Parsing checks every line: a raw newline or quote in a label would break the format.
+    families = parse_exposition(response.text)
+    assert sample(families, "fieldbridge_source_up", source='a\\"b\\\\c\\nd') == 0
+    counter = families["fieldbridge_source_odd_key_x_total"]
+    assert counter["help"] == "Source counter 'odd\\\\key\\nx'."
+    assert counter["type"] == "counter"
+    assert counter["samples"] == [({"source": 'a\\"b\\\\c\\nd', "protocol": "modbus"}, 3)]
+
+
+async def test_metrics_never_show_endpoints(plant: Runtime, client: httpx.AsyncClient) -> None:
+    add_source(plant, "secured-plc").endpoint = "opc.tcp://operator:hunter2-secret@plc:4840"
+    text = (await client.get("/metrics")).text
+    assert 'source="secured-plc"' in text
+    assert "hunter2" not in text
+    assert "plant:502" not in text
 
 
 # --- authentication ---------------------------------------------------------------------------
@@ -646,7 +645,7 @@ async def secured(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         ("ops", ADMIN_KEY, ["admin"])))
     runtime, router = await open_runtime(path)
     add_point(runtime, "boiler.supply_temp", "plc1", "boiler")
-    transport = httpx.ASGITransport(app=create_app(runtime))
+    transport = httpx.ASGITransport(app=create_app(runtime.facade()))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http
     await close_runtime(runtime, router)
@@ -706,7 +705,7 @@ async def test_a_malformed_authorization_header_falls_back_to_the_api_key_header
 
 
 async def test_real_server_on_a_free_port(plant: Runtime) -> None:
-    server = ApiServer(plant)
+    server = ApiServer(plant.facade())
     await server.start()
     try:
         assert server.port is not None
@@ -732,7 +731,7 @@ async def test_real_server_on_a_free_port(plant: Runtime) -> None:
 
 
 async def test_stop_while_a_client_keeps_its_connection_open(plant: Runtime) -> None:
-    server = ApiServer(plant)
+    server = ApiServer(plant.facade())
     await server.start()
     assert server.url is not None
     async with httpx.AsyncClient(base_url=server.url) as http:
@@ -744,7 +743,7 @@ async def test_stop_while_a_client_keeps_its_connection_open(plant: Runtime) -> 
 
 
 async def test_stop_ends_long_responses_through_the_closing_event(plant: Runtime) -> None:
-    server = ApiServer(plant)
+    server = ApiServer(plant.facade())
     waiting = asyncio.Event()
 
     @server.app.get("/test/stream")
@@ -766,7 +765,7 @@ async def test_stop_ends_long_responses_through_the_closing_event(plant: Runtime
 
 
 async def test_stop_cancels_a_request_that_does_not_end(plant: Runtime) -> None:
-    server = ApiServer(plant)
+    server = ApiServer(plant.facade())
     waiting = asyncio.Event()
 
     @server.app.get("/test/hang")
@@ -793,7 +792,7 @@ def test_every_resolved_address_is_bound_on_one_port(monkeypatch: pytest.MonkeyP
         ]
 
     monkeypatch.setattr(socket, "getaddrinfo", loopbacks)
-    sockets = api._bind("loopback", 0)
+    sockets = api_server._bind("loopback", 0)
     try:
         ports = {sock.getsockname()[1] for sock in sockets}
         assert len(ports) == 1
@@ -810,7 +809,7 @@ async def test_an_unknown_host_is_a_clear_error(tmp_path: Path) -> None:
     config = write_config(tmp_path).read_text().replace("127.0.0.1", "no-such-host.invalid")
     (tmp_path / "unknown.yaml").write_text(config)
     with pytest.raises(ApiServerError, match=r"no-such-host\.invalid:0: cannot resolve"):
-        await ApiServer(Runtime(load_config(tmp_path / "unknown.yaml"))).start()
+        await ApiServer(Runtime(load_config(tmp_path / "unknown.yaml")).facade()).start()
 
 
 async def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
@@ -822,7 +821,7 @@ async def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         (tmp_path / "busy.yaml").write_text(config)
         runtime = Runtime(load_config(tmp_path / "busy.yaml"))
         with pytest.raises(ApiServerError, match=rf"127\.0\.0\.1:{port}: .*in use") as caught:
-            await ApiServer(runtime).start()
+            await ApiServer(runtime.facade()).start()
     assert (caught.value.host, caught.value.port) == ("127.0.0.1", port)
 
 
@@ -851,31 +850,33 @@ async def test_tls(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     path = write_config(tmp_path, f"  tls: {{cert: {cert}, key: {key}}}\n")
     runtime = Runtime(load_config(path))
-    server = ApiServer(runtime)
-    await server.start()
-    try:
+    async with ApiServer(runtime.facade()) as server:
         assert server.url is not None
         assert server.url.startswith("https://")
         context = ssl.create_default_context(cafile=str(cert))
         async with httpx.AsyncClient(base_url=server.url, verify=context) as http:
             assert (await http.get("/health/live")).status_code == 200
-    finally:
-        await server.stop()
+    assert server.port is None
 
 
 async def test_an_unreadable_certificate_is_a_clear_error(tmp_path: Path) -> None:
     cert = tmp_path / "missing.crt"
     path = write_config(tmp_path, f"  tls: {{cert: {cert}, key: {cert}}}\n")
     with pytest.raises(ApiServerError, match=r"cannot load TLS certificate .*missing\.crt"):
-        await ApiServer(Runtime(load_config(path))).start()
+        await ApiServer(Runtime(load_config(path)).facade()).start()
 
 
-async def test_the_runtime_serves_the_api(tmp_path: Path) -> None:
-    runtime = Runtime(load_config(write_config(tmp_path)))
-    running = asyncio.create_task(runtime.run(), name="runtime")
+async def test_the_runtime_serves_the_api(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.runtime")
+    config = load_config(write_config(tmp_path))
+    runtime = Runtime(config)
+    running = asyncio.create_task(runtime.run(services=api_services(config)), name="runtime")
     try:
         await asyncio.wait_for(runtime.ready.wait(), 5)
         assert runtime.api_port
+        assert f"API on port {runtime.api_port}" in caplog.text
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.api_port}") as http:
             response = await http.get("/health/ready")
         assert response.status_code == 200
@@ -883,4 +884,25 @@ async def test_the_runtime_serves_the_api(tmp_path: Path) -> None:
     finally:
         runtime.stop()
         await asyncio.wait_for(running, 5)
+    assert runtime.api_port is None
+
+
+async def test_a_busy_port_stops_the_runtime_before_it_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path).read_text().replace("port: 0", f"port: {port}")
+        (tmp_path / "busy.yaml").write_text(config)
+        runtime = Runtime(load_config(tmp_path / "busy.yaml"))
+        # A plain error, not an exception group: nothing has started yet.
+        with pytest.raises(ApiServerError, match=rf"127\.0\.0\.1:{port}: .*in use"):
+            await runtime.run(services=[ApiServer])
+    assert not runtime.ready.is_set()
+    assert not runtime.store.is_open
+
+
+def test_a_disabled_api_is_not_served(tmp_path: Path) -> None:
+    assert api_services(load_config(write_config(tmp_path))) == [ApiServer]
+    assert api_services(load_config(write_config(tmp_path, "  enabled: false\n"))) == []
 

@@ -17,11 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.api.app import ApiServer, create_app
+from bridge.api.app import create_app
+from bridge.api.server import ApiServer
 from bridge.api.stream import StreamSettings
-from bridge.config.loader import load_config
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.pipeline.store import Retention, Store, event_to_json
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 
 READ_KEY = "read-key-0123456789abcdef"
@@ -128,7 +129,7 @@ async def start_bridge(tmp_path: Path) -> AsyncIterator[BridgeFactory]:
         runtime = Runtime(load_config(write_config(tmp_path, api)))
         runtime.store.open()
         router = asyncio.create_task(runtime.router.run(), name="router")
-        server = ApiServer(runtime, streams=settings)
+        server = ApiServer(runtime.facade(), streams=settings)
         await server.start()
         bridge = Bridge(runtime, server, router)
         started.append(bridge)
@@ -575,7 +576,7 @@ async def test_streams_need_the_read_scope(start_bridge: BridgeFactory) -> None:
 
 async def test_no_new_stream_once_the_api_is_closing(tmp_path: Path) -> None:
     runtime = Runtime(load_config(write_config(tmp_path)))
-    app = create_app(runtime)
+    app = create_app(runtime.facade())
     app.state.fieldbridge.close()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as http:

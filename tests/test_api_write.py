@@ -19,15 +19,17 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.api.app import EventModel, WriteResult, create_app
-from bridge.config.loader import load_config
+from bridge.api.app import create_app
+from bridge.api.models import EventModel, WriteResult
+from bridge.api.server import ApiServer
 from bridge.config.models import ApiKey, Config, PointBase, ReportSpec, ResolvedPoint
 from bridge.core.model import Event, Reading, Value
+from bridge.core.source import Source, SourceContext, SourceUnit
 from bridge.core.status import EndpointStatus
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
 from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ErrorCategory, WriteError
-from bridge.pipeline.source import Source, SourceContext, SourceUnit
+from bridge.registry import load_config
 from bridge.runtime import RunningSource, Runtime
 
 SETTLE = 10.0
@@ -68,7 +70,8 @@ class Plant:
         self.stored: list[Event] = []
         self._changed = asyncio.Event()
         runtime.router.add_listener(self._record)
-        self.task = asyncio.create_task(runtime.run(), name="test.runtime")
+        self.task = asyncio.create_task(runtime.run(services=[ApiServer]),
+                                        name="test.runtime")
 
     def _record(self, events: Sequence[Event]) -> None:
         self.stored.extend(events)
@@ -386,7 +389,7 @@ def rig(tmp_path: Path, source: Source, *, enabled: bool = True) -> Runtime:
 
 async def call(runtime: Runtime, method: str, path: str) -> httpx.Response:
     """One request to the app in-process."""
-    transport = httpx.ASGITransport(app=create_app(runtime))
+    transport = httpx.ASGITransport(app=create_app(runtime.facade()))
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:
         return await client.request(method, path,
                                     json={"value": 1} if method == "PUT" else None)

@@ -41,12 +41,11 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config.loader import load_config
 from bridge.config.models import Config, DeviceSourceBase
 from bridge.core.model import Event, Quality, Reading
+from bridge.core.source import BuildContext, Mapper
 from bridge.errors import ConfigError
-from bridge.pipeline.source import BuildContext, Mapper
-from bridge.registry import protocols
+from bridge.registry import load_config, protocols
 from protocols.modbus.mapping import BlockAddress
 
 CASES = Path(__file__).resolve().parent / "cases"
@@ -126,7 +125,7 @@ def test_case(case: Path, tmp_path: Path) -> None:
     assert len(config.sources) == 1, "a case configures one source"
     source = config.sources[0]
     spec = protocols()[source.protocol]
-    unit = spec.build(source, config.points[source.id],
+    unit = spec.source_unit(source, config.points[source.id],
                       BuildContext(bridge_id="cases", state_dir=tmp_path))
     mapper: Mapper = unit.mapper
     entries = _load(case / "input.yaml")["readings"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config.loader import load_config
 from bridge.errors import ConfigError
+from bridge.registry import load_config
 
 MAIN = """\
 bridge:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config.loader import load_config
 from bridge.errors import ConfigError, ConfigIssue
+from bridge.registry import load_config
 from protocols.modbus.config import ModbusPoint, ModbusSourceConfig, modicon_table
 
 MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"

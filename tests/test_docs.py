@@ -10,6 +10,7 @@ from bridge.cli import main
 from bridge.config.reference import END, START, render
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.core.schema import event_schema
+from bridge.registry import protocols
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_config_reference_is_generated_from_the_models() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start, end = readme.index(START), readme.index(END) + len(END)
-    assert readme[start:end] + "\n" == render(), (
+    assert readme[start:end] + "\n" == render(protocols()), (
         "README's config reference is stale: regenerate it with "
         "`python -c 'import tests.test_docs as t; t.regenerate()'`")
 
@@ -27,7 +28,8 @@ def regenerate() -> None:
     path = ROOT / "README.md"
     readme = path.read_text(encoding="utf-8")
     start, end = readme.index(START), readme.index(END) + len(END)
-    path.write_text(readme[:start] + render().rstrip("\n") + readme[end:], encoding="utf-8")
+    reference = render(protocols()).rstrip("\n")
+    path.write_text(readme[:start] + reference + readme[end:], encoding="utf-8")
 
 
 def test_readme_opens_with_the_two_commands() -> None:
@@ -65,3 +67,21 @@ def test_cli_prints_both_schemas(capsys: object) -> None:
     first, _, rest = out.partition("\n}\n")
     assert json.loads(first + "\n}")["title"] == "Fieldbridge normalized event"
     assert "sources" in json.loads(rest)["properties"]
+
+
+def test_readme_layout_table_matches_the_tree() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Where things are"):readme.index("## Writing a connector")]
+    listed = set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE))
+    for path in listed:
+        assert (ROOT / path).exists(), f"README lists {path}, which does not exist"
+    rooms = {f"bridge/{entry.name}" + ("/" if entry.is_dir() else "")
+             for entry in (ROOT / "bridge").iterdir()
+             if not entry.name.startswith(("_", ".")) and entry.name not in {"py.typed"}
+             and entry.suffix in {"", ".py"}}
+    assert rooms - listed == set(), "rooms of bridge/ missing from README's 'Where things are'"
+    for path in listed:
+        if path.startswith("bridge/") and path.endswith("/"):
+            docstring = (ROOT / path / "__init__.py").read_text(encoding="utf-8")
+            assert docstring.startswith('"""'), f"{path}__init__.py opens with no docstring"
+            assert "May import" in docstring, f"{path}__init__.py does not say what it may import"

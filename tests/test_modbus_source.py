@@ -30,9 +30,9 @@ from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from bridge.core.model import Quality
+from bridge.core.source import SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ErrorCategory, WriteError
-from bridge.pipeline.source import SourceContext
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.planner import Block
 from protocols.modbus.source import ClientHooks, DevicePlan, ModbusSource, next_deadline

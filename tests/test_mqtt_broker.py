@@ -25,10 +25,10 @@ from brokers import (
 )
 from helpers import free_port
 
-from bridge.config.loader import load_config
 from bridge.core.model import Event, Quality
 from bridge.core.status import ConnectionState
 from bridge.errors import ErrorCategory
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 
 pytestmark = pytest.mark.broker
@@ -227,7 +227,7 @@ async def test_runtime_stores_events_before_acknowledging(
         arrived.set()
 
     runtime.router.add_listener(listener)
-    task = asyncio.create_task(runtime.run(serve_api=False), name="runtime")
+    task = asyncio.create_task(runtime.run(), name="runtime")
     try:
         (running,) = runtime.sources.values()
         await wait_until(lambda: running.status.state is ConnectionState.UP, what="source up")

@@ -14,11 +14,11 @@ from helpers import free_port
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridge.config.loader import load_config
 from bridge.core.model import Reading
+from bridge.core.source import BuildContext, SourceContext
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError, ConnectorError, ErrorCategory
-from bridge.pipeline.source import BuildContext, SourceContext
+from bridge.registry import load_config
 from protocols.mqtt import SPEC, MqttAcknowledger, MqttSource, MqttSourceConfig
 from protocols.mqtt.source import _connector_error
 
@@ -86,11 +86,11 @@ def test_config_errors(tmp_path: Path, options: dict[str, Any], message: str) ->
 
 def test_persistent_session_gets_a_stable_client_id(tmp_path: Path) -> None:
     config = source_config(tmp_path)
-    unit = SPEC.build(config, [], BuildContext("edge-1", tmp_path))
+    unit = SPEC.source_unit(config, [], BuildContext("edge-1", tmp_path))
     assert isinstance(unit.source, MqttSource)
     assert unit.source.client_id == "fieldbridge-edge-1-m"
     clean = source_config(tmp_path, clean_session=True)
-    unit = SPEC.build(clean, [], BuildContext("edge-1", tmp_path))
+    unit = SPEC.source_unit(clean, [], BuildContext("edge-1", tmp_path))
     assert isinstance(unit.source, MqttSource)
     assert unit.source.client_id is None
 
@@ -186,7 +186,7 @@ class FakeClient:
 def fake_source(tmp_path: Path, granted: tuple[int, ...], messages: list[FakeMessage],
                 **options: Any) -> tuple[MqttSource, list[FakeClient]]:
     config = source_config(tmp_path, **options)
-    unit = SPEC.build(config, load_config(tmp_path / "config.yaml").points["m"],
+    unit = SPEC.source_unit(config, load_config(tmp_path / "config.yaml").points["m"],
                       BuildContext("b", tmp_path))
     assert isinstance(unit.source, MqttSource)
     clients: list[FakeClient] = []

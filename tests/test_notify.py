@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import assert_no_other_tasks
 
-from bridge.config.loader import load_config
+from bridge.api.server import ApiServer
 from bridge.pipeline.notify import notify, watchdog_interval
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 
 SETTLE = 10.0
@@ -100,7 +101,7 @@ def runtime(tmp_path: Path) -> Runtime:
 async def test_ready_once_serving_and_stopping_on_stop(
     systemd: FakeSystemd, runtime: Runtime
 ) -> None:
-    task = asyncio.create_task(runtime.run(), name="test.runtime")
+    task = asyncio.create_task(runtime.run(services=[ApiServer]), name="test.runtime")
     try:
         ready = await systemd.receive()
         assert "READY=1" in ready
@@ -127,7 +128,7 @@ async def test_watchdog_is_petted_at_half_the_timeout(
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     assert watchdog_interval() == pytest.approx(0.1)
-    task = asyncio.create_task(runtime.run(serve_api=False), name="test.runtime")
+    task = asyncio.create_task(runtime.run(), name="test.runtime")
     try:
         assert "READY=1" in await systemd.receive()
         pets = 0

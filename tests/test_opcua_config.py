@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config.loader import load_config, root_model
 from bridge.errors import ConfigError, ConfigIssue
+from bridge.registry import load_config, root_model
 from protocols.opcua import OpcuaPoint, OpcuaSourceConfig
 from protocols.opcua.config import redact_url
 

@@ -12,9 +12,10 @@ import pytest
 from brokers import wait_until
 
 from bridge.core.model import Event, Quality, new_event_id
-from bridge.pipeline.outbox import Outbox, OutboxLimits, OutboxRoute
+from bridge.core.sink import EventSelector, OutboxRoute
+from bridge.pipeline.delivery import SinkOutbox
+from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.router import Router
-from bridge.pipeline.sink import EventSelector, SinkOutbox
 from bridge.pipeline.store import Retention, Store, event_to_json
 
 SINK = "rabbit"

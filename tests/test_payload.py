@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from brokers import write_config
 
-from bridge.config.loader import load_config
 from bridge.core.model import Quality, Reading, parse_timestamp
 from bridge.core.payload import (
     AMQP_ROUTING_KEY,
@@ -19,9 +18,10 @@ from bridge.core.payload import (
     MessageMapper,
     Template,
 )
+from bridge.core.source import BuildContext
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError, DecodeError
-from bridge.pipeline.source import BuildContext
+from bridge.registry import load_config
 from protocols.mqtt import SPEC
 
 RECEIVED = 1_700_000_000.0
@@ -32,7 +32,7 @@ def mapper_for(tmp_path: Path, points: list[dict[str, Any]], **source: Any) -> M
     path = write_config(tmp_path / "config.yaml", {
         "id": "m", "protocol": "mqtt", "host": "127.0.0.1", "points": points, **source})
     config = load_config(path)
-    unit = SPEC.build(config.sources[0], config.points["m"], BuildContext("test", tmp_path))
+    unit = SPEC.source_unit(config.sources[0], config.points["m"], BuildContext("test", tmp_path))
     assert isinstance(unit.mapper, MessageMapper)
     return unit.mapper
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import assert_no_other_tasks
 
-from bridge.config.loader import load_config
 from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ConfigError
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 
 SOURCE = """\
@@ -56,7 +56,7 @@ async def test_reload_restarts_only_changed_sources(
     path = tmp_path / "fieldbridge.yaml"
     write_config(path, simulator.port, {"a": "1s", "b": "1s"})
     runtime = Runtime(load_config(path))
-    task = asyncio.create_task(runtime.run(serve_api=False))
+    task = asyncio.create_task(runtime.run())
     try:
         await asyncio.wait_for(runtime.ready.wait(), 10)
         kept_task = runtime._source_tasks["a"]

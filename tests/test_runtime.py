@@ -13,6 +13,7 @@ import httpx
 import pytest
 from helpers import assert_no_other_tasks
 
+from bridge.api.server import ApiServer
 from bridge.config.models import Config
 from bridge.core.model import Event, Quality, Value
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
@@ -64,7 +65,8 @@ class Running:
         self.events: list[Event] = []
         self._changed = asyncio.Event()
         runtime.router.add_listener(self._record)
-        self.task = asyncio.create_task(runtime.run(), name="test.runtime")
+        self.task = asyncio.create_task(runtime.run(services=[ApiServer]),
+                                        name="test.runtime")
 
     def _record(self, events: Sequence[Event]) -> None:
         self.events.extend(events)

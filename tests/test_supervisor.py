@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
+from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.pipeline.source import Source, SourceContext
 from bridge.pipeline.supervisor import Backoff, supervise
 
 

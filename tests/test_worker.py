@@ -7,12 +7,14 @@ import asyncio
 import dataclasses
 import json
 import os
+import pickle
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
 import yaml
 from brokers import (
@@ -26,12 +28,40 @@ from brokers import (
 )
 from test_amqp_sink import SINK, bodies, feed, make_event, write_bridge_config
 
-from bridge.config.loader import load_config
+from bridge.core.model import Quality, Reading
+from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
 from bridge.demo.simulator import PlantSimulator
-from bridge.errors import ConfigError
-from bridge.pipeline.worker import SinkWorker, WorkerSource
+from bridge.errors import ConfigError, ConnectorError, ErrorCategory
+from bridge.pipeline.worker import (
+    _SINK_ANSWERS,
+    _SINK_REQUESTS,
+    _SOURCE_ORDERS,
+    _SOURCE_REPORTS,
+    _STARTS,
+    Arrivals,
+    CallFailed,
+    Confirmed,
+    ConfirmRows,
+    Events,
+    Frame,
+    ReadDone,
+    ReadPoint,
+    ReadRows,
+    Rows,
+    SinkWorker,
+    Start,
+    Status,
+    Stored,
+    WorkerSource,
+    WriteDone,
+    WritePoint,
+    _frame,
+    _frames,
+    _read_frame,
+)
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 
 WITHIN = 20.0
@@ -194,7 +224,7 @@ async def test_a_modbus_source_in_a_worker_polls_reads_and_writes(
         runtime = Runtime(config)
         running = next(each for each in runtime.sources.values() if each.enabled)
         assert isinstance(running.unit.source, WorkerSource)
-        task = asyncio.create_task(runtime.run(serve_api=False))
+        task = asyncio.create_task(runtime.run(), name="test.runtime")
         try:
             status = running.status
             await workers_up(status, 1)
@@ -261,6 +291,9 @@ async def test_a_killed_sink_worker_loses_nothing(tmp_path: Path, rabbit: Rabbit
         os.kill(killed, signal.SIGKILL)
         # Stored while no worker runs: kept in the outbox for the next one.
         await feed(bridge, second)
+        # Stored first: an outbox that is empty only because the router has not stored the
+        # second batch yet is not drained.
+        await wait_until(lambda: bridge.runtime.router.pending == 0, WITHIN, "the batch stored")
         await wait_until(lambda: status.counters["reconnects"] >= 1, WITHIN, "the restart")
         await wait_until(lambda: bridge.depth(SINK) == 0, WITHIN, "the outbox drained")
     received = rabbit.drain(queue, len(first) + len(second))
@@ -300,3 +333,65 @@ def test_a_share_group_is_one_topic_level(tmp_path: Path) -> None:
     (issue,) = raised.value.issues
     assert issue.path == "sources[0].share_group"
     assert issue.line is not None
+
+
+# --- the frames ------------------------------------------------------------------------------
+
+
+def stream(*frames: Frame, tail: bytes = b"") -> asyncio.StreamReader:
+    """A reader holding ``frames`` (and ``tail``), then the end of the stream."""
+    reader = asyncio.StreamReader()
+    for frame in frames:
+        reader.feed_data(bytes(_frame(frame)))
+    reader.feed_data(tail)
+    reader.feed_eof()
+    return reader
+
+
+async def test_every_frame_arrives_as_the_typed_frame_that_was_sent() -> None:
+    event = make_event("plant", "boiler.t", 64.8, reason=None, quality=Quality.UNCERTAIN)
+    carried = msgspec.structs.replace(event, body=event.to_json())
+    readings = [Reading("plant", ("holding", 0, 2), [1, 2], 1.5, quality=Quality.GOOD)]
+    row = OutboxRow(7, event.id, "plant", "boiler.t", "good", 1.0, 2.0, "plant.boiler%2Et",
+                    10, event.to_json())
+    directions: list[tuple[msgspec.msgpack.Decoder[Any], list[Frame]]] = [
+        (_SOURCE_REPORTS, [
+            Events(3, [carried]), Events(0, []),
+            Status({"state": "up", "counters": {"readings": 2}, "details": {"a": [1]}}),
+            ReadDone(1, pickle.dumps(readings)), WriteDone(2),
+            CallFailed(4, "boiler.setpoint", "refused", ErrorCategory.DEVICE)]),
+        (_SOURCE_ORDERS, [Stored(3), ReadPoint(1, "boiler.t"), WritePoint(2, "boiler.sp", 61.5),
+                          WritePoint(5, "boiler.mode", "auto"), WritePoint(6, "b.on", True)]),
+        (_SINK_REQUESTS, [ReadRows(1, 0, 500), ConfirmRows(2, [7, 8]),
+                          Status({"state": "up"}, {"window": 1000})]),
+        (_SINK_ANSWERS, [Rows(1, [row]), Confirmed(2, 2), Arrivals(9)]),
+        (_STARTS, [Start(b"spec")]),
+    ]
+    for decoder, sent in directions:
+        received = [frame async for frame in _frames(stream(*sent), decoder, "peer")]
+        assert received == sent
+        assert [type(frame) for frame in received] == [type(frame) for frame in sent]
+    (events_frame, *_) = [frame async for frame in _frames(stream(Events(3, [carried])),
+                                                           _SOURCE_REPORTS, "peer")]
+    assert isinstance(events_frame, Events)
+    (decoded,) = events_frame.events
+    assert decoded == event
+    assert decoded.body == carried.body == decoded.to_json()
+    assert decoded.quality is Quality.UNCERTAIN
+    (reading,) = pickle.loads(ReadDone(1, pickle.dumps(readings)).readings)
+    assert reading.address == ("holding", 0, 2)
+
+
+async def test_a_frame_from_the_wrong_direction_is_a_protocol_error() -> None:
+    with pytest.raises(ConnectorError) as raised:
+        await _read_frame(stream(Stored(1)), _SOURCE_REPORTS, "worker process 0")
+    assert raised.value.category is ErrorCategory.PROTOCOL
+    assert "malformed frame" in raised.value.reason
+
+
+async def test_frames_end_where_the_stream_ends_even_mid_frame() -> None:
+    assert await _read_frame(stream(), _SOURCE_ORDERS, "daemon") is None
+    truncated = bytes(_frame(Stored(1)))[:-1]
+    received = [frame async for frame in _frames(stream(Stored(2), tail=truncated),
+                                                 _SOURCE_ORDERS, "daemon")]
+    assert received == [Stored(2)]

@@ -54,7 +54,7 @@ PACED_RATE = 2000
 
 def sink_available() -> str | None:
     """``None`` when this tree's daemon has the RabbitMQ sink, else why not."""
-    from bridge.config.loader import root_model
+    from bridge.registry import root_model
 
     fields = root_model().model_fields
     if "sinks" not in fields:

@@ -3,6 +3,12 @@
 The API wraps the runtime through its facade (``bridge.runtime.RuntimeFacade``): latest values,
 history, inventory, live read, write and the event stream. ``metrics`` reads the same facade.
 
+``app`` builds the application (``create_app``) from ``routes`` (points, events, inventory,
+health), ``models`` (request and response models), ``context`` (what handlers share: the
+facade, keys, ``authorize``), ``handlers`` (structured errors), ``auth`` (API keys),
+``stream`` and ``sse`` (the live event stream) and ``metrics`` (Prometheus collectors).
+``server`` serves it on uvicorn as a runtime service (``ApiServer``).
+
 May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.pipeline``,
 ``bridge.registry`` and ``bridge.runtime``. The runtime never imports the API.
 """

@@ -1,29 +1,32 @@
-"""Prometheus text exposition (format 0.0.4), written by hand: no client library needed.
+"""Prometheus metrics: custom collectors that read the live state at scrape time.
 
-Everything is read from the live objects at scrape time (router, store, source statuses), so
-there is no second set of counters to keep in step.
+There is no second set of counters to keep in step: ``RuntimeCollector`` reads the runtime's
+facade (router, store, source, device and sink statuses, outboxes) and ``ApiCollector`` the
+API's own figures (refused requests, event streams, live reads and writes) each time
+``/metrics`` is scraped. Both are registered in a registry of the app's own, never in the
+process-wide default one, and written with ``prometheus_client.generate_latest``. Labels carry
+ids and protocols only: endpoints (which may hold credentials) and keys never appear.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import get_args
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from bridge import __version__
 from bridge.api.auth import AuthFailure, KeyRing
+from bridge.api.stream import EndReason, EventHub
 from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.runtime import RuntimeFacade
 
-if TYPE_CHECKING:
-    from bridge.runtime import Runtime
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-"""The media type of the text exposition format."""
-
-MetricType = Literal["counter", "gauge", "untyped"]
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The media type of the text exposition format (0.0.4) that ``generate_latest`` writes."""
 
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 
@@ -51,185 +54,197 @@ _SINK_COUNTERS = {
 }
 
 
-def metric_name(text: str) -> str:
+def registry(
+    runtime: RuntimeFacade,
+    *,
+    keys: KeyRing,
+    hub: EventHub,
+    device_requests: Counter[tuple[str, str]],
+) -> CollectorRegistry:
+    """A registry of one app's collectors (not the global one)."""
+    collectors = CollectorRegistry()
+    collectors.register(RuntimeCollector(runtime))
+    collectors.register(ApiCollector(keys, hub, device_requests))
+    return collectors
+
+
+def _metric_name(text: str) -> str:
     """``text`` made into a valid metric name (invalid characters become ``_``)."""
     name = _INVALID_NAME.sub("_", text)
     return f"_{name}" if not name or name[0].isdigit() else name
 
 
-def escape_label(value: str) -> str:
-    """A label value escaped for the text format: backslash, double quote, newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    """A HELP text escaped for the text format: backslash and newline."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    """A sample value as the text format writes it."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if isinstance(value, int) or (value.is_integer() and abs(value) < 2**53):
-        return str(int(value))
-    return repr(value)
-
-
-@dataclass
-class Family:
-    """One metric family: its HELP, its TYPE and its samples, written together."""
-
-    name: str
-    type: MetricType
-    help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
-
-    def add(self, value: float, **labels: str) -> None:
-        """Add one sample."""
-        self.samples.append((labels, value))
-
-    def render(self) -> Iterable[str]:
-        """The family's lines."""
-        yield f"# HELP {self.name} {escape_help(self.help)}"
-        yield f"# TYPE {self.name} {self.type}"
-        for labels, value in self.samples:
-            if labels:
-                text = ",".join(f'{metric_name(key)}="{escape_label(label)}"'
-                                for key, label in labels.items())
-                yield f"{self.name}{{{text}}} {format_value(value)}"
-            else:
-                yield f"{self.name} {format_value(value)}"
-
-
-class Exposition:
-    """Families in the order they were first asked for."""
+class _Families:
+    """Metric families in the order they were first asked for; empty ones are left out."""
 
     def __init__(self) -> None:
-        self._families: dict[str, Family] = {}
+        self._order: list[Metric] = []
+        self._gauges: dict[str, GaugeMetricFamily] = {}
+        self._counters: dict[str, CounterMetricFamily] = {}
 
-    def family(self, name: str, type: MetricType, help: str) -> Family:
-        """The family called ``name``, created on first use."""
-        name = metric_name(name)
-        existing = self._families.get(name)
-        if existing is None:
-            existing = self._families[name] = Family(name, type, help)
-        return existing
+    def gauge(self, name: str, help: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+        """The gauge family called ``name``, created on first use."""
+        family = self._gauges.get(name)
+        if family is None:
+            family = self._gauges[name] = GaugeMetricFamily(_metric_name(name), help,
+                                                            labels=labels)
+            self._order.append(family)
+        return family
 
-    def render(self) -> str:
-        """The whole exposition, ending with a newline."""
-        lines = [line for family in self._families.values() if family.samples
-                 for line in family.render()]
-        return "\n".join(lines) + "\n"
+    def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
+        """The counter family called ``name`` (ending in ``_total``), created on first use."""
+        family = self._counters.get(name)
+        if family is None:
+            family = self._counters[name] = CounterMetricFamily(_metric_name(name), help,
+                                                                labels=labels)
+            self._order.append(family)
+        return family
+
+    def __iter__(self) -> Iterator[Metric]:
+        return (family for family in self._order if family.samples)
 
 
-def _counter_help(key: str, known: Mapping[str, str], what: str) -> str:
-    return known.get(key, f"{what} counter '{key}'.")
+class RuntimeCollector(Collector):
+    """The runtime's state, read through its facade at scrape time: the bridge, the router,
+    the store, every source and device, every sink and its outbox."""
+
+    def __init__(self, runtime: RuntimeFacade) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        """The families of the runtime's state, now."""
+        runtime = self.runtime
+        families = _Families()
+        families.gauge("fieldbridge_info", "Version and instance id of this bridge; always 1.",
+                       ["version", "bridge"]).add_metric([__version__, runtime.bridge_id], 1)
+        families.gauge("process_start_time_seconds",
+                       "Start time of the process since the Unix epoch in seconds.").add_metric(
+            [], runtime.started_at)
+        families.gauge("fieldbridge_ready",
+                       "1 once every source is started and the API serves.").add_metric(
+            [], 1 if runtime.started else 0)
+        router = runtime.router_figures()
+        families.gauge("fieldbridge_points", "Configured points.").add_metric(
+            [], len(runtime.points()))
+        families.gauge("fieldbridge_points_with_value",
+                       "Points that have a last value.").add_metric([], router.points_with_value)
+        families.gauge("fieldbridge_router_pending_events",
+                       "Events accepted from sources but not yet stored.").add_metric(
+            [], router.pending)
+        families.gauge("fieldbridge_router_max_pending_events",
+                       "Pending events beyond which sources wait (backpressure).").add_metric(
+            [], router.max_pending)
+        for key in sorted(set(_ROUTER_COUNTERS) | set(router.counters)):
+            families.counter(f"fieldbridge_router_{key}_total",
+                             _ROUTER_COUNTERS.get(key, f"Router counter '{key}'.")).add_metric(
+                [], router.counters.get(key, 0))
+        families.counter("fieldbridge_store_written_events_total",
+                         "Events written to the store since it was opened.").add_metric(
+            [], router.stored)
+        for source_id, status in runtime.source_statuses().items():
+            labels = {"source": source_id, "protocol": status.protocol}
+            _endpoint(families, "source", status, labels)
+            for device_id, device in status.children.items():
+                _endpoint(families, "device", device, {**labels, "device": device_id})
+        self._sinks(families)
+        yield from families
+
+    def _sinks(self, families: _Families) -> None:
+        names = ["sink", "protocol"]
+        for sink in self.runtime.sink_figures():
+            labels = {"sink": sink.id, "protocol": sink.status.protocol}
+            values = list(labels.values())
+            _endpoint(families, "sink", sink.status, labels)
+            if sink.outbox is None:
+                continue
+            families.gauge("fieldbridge_outbox_events",
+                           "Events waiting in the outbox for the broker's confirmation.",
+                           names).add_metric(values, sink.outbox.events)
+            families.gauge("fieldbridge_outbox_bytes", "Bytes of event JSON waiting in the "
+                           "outbox.", names).add_metric(values, sink.outbox.bytes)
+            families.counter("fieldbridge_outbox_dropped_total",
+                             "Events dropped unconfirmed from a full outbox (policy "
+                             "drop_oldest) since the start.", names).add_metric(
+                values, sink.outbox.dropped)
+            families.gauge("fieldbridge_outbox_oldest_age_seconds",
+                           "Age of the oldest event waiting in the outbox (0 when empty).",
+                           names).add_metric(values, sink.oldest_age or 0.0)
+            families.gauge("fieldbridge_sink_in_flight",
+                           "Messages published and not yet confirmed.", names).add_metric(
+                values, sink.in_flight)
+            if sink.confirm_latency is not None:
+                families.gauge("fieldbridge_sink_confirm_latency_seconds",
+                               "Moving average of the time from publish to the broker's "
+                               "confirmation.", names).add_metric(values, sink.confirm_latency)
+        limits = self.runtime.outbox_limits()
+        families.gauge("fieldbridge_outbox_max_events",
+                       "The outbox's bound in events, per sink.").add_metric(
+            [], limits.max_events)
+        families.gauge("fieldbridge_outbox_max_bytes",
+                       "The outbox's bound in bytes, per sink.").add_metric([], limits.max_bytes)
 
 
-def _endpoint_metrics(
-    exposition: Exposition, prefix: str, status: EndpointStatus, labels: dict[str, str]
+def _endpoint(
+    families: _Families, prefix: str, status: EndpointStatus, labels: Mapping[str, str]
 ) -> None:
+    """The state, last success and counters of a source, a device or a sink."""
     kind = status.kind
     known = _SINK_COUNTERS if kind == "sink" else _SOURCE_COUNTERS
-    exposition.family(f"fieldbridge_{prefix}_up", "gauge",
-                      f"1 when the {kind} is up, else 0.").add(
-        1 if status.state is ConnectionState.UP else 0, **labels)
-    state = exposition.family(f"fieldbridge_{prefix}_state", "gauge",
-                              f"1 for the state the {kind} is in, 0 for the others.")
+    names, values = list(labels), list(labels.values())
+    families.gauge(f"fieldbridge_{prefix}_up", f"1 when the {kind} is up, else 0.",
+                   names).add_metric(values, 1 if status.state is ConnectionState.UP else 0)
+    state = families.gauge(f"fieldbridge_{prefix}_state",
+                           f"1 for the state the {kind} is in, 0 for the others.",
+                           [*names, "state"])
     for candidate in ConnectionState:
-        state.add(1 if status.state is candidate else 0, **labels, state=candidate.value)
+        state.add_metric([*values, candidate.value], 1 if status.state is candidate else 0)
     if status.last_success is not None:
-        exposition.family(f"fieldbridge_{prefix}_last_success_timestamp_seconds", "gauge",
-                          f"When the {kind} last answered as expected (POSIX seconds).").add(
-            status.last_success, **labels)
+        families.gauge(f"fieldbridge_{prefix}_last_success_timestamp_seconds",
+                       f"When the {kind} last answered as expected (POSIX seconds).",
+                       names).add_metric(values, status.last_success)
     for key, count in sorted(status.counters.items()):
-        exposition.family(f"fieldbridge_{prefix}_{key}_total", "counter",
-                          _counter_help(key, known, kind.capitalize())).add(
-            count, **labels)
+        families.counter(f"fieldbridge_{prefix}_{key}_total",
+                         known.get(key, f"{kind.capitalize()} counter '{key}'."),
+                         names).add_metric(values, count)
 
 
-def _sink_metrics(exposition: Exposition, runtime: Runtime) -> None:
-    outbox = runtime.outbox
-    now = time.time()
-    for sink_id, running in runtime.sinks.items():
-        labels = {"sink": sink_id, "protocol": running.status.protocol}
-        _endpoint_metrics(exposition, "sink", running.status, labels)
-        depth = outbox.depths.get(sink_id)
-        if depth is None:
-            continue
-        exposition.family("fieldbridge_outbox_events", "gauge",
-                          "Events waiting in the outbox for the broker's confirmation.").add(
-            depth.events, **labels)
-        exposition.family("fieldbridge_outbox_bytes", "gauge",
-                          "Bytes of event JSON waiting in the outbox.").add(depth.bytes, **labels)
-        exposition.family("fieldbridge_outbox_dropped_total", "counter",
-                          "Events dropped unconfirmed from a full outbox (policy drop_oldest) "
-                          "since the start.").add(depth.dropped, **labels)
-        oldest = runtime.store.outbox_oldest(sink_id) if runtime.store.is_open else None
-        exposition.family("fieldbridge_outbox_oldest_age_seconds", "gauge",
-                          "Age of the oldest event waiting in the outbox (0 when empty).").add(
-            max(0.0, now - oldest) if oldest is not None else 0.0, **labels)
-        sink = running.sink
-        exposition.family("fieldbridge_sink_in_flight", "gauge",
-                          "Messages published and not yet confirmed.").add(
-            sink.in_flight, **labels)
-        if sink.confirm_latency is not None:
-            exposition.family("fieldbridge_sink_confirm_latency_seconds", "gauge",
-                              "Moving average of the time from publish to the broker's "
-                              "confirmation.").add(sink.confirm_latency, **labels)
-    exposition.family("fieldbridge_outbox_max_events", "gauge",
-                      "The outbox's bound in events, per sink.").add(outbox.limits.max_events)
-    exposition.family("fieldbridge_outbox_max_bytes", "gauge",
-                      "The outbox's bound in bytes, per sink.").add(outbox.limits.max_bytes)
+class ApiCollector(Collector):
+    """The API's own figures at scrape time: requests refused (when keys are configured),
+    event streams, and live reads and writes by result."""
 
+    def __init__(
+        self, keys: KeyRing, hub: EventHub, device_requests: Counter[tuple[str, str]]
+    ) -> None:
+        self.keys = keys
+        self.hub = hub
+        self.device_requests = device_requests
 
-def render(runtime: Runtime, keys: KeyRing | None = None) -> str:
-    """The exposition of one runtime's state, now."""
-    exposition = Exposition()
-    exposition.family("fieldbridge_info", "gauge",
-                      "Version and instance id of this bridge; always 1.").add(
-        1, version=__version__, bridge=runtime.bridge_id)
-    exposition.family("process_start_time_seconds", "gauge",
-                      "Start time of the process since the Unix epoch in seconds.").add(
-        runtime.started_at)
-    exposition.family("fieldbridge_ready", "gauge",
-                      "1 once every source is started and the API serves.").add(
-        1 if runtime.ready.is_set() else 0)
-    exposition.family("fieldbridge_points", "gauge", "Configured points.").add(
-        len(runtime.points))
-    exposition.family("fieldbridge_points_with_value", "gauge",
-                      "Points that have a last value.").add(len(runtime.router.latest))
-
-    router = runtime.router
-    exposition.family("fieldbridge_router_pending_events", "gauge",
-                      "Events accepted from sources but not yet stored.").add(router.pending)
-    exposition.family("fieldbridge_router_max_pending_events", "gauge",
-                      "Pending events beyond which sources wait (backpressure).").add(
-        router.max_pending)
-    for key in sorted(set(_ROUTER_COUNTERS) | set(router.counters)):
-        exposition.family(f"fieldbridge_router_{key}_total", "counter",
-                          _counter_help(key, _ROUTER_COUNTERS, "Router")).add(
-            router.counters[key])
-    exposition.family("fieldbridge_store_written_events_total", "counter",
-                      "Events written to the store since it was opened.").add(
-        runtime.store.written)
-
-    for source_id, running in runtime.sources.items():
-        status = running.status
-        labels = {"source": source_id, "protocol": status.protocol}
-        _endpoint_metrics(exposition, "source", status, labels)
-        for device_id, device in status.children.items():
-            _endpoint_metrics(exposition, "device", device,
-                              {**labels, "device": device_id})
-
-    _sink_metrics(exposition, runtime)
-
-    if keys is not None and keys.enabled:
-        failures = exposition.family("fieldbridge_api_auth_failures_total", "counter",
-                                     "API requests refused, by reason.")
-        for failure in AuthFailure:
-            failures.add(keys.failures[failure], reason=failure.value)
-    return exposition.render()
+    def collect(self) -> Iterator[Metric]:
+        """The families of the API's figures, now."""
+        families = _Families()
+        if self.keys.enabled:
+            failures = families.counter("fieldbridge_api_auth_failures_total",
+                                        "API requests refused, by reason.", ["reason"])
+            for failure in AuthFailure:
+                failures.add_metric([failure.value], self.keys.failures[failure])
+        hub = self.hub
+        families.gauge("fieldbridge_api_stream_clients",
+                       "Event stream clients connected.").add_metric([], hub.clients)
+        families.counter("fieldbridge_api_streams_total", "Event streams opened.").add_metric(
+            [], hub.counters["streams"])
+        families.counter("fieldbridge_api_stream_events_total",
+                         "Events queued for event stream clients.").add_metric(
+            [], hub.counters["events"])
+        ended = families.counter(
+            "fieldbridge_api_streams_ended_total",
+            "Event streams ended, by reason (slow_consumer and stalled: the client was "
+            "dropped).", ["reason"])
+        for reason in get_args(EndReason):
+            ended.add_metric([reason], hub.counters[f"ended_{reason}"])
+        requests = families.counter(
+            "fieldbridge_api_device_requests_total",
+            "Live reads and writes through the API, by operation and result (ok or the error "
+            "code).", ["operation", "result"])
+        for (operation, result), count in sorted(self.device_requests.items()):
+            requests.add_metric([operation, result], count)
+        yield from families

@@ -1,15 +1,18 @@
 """Loading a configuration file: YAML with file and line, includes, validation, resolution.
 
-The whole-file model is built from the protocol registry, so a connector's source, sink and
-profile models validate their own sections.
+The whole-file model is built from a ``Catalog`` of the installed connectors' models (given by
+``bridge.registry``, which finds them), so a connector's source, sink and profile models
+validate their own sections. The loader imports no connector and not the registry.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
@@ -21,25 +24,72 @@ from bridge.config.models import (
     DeviceSourceBase,
     OutboxSection,
     PointBase,
+    ProfileBase,
     ReportSpec,
     ResolvedPoint,
+    SinkBase,
+    SourceBase,
     StoreSection,
     StrictModel,
 )
 from bridge.config.yamlsource import Document, KeyPath, Location, load_yaml
 from bridge.errors import ConfigError, ConfigIssue
-from bridge.registry import protocols
 
 
-def root_model() -> type[BaseModel]:
-    """The whole-file model, built from the protocol registry (used for the JSON Schema too)."""
-    specs = list(protocols().values())
-    source_union: Any = Annotated[
-        _union([spec.source_model for spec in specs]), Field(discriminator="protocol")]
-    profile_models = [spec.profile_model for spec in specs if spec.profile_model is not None]
-    profile_union: Any = Annotated[_union(profile_models), Field(discriminator="protocol")]
-    sink_models = [spec.sink_model for spec in specs if spec.sink_model is not None]
-    sink_union: Any = Annotated[_union(sink_models), Field(discriminator="protocol")]
+class ConnectorModels(Protocol):
+    """What the loader needs of one protocol connector (``bridge.registry.ProtocolSpec``)."""
+
+    @property
+    def name(self) -> str:
+        """The protocol's name, the ``protocol`` value of its sections."""
+        ...
+
+    @property
+    def source_model(self) -> type[SourceBase] | None:
+        """The source's model, if the protocol can be a source."""
+        ...
+
+    @property
+    def profile_model(self) -> type[ProfileBase] | None:
+        """The device profile's model, if the protocol has devices."""
+        ...
+
+    @property
+    def sink_model(self) -> type[SinkBase] | None:
+        """The sink's model, if the protocol can be a sink."""
+        ...
+
+    @property
+    def source_points(self) -> Callable[[SourceBase, KeyPath], list[ResolvedPoint]]:
+        """Points declared on the source itself (not through devices)."""
+        ...
+
+    @property
+    def shared_workers(self) -> bool:
+        """Whether several worker processes can share one source."""
+        ...
+
+    @property
+    def check(self) -> Callable[[SourceBase, Sequence[ResolvedPoint]], list[tuple[KeyPath, str]]]:
+        """Checks a schema cannot express: (key path, message)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The installed protocol connectors, and why a registered one cannot be used."""
+
+    protocols: Mapping[str, ConnectorModels]
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+    """Protocol name → why its connector is missing (it failed to import, say)."""
+
+
+def root_model(catalog: Catalog) -> type[BaseModel]:
+    """The whole-file model, built from the connectors' models (the JSON Schema comes from it)."""
+    specs = list(catalog.protocols.values())
+    source_union: Any = _tagged([spec.source_model for spec in specs])
+    profile_union: Any = _tagged([spec.profile_model for spec in specs])
+    sink_union: Any = _tagged([spec.sink_model for spec in specs])
     model = create_model(
         "FieldbridgeConfig",
         __base__=StrictModel,
@@ -56,17 +106,29 @@ def root_model() -> type[BaseModel]:
     return cast(type[BaseModel], model)
 
 
-def _union(models: list[Any]) -> Any:
-    if len(models) == 1:
-        return models[0]
+def _tagged(candidates: Sequence[type[BaseModel] | None]) -> Any:
+    """The union of ``models`` told apart by their ``protocol``, or a model of nothing."""
+    models = [model for model in candidates if model is not None]
+    if not models:
+        return _Nothing
     union: Any = models[0]
     for model in models[1:]:
         union = union | model
-    return union
+    return Annotated[union, Field(discriminator="protocol")]
 
 
-def load_config(path: str | Path) -> Config:
-    """Load, validate and resolve a configuration file; raise ``ConfigError`` with every issue."""
+class _Nothing(StrictModel):
+    """Stands for a section no installed connector provides: any entry is refused."""
+
+    protocol: Annotated[str, Field(pattern=r"^$", description="no connector provides this")]
+
+
+def load_config(path: str | Path, catalog: Catalog) -> Config:
+    """Load, validate and resolve a configuration file; raise ``ConfigError`` with every issue.
+
+    ``catalog`` holds the connectors' models (``bridge.registry.load_config`` passes the
+    installed ones).
+    """
     config_path = Path(path).resolve()
     issues: list[ConfigIssue] = []
     document = load_yaml(config_path, issues)
@@ -77,8 +139,11 @@ def load_config(path: str | Path) -> Config:
     _merge_includes(document, config_path, issues, seen={config_path})
     if issues:
         raise ConfigError(issues)
+    _unavailable(document, catalog, issues)
+    if issues:
+        raise ConfigError(issues)
     try:
-        model = root_model().model_validate(document.data)
+        model = root_model(catalog).model_validate(document.data)
     except ValidationError as exc:
         raise ConfigError(_validation_issues(document, exc, ())) from None
     config = Config(
@@ -93,7 +158,7 @@ def load_config(path: str | Path) -> Config:
         outbox=model.outbox,  # type: ignore[attr-defined]
         sinks=list(model.sinks),  # type: ignore[attr-defined]
     )
-    _resolve(config, issues)
+    _resolve(config, catalog, issues)
     if issues:
         raise ConfigError(issues)
     return config
@@ -182,10 +247,26 @@ def _validation_issues(
     return issues
 
 
-def _resolve(config: Config, issues: list[ConfigIssue]) -> None:
+def _unavailable(document: Document, catalog: Catalog, issues: list[ConfigIssue]) -> None:
+    """A section whose protocol's connector is registered but could not be loaded."""
+    if not catalog.unavailable or not isinstance(document.data, dict):
+        return
+    for section in ("sources", "sinks"):
+        entries = document.data.get(section)
+        if not isinstance(entries, list):
+            continue
+        for index, entry in enumerate(entries):
+            protocol = entry.get("protocol") if isinstance(entry, dict) else None
+            if isinstance(protocol, str) and protocol in catalog.unavailable:
+                issues.append(document.issue(
+                    (section, index, "protocol"),
+                    f"protocol '{protocol}' is not available: {catalog.unavailable[protocol]}"))
+
+
+def _resolve(config: Config, catalog: Catalog, issues: list[ConfigIssue]) -> None:
     """Instantiate profiles, merge settings, and check what a schema cannot."""
     document = config.document
-    registry = protocols()
+    registry = catalog.protocols
     seen_sources: dict[str, int] = {}
     seen_devices: dict[str, KeyPath] = {}
     seen_points: dict[str, KeyPath] = {}

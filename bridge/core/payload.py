@@ -647,8 +647,9 @@ class MessageMapper:
         """How the address is named in reasons: ``topic`` or ``routing key``."""
         self.max_points = max_points
         self._variables = variables
-        self.counters: Counter[str] = Counter()
-        self.details: dict[str, Any] = {}
+        self._own_counters: Counter[str] = Counter()
+        self._own_details: dict[str, Any] = {}
+        self._status: EndpointStatus | None = None
         self._programs: dict[str, tuple[Route, PointProgram]] = {}
         self._dynamic = 0
         self._cap_logged = False
@@ -658,13 +659,23 @@ class MessageMapper:
                                                                        dict(route.point.tags)))
 
     def attach(self, status: EndpointStatus) -> None:
-        """Count into ``status`` from now on (called by the source when it starts)."""
-        if status.counters is self.counters:
+        """Report into ``status`` from now on (called by the source when it starts); what was
+        counted before is carried over."""
+        if status is self._status:
             return
         status.counters.update(self.counters)
         status.details.update(self.details)
-        self.counters = status.counters
-        self.details = status.details
+        self._status = status
+
+    @property
+    def counters(self) -> Counter[str]:
+        """What the mapping counted: the attached status's counters, or its own until then."""
+        return self._own_counters if self._status is None else self._status.counters
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """The last bad value and dropped point: on the attached status, or its own until then."""
+        return self._own_details if self._status is None else self._status.details
 
     @property
     def point_count(self) -> int:

@@ -18,10 +18,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.config.loader import load_config
+from bridge.api.server import api_services
 from bridge.config.models import Config
 from bridge.demo.simulator import PlantSimulator
 from bridge.errors import BridgeError
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 
 PORT_VARIABLE = "FIELDBRIDGE_DEMO_MODBUS_PORT"
@@ -110,7 +111,7 @@ async def run_demo(*, port: int, state_dir: str | None, opcua: bool = False) -> 
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, runtime.stop)
             try:
-                await runtime.run()
+                await runtime.run(services=api_services(config))
             finally:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)

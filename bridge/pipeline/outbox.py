@@ -21,10 +21,11 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bridge.core.model import Event
+from bridge.core.sink import OutboxRoute, OutboxRow
 
 logger = logging.getLogger(__name__)
 
@@ -63,34 +64,6 @@ class OutboxLimits:
     max_bytes: int
     drop_oldest: bool = False
     """Delete the oldest rows to make room; otherwise block (store only what fits)."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRoute:
-    """Which events one sink takes, and the address (routing key) each is published to."""
-
-    sink: str
-    accepts: Callable[[Event], bool]
-    address: Callable[[Event], str]
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    """One event waiting for one sink."""
-
-    seq: int
-    id: str
-    source: str
-    point: str
-    quality: str
-    ts: float
-    created: float
-    """When the row was stored (POSIX seconds)."""
-    address: str
-    size: int
-    """Bytes of ``body`` (UTF-8)."""
-    body: str
-    """The event's documented JSON."""
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ them run while a write is in progress.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 import threading
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from bridge.core.model import Event, Quality, parse_timestamp
+from bridge.core.model import Event
 from bridge.errors import BridgeError
 from bridge.pipeline.outbox import Outbox, OutboxInsert
 
@@ -69,28 +68,14 @@ class Retention:
 
 
 def event_to_json(event: Event) -> str:
-    """The event's documented JSON, compact (serialized once: a worker process may have done
+    """The event's published JSON, compact (serialized once: a worker process may have done
     it already)."""
     return event.to_json()
 
 
 def event_from_json(body: str) -> Event:
-    """An event back from its JSON form."""
-    data: dict[str, Any] = json.loads(body)
-    return Event(
-        id=data["id"],
-        source=data["source"],
-        point=data["point"],
-        value=data["value"],
-        unit=data["unit"],
-        quality=Quality(data["quality"]),
-        ts=parse_timestamp(data["ts"]),
-        received_at=parse_timestamp(data["received_at"]),
-        protocol=data["protocol"],
-        bridge=data["bridge"],
-        tags=data.get("tags") or {},
-        reason=data.get("reason"),
-    )
+    """An event back from its published JSON."""
+    return Event.from_json(body)
 
 
 class Store:

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from bridge.core.source import SourceUnit
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.pipeline.source import SourceUnit
 
 logger = logging.getLogger(__name__)
 

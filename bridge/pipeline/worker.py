@@ -16,8 +16,10 @@ one entry per worker under ``details.workers``. A worker process that exits is s
 by the daemon's supervisor, with backoff; a worker whose daemon is gone (its socket closes)
 exits. Live reads and writes through the API are relayed to the first worker.
 
-Frames are a 4-byte big-endian length and a pickle: both ends are this program, on one
-machine, over a socket pair nothing else can reach.
+Frames are a 4-byte big-endian length and a MessagePack body: one of the typed frames below
+(msgspec structs, tagged with their class name), decoded against the union of what may come
+in that direction and dispatched with ``match``. Events travel as the ``Event`` struct itself.
+Both ends are this program, on one machine, over a socket pair nothing else can reach.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
 from bridge.core.model import Event, Reading, Settlement, Value
+from bridge.core.sink import OutboxRoute, OutboxRow, Sink, SinkContext
+from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.pipeline.outbox import OutboxRoute, OutboxRow
-from bridge.pipeline.sink import Sink, SinkContext, SinkOutbox
-from bridge.pipeline.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
+from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.supervisor import Backoff, source_status, supervise
 from bridge.registry import protocols
 
@@ -80,34 +84,210 @@ class WorkerSpec:
     index: int
 
 
-def _frame(message: object) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
+@dataclass(frozen=True)
+class SinkWorkerSpec:
+    """What a sink's worker process runs: one sink, and where it runs."""
+
+    sink: SinkBase
+    bridge_id: str
+    state_dir: Path
+    config_dir: Path | None
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    """The next message; ``EOFError`` once the other end closed."""
+# --- frames ----------------------------------------------------------------------------------
+
+
+class Frame(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """One message between the daemon and a worker process (tagged with its class name)."""
+
+
+class Start(Frame, frozen=True):
+    """Daemon → worker, first and once: what to run."""
+
+    spec: bytes
+    """A pickled ``WorkerSpec`` or ``SinkWorkerSpec``. Pickled, unlike every other frame:
+    it holds the source's or sink's configuration, a pydantic model each connector defines
+    (the resolved points hold more of them), and only pickle rebuilds those exact classes."""
+
+
+class Events(Frame, frozen=True):
+    """Source worker → daemon: mapped events, each carrying its published JSON (``body``)."""
+
+    batch: int
+    """Numbers a batch with upstream messages to settle once it is stored; 0: none."""
+    events: list[Event]
+
+
+class Status(Frame, frozen=True):
+    """Worker → daemon: the status (``EndpointStatus.snapshot``) and, from a sink worker, its
+    publishing figures (``Sink.details``)."""
+
+    snapshot: dict[str, Any]
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ReadDone(Frame, frozen=True):
+    """Source worker → daemon: the readings of a live read."""
+
+    call: int
+    readings: bytes
+    """The pickled ``list[Reading]``: a reading's address and raw value are the connector's
+    own types (a Modbus block address, an OPC-UA variant's value), which the daemon's mapper
+    needs back exactly as they were, and only pickle gives them back so."""
+
+
+class WriteDone(Frame, frozen=True):
+    """Source worker → daemon: a live write was carried out."""
+
+    call: int
+
+
+class CallFailed(Frame, frozen=True):
+    """Source worker → daemon: a live read or write failed (a ``WriteError``)."""
+
+    call: int
+    point: str
+    reason: str
+    category: ErrorCategory
+
+
+class Stored(Frame, frozen=True):
+    """Daemon → source worker: a batch is stored; settle its upstream messages."""
+
+    batch: int
+
+
+class ReadPoint(Frame, frozen=True):
+    """Daemon → source worker: read one point now (answered by ``ReadDone``)."""
+
+    call: int
+    point: str
+
+
+class WritePoint(Frame, frozen=True):
+    """Daemon → source worker: write a value to a point (answered by ``WriteDone``)."""
+
+    call: int
+    point: str
+    value: Value
+
+
+class ReadRows(Frame, frozen=True):
+    """Sink worker → daemon: the oldest ``limit`` outbox rows after ``after``."""
+
+    call: int
+    after: int
+    limit: int
+
+
+class ConfirmRows(Frame, frozen=True):
+    """Sink worker → daemon: delete outbox rows the broker confirmed."""
+
+    call: int
+    seqs: list[int]
+
+
+class Rows(Frame, frozen=True):
+    """Daemon → sink worker: the rows a ``ReadRows`` asked for."""
+
+    call: int
+    rows: list[OutboxRow]
+
+
+class Confirmed(Frame, frozen=True):
+    """Daemon → sink worker: how many rows a ``ConfirmRows`` deleted."""
+
+    call: int
+    deleted: int
+
+
+class Arrivals(Frame, frozen=True):
+    """Daemon → sink worker: rows were stored for the sink (``SinkOutbox.arrivals`` now)."""
+
+    count: int
+
+
+SourceReport = Events | Status | ReadDone | WriteDone | CallFailed
+"""What a source worker sends the daemon."""
+SourceOrder = Stored | ReadPoint | WritePoint
+"""What the daemon sends a source worker, after ``Start``."""
+SinkRequest = ReadRows | ConfirmRows | Status
+"""What a sink worker sends the daemon."""
+SinkAnswer = Rows | Confirmed | Arrivals
+"""What the daemon sends a sink worker, after ``Start``."""
+
+_FrameT = TypeVar("_FrameT")
+_ResultT = TypeVar("_ResultT")
+
+_ENCODER = msgspec.msgpack.Encoder()
+_STARTS: msgspec.msgpack.Decoder[Start] = msgspec.msgpack.Decoder(Start)
+_SOURCE_REPORTS: msgspec.msgpack.Decoder[SourceReport] = msgspec.msgpack.Decoder(SourceReport)
+_SOURCE_ORDERS: msgspec.msgpack.Decoder[SourceOrder] = msgspec.msgpack.Decoder(SourceOrder)
+_SINK_REQUESTS: msgspec.msgpack.Decoder[SinkRequest] = msgspec.msgpack.Decoder(SinkRequest)
+_SINK_ANSWERS: msgspec.msgpack.Decoder[SinkAnswer] = msgspec.msgpack.Decoder(SinkAnswer)
+
+
+def _frame(frame: Frame) -> bytearray:
+    """``frame`` encoded behind its length."""
+    data = bytearray(_HEADER.size)
+    _ENCODER.encode_into(frame, data, _HEADER.size)
+    _HEADER.pack_into(data, 0, len(data) - _HEADER.size)
+    return data
+
+
+async def _read_frame(reader: asyncio.StreamReader, decoder: msgspec.msgpack.Decoder[_FrameT],
+                      peer: str) -> _FrameT | None:
+    """The next frame; ``None`` once the other end closed the socket. Raises
+    ``ConnectorError`` for a frame that does not decode as one ``decoder`` expects."""
     try:
-        header = await reader.readexactly(_HEADER.size)
-        (size,) = _HEADER.unpack(header)
-        return pickle.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionError) as exc:
-        raise EOFError from exc
+        (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+        data = await reader.readexactly(size)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ConnectorError(peer, f"malformed frame: {exc}", ErrorCategory.PROTOCOL) from exc
 
 
-async def _frames(reader: asyncio.StreamReader) -> AsyncIterator[Any]:
-    """Every message until the other end closes the socket."""
-    while True:
-        try:
-            yield await _read_frame(reader)
-        except EOFError:
-            return
+async def _frames(reader: asyncio.StreamReader, decoder: msgspec.msgpack.Decoder[_FrameT],
+                  peer: str) -> AsyncIterator[_FrameT]:
+    """Every frame until the other end closes the socket."""
+    while (frame := await _read_frame(reader, decoder, peer)) is not None:
+        yield frame
 
 
-def _event_row(event: Event) -> tuple[object, ...]:
-    return (event.id, event.source, event.point, event.value, event.unit, event.quality,
-            event.ts, event.received_at, event.protocol, event.bridge, event.tags,
-            event.reason, event.to_json())
+def _start(spec: WorkerSpec | SinkWorkerSpec) -> bytearray:
+    return _frame(Start(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)))
+
+
+def _primary(failures: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a task group failed with: a cancellation when its task is being
+    cancelled (stopping wins over reconnecting), else a connector error if any, else the
+    first error (the group itself when there are several)."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        return asyncio.CancelledError()
+    leaves: list[BaseException] = []
+
+    def flatten(group: BaseExceptionGroup[BaseException]) -> None:
+        for exc in group.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                flatten(exc)
+            else:
+                leaves.append(exc)
+
+    flatten(failures)
+    for exc in leaves:
+        if isinstance(exc, ConnectorError):
+            return exc
+    return leaves[0] if len(leaves) == 1 else failures
+
+
+def _settle(reply: asyncio.Future[_ResultT] | None, result: _ResultT) -> None:
+    """Give a waiting call its answer (a call given up on has no future left)."""
+    if reply is not None and not reply.done():
+        reply.set_result(result)
 
 
 async def _spawn(endpoint: str, what: str) -> tuple[
@@ -160,7 +340,7 @@ class _Stored:
 
     async def accept(self) -> None:
         if not self.writer.is_closing():
-            self.writer.write(_frame(("stored", self.batch)))
+            self.writer.write(_frame(Stored(self.batch)))
 
     async def reject(self, reason: str) -> None:
         # The worker knows, per message, which to accept and which to dead-letter.
@@ -179,6 +359,9 @@ class _Process:
     snapshot: dict[str, Any] | None = None
 
 
+_Answer = ReadDone | WriteDone | CallFailed
+
+
 class WorkerSource(Source):
     """A source run in worker processes; stands in for it in the daemon.
 
@@ -194,7 +377,7 @@ class WorkerSource(Source):
         self.processes: dict[int, _Process] = {}
         """The worker processes running now, by index."""
         self._calls = itertools.count(1)
-        self._replies: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
+        self._replies: dict[int, asyncio.Future[_Answer]] = {}
 
     def device_endpoints(self) -> dict[str, str]:
         """The devices of the source the workers run."""
@@ -206,17 +389,18 @@ class WorkerSource(Source):
         if context.submit is None:
             raise ConnectorError(self.endpoint, "worker processes need a router to submit to",
                                  ErrorCategory.CONFIG)
-        tasks = [asyncio.create_task(self._run_worker(index, context),
-                                     name=f"worker[{self.id}.{index}]")
-                 for index in range(self.workers)]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            async with asyncio.TaskGroup() as group:
+                workers = [group.create_task(self._run_worker(index, context),
+                                             name=f"worker[{self.id}.{index}]")
+                           for index in range(self.workers)]
+                # Awaited in the group's body, which so stays busy until a worker fails:
+                # Python 3.11's TaskGroup leaves its parent marked as cancelling when a task
+                # fails after the body has returned.
+                await asyncio.wait(workers)
+        except BaseExceptionGroup as failures:
+            raise _primary(failures) from None
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             for reply in self._replies.values():
                 if not reply.done():
                     reply.cancel()
@@ -229,22 +413,17 @@ class WorkerSource(Source):
         running = _Process(index, process.pid, writer, Counter())
         self.processes[index] = running
         try:
-            writer.write(_frame(("source", dataclasses.replace(self.spec, index=index))))
-            async for message in _frames(reader):
-                kind = message[0]
-                if kind == "events":
-                    _, batch, rows = message
-                    events = [Event(*row) for row in rows]
-                    settlements: list[Settlement] = (
-                        [(_Stored(writer, batch), None)] if batch else [])
-                    await submit(events, settlements)
-                elif kind == "status":
-                    self._mirror(running, message[1], context.status)
-                elif kind == "reply":
-                    _, call, ok, payload = message
-                    reply = self._replies.pop(call, None)
-                    if reply is not None and not reply.done():
-                        reply.set_result((ok, payload))
+            writer.write(_start(dataclasses.replace(self.spec, index=index)))
+            async for frame in _frames(reader, _SOURCE_REPORTS, self.endpoint):
+                match frame:
+                    case Events(batch=batch, events=events):
+                        settlements: list[Settlement] = (
+                            [(_Stored(writer, batch), None)] if batch else [])
+                        await submit(events, settlements)
+                    case Status(snapshot=snapshot):
+                        self._mirror(running, snapshot, context.status)
+                    case ReadDone(call=call) | WriteDone(call=call) | CallFailed(call=call):
+                        _settle(self._replies.pop(call, None), frame)
             code = await process.wait()
             raise ConnectorError(self.endpoint, f"worker process {index} (pid {process.pid}) "
                                  f"exited with status {code}", ErrorCategory.PROTOCOL)
@@ -272,34 +451,48 @@ class WorkerSource(Source):
 
     async def read(self, point_id: str) -> list[Reading]:
         """Read one point now, through the first worker."""
-        result: list[Reading] = await self._call("read", point_id, None)
-        return result
+        match await self._call(point_id, lambda call: ReadPoint(call, point_id)):
+            case ReadDone(readings=readings):
+                result: list[Reading] = pickle.loads(readings)
+                return result
+            case answer:
+                raise _unexpected(point_id, answer)
 
     async def write(self, point_id: str, value: Value) -> None:
         """Write a value, through the first worker."""
-        await self._call("write", point_id, value)
+        match await self._call(point_id, lambda call: WritePoint(call, point_id, value)):
+            case WriteDone():
+                return
+            case answer:
+                raise _unexpected(point_id, answer)
 
-    async def _call(self, operation: str, point_id: str, value: Value) -> Any:
+    async def _call(self, point_id: str, request: Callable[[int], Frame]) -> _Answer:
+        """Send the first worker ``request(call)`` and wait for its answer; a ``CallFailed``
+        is raised as the ``WriteError`` it reports."""
         running = self.processes.get(0)
         if running is None or running.writer.is_closing():
             raise WriteError(point_id, "the source's worker process is not running",
                              ErrorCategory.TRANSIENT)
         call = next(self._calls)
-        reply: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         self._replies[call] = reply
-        running.writer.write(_frame(("call", call, operation, point_id, value)))
+        running.writer.write(_frame(request(call)))
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                ok, payload = await reply
+                answer = await reply
         except TimeoutError:
             raise WriteError(point_id, f"the worker process did not answer within "
                              f"{CALL_TIMEOUT:g}s", ErrorCategory.TRANSIENT) from None
         finally:
             self._replies.pop(call, None)
-        if not ok:
-            point, reason, category = payload
-            raise WriteError(point, reason, ErrorCategory(category))
-        return payload
+        if isinstance(answer, CallFailed):
+            raise WriteError(answer.point, answer.reason, answer.category)
+        return answer
+
+
+def _unexpected(point_id: str, answer: _Answer) -> WriteError:
+    return WriteError(point_id, f"the worker process answered with {type(answer).__name__}",
+                      ErrorCategory.PROTOCOL)
 
 
 def _combine(snapshots: list[tuple[int, dict[str, Any]]], workers: int) -> dict[str, Any]:
@@ -365,20 +558,6 @@ async def _stop_process(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
-@dataclass(frozen=True)
-class SinkWorkerSpec:
-    """What a sink's worker process runs: one sink, and where it runs."""
-
-    sink: SinkBase
-    bridge_id: str
-    state_dir: Path
-    config_dir: Path | None
-
-
-def _row_tuple(row: OutboxRow) -> tuple[object, ...]:
-    return (row.seq, row.id, row.source, row.point, row.quality, row.ts, row.created,
-            row.address, row.size, row.body)
-
 
 class SinkWorker(Sink):
     """A sink that publishes from a worker process; stands in for it in the daemon.
@@ -420,31 +599,38 @@ class SinkWorker(Sink):
         process, reader, writer = await _spawn(self.endpoint, "sink worker process")
         self.pid = process.pid
         counted: Counter[str] = Counter()
-        calls: set[asyncio.Task[None]] = set()
-        announcing = asyncio.create_task(self._announce(outbox, writer),
-                                         name=f"sink-worker[{self.id}].announce")
+        answering: set[asyncio.Task[None]] = set()
         try:
-            writer.write(_frame(("sink", self.spec)))
-            async for message in _frames(reader):
-                kind = message[0]
-                if kind == "status":
-                    _, snapshot, details = message
-                    counted = _add_counters(context.status, counted, snapshot["counters"])
-                    context.status.mirror(snapshot, counters=False)
-                    self._details = details
-                else:
-                    task = asyncio.create_task(self._answer(outbox, writer, message))
-                    calls.add(task)
-                    task.add_done_callback(calls.discard)
+            async with asyncio.TaskGroup() as group:
+                announcing = group.create_task(self._announce(outbox, writer),
+                                               name=f"sink-worker[{self.id}].announce")
+                writer.write(_start(self.spec))
+                async for frame in _frames(reader, _SINK_REQUESTS, self.endpoint):
+                    match frame:
+                        case Status(snapshot=snapshot, details=details):
+                            counted = _add_counters(context.status, counted,
+                                                    snapshot["counters"])
+                            context.status.mirror(snapshot, counters=False)
+                            self._details = details
+                        case ReadRows() | ConfirmRows():
+                            task = group.create_task(
+                                self._answer(outbox, writer, frame),
+                                name=f"sink-worker[{self.id}].call[{frame.call}]")
+                            answering.add(task)
+                            task.add_done_callback(answering.discard)
+                announcing.cancel()
+                # Confirmed rows are still deleted; the body waits for it, so that a failure
+                # meanwhile is raised here (see WorkerSource.run on Python 3.11's TaskGroup).
+                if answering:
+                    await asyncio.wait(answering)
             code = await process.wait()
             raise ConnectorError(self.endpoint, f"sink worker process (pid {process.pid}) "
                                  f"exited with status {code}", ErrorCategory.PROTOCOL)
+        except BaseExceptionGroup as failures:
+            raise _primary(failures) from None
         finally:
             self.pid = None
             self._details = {}
-            for task in (announcing, *calls):
-                task.cancel()
-            await asyncio.gather(announcing, *calls, return_exceptions=True)
             writer.close()
             await _stop_process(process)
 
@@ -456,26 +642,23 @@ class SinkWorker(Sink):
             await signal.wait()
             signal.clear()
             if not writer.is_closing():
-                writer.write(_frame(("arrivals", outbox.arrivals)))
+                writer.write(_frame(Arrivals(outbox.arrivals)))
 
     @staticmethod
     async def _answer(outbox: SinkOutbox, writer: asyncio.StreamWriter,
-                      message: tuple[Any, ...]) -> None:
+                      request: ReadRows | ConfirmRows) -> None:
         """Carry out one outbox read or deletion for the worker and answer it."""
-        kind, call = message[0], message[1]
-        payload: object
-        if kind == "read":
-            after, limit = message[2], message[3]
-            rows = outbox.take(after, limit)
-            if rows is None:
-                rows = await outbox.read(after, limit)
-            payload = [_row_tuple(row) for row in rows]
-        elif kind == "confirm":
-            payload = await outbox.confirm(message[2])
-        else:
-            return
+        answer: Rows | Confirmed
+        match request:
+            case ReadRows(call=call, after=after, limit=limit):
+                rows = outbox.take(after, limit)
+                if rows is None:
+                    rows = await outbox.read(after, limit)
+                answer = Rows(call, rows)
+            case ConfirmRows(call=call, seqs=seqs):
+                answer = Confirmed(call, await outbox.confirm(seqs))
         if not writer.is_closing():
-            writer.write(_frame(("reply", call, payload)))
+            writer.write(_frame(answer))
 
 
 def build_worker_unit(unit: SourceUnit, source: SourceBase, points: Sequence[ResolvedPoint],
@@ -496,12 +679,16 @@ class _Worker:
     def __init__(self, spec: WorkerSpec, writer: asyncio.StreamWriter) -> None:
         context = BuildContext(bridge_id=spec.bridge_id, state_dir=spec.state_dir,
                                config_dir=spec.config_dir, worker=spec.index)
-        self.unit = protocols()[spec.source.protocol].build(spec.source, spec.points, context)
+        self.unit = protocols()[spec.source.protocol].source_unit(spec.source, spec.points,
+                                                                 context)
         self.status = source_status(self.unit)
         self.writer = writer
         self.pending: dict[int, list[Settlement]] = {}
         self.batches = itertools.count(1)
         self.room = asyncio.Condition()
+        source = self.unit.source
+        self.name = f"{source.protocol}[{source.id}]"
+        """The prefix of the names of its tasks."""
 
     async def publish(self, readings: Sequence[Reading]) -> None:
         """Map ``readings`` and send their events; waits while the daemon is behind."""
@@ -514,7 +701,9 @@ class _Worker:
                 await self.room.wait_for(lambda: len(self.pending) < MAX_UNSETTLED)
             batch = next(self.batches)
             self.pending[batch] = settlements
-        self.writer.write(_frame(("events", batch, [_event_row(event) for event in events])))
+        # Serialized here, on the worker's core: the daemon stores the bodies as they come.
+        serialized = [msgspec.structs.replace(event, body=event.to_json()) for event in events]
+        self.writer.write(_frame(Events(batch, serialized)))
         await self.writer.drain()
 
     async def stored(self, batch: int) -> None:
@@ -532,32 +721,49 @@ class _Worker:
         async with self.room:
             self.room.notify_all()
 
-    async def call(self, call: int, operation: str, point_id: str, value: Value) -> None:
-        """Carry out a live read or write for the daemon and answer."""
-        source = self.unit.source
+    async def read(self, call: int, point_id: str) -> None:
+        """Read a point now for the daemon and answer with the readings."""
+        answer: Frame
         try:
-            payload: Any = None
-            if operation == "read":
-                payload = await source.read(point_id)
-            else:
-                await source.write(point_id, value)
-            answer: tuple[object, ...] = ("reply", call, True, payload)
-        except WriteError as exc:
-            answer = ("reply", call, False, (exc.point, exc.reason, exc.category.value))
+            readings = await self.unit.source.read(point_id)
+            answer = ReadDone(call, pickle.dumps(readings, protocol=pickle.HIGHEST_PROTOCOL))
         except Exception as exc:
-            answer = ("reply", call, False, (point_id, f"{type(exc).__name__}: {exc}",
-                                             ErrorCategory.PROTOCOL.value))
+            answer = _call_failed(call, point_id, exc)
+        self._send(answer)
+
+    async def write(self, call: int, point_id: str, value: Value) -> None:
+        """Write a value for the daemon and answer."""
+        answer: Frame
+        try:
+            await self.unit.source.write(point_id, value)
+            answer = WriteDone(call)
+        except Exception as exc:
+            answer = _call_failed(call, point_id, exc)
+        self._send(answer)
+
+    def _send(self, frame: Frame) -> None:
         if not self.writer.is_closing():
-            self.writer.write(_frame(answer))
+            self.writer.write(_frame(frame))
 
     async def listen(self, reader: asyncio.StreamReader, group: asyncio.TaskGroup) -> None:
-        """Take the daemon's messages until it closes the socket."""
-        async for message in _frames(reader):
-            if message[0] == "stored":
-                await self.stored(message[1])
-            elif message[0] == "call":
-                _, call, operation, point_id, value = message
-                group.create_task(self.call(call, operation, point_id, value))
+        """Take the daemon's orders until it closes the socket."""
+        async for frame in _frames(reader, _SOURCE_ORDERS, "daemon"):
+            match frame:
+                case Stored(batch=batch):
+                    await self.stored(batch)
+                case ReadPoint(call=call, point=point):
+                    group.create_task(self.read(call, point), name=f"{self.name}.read[{call}]")
+                case WritePoint(call=call, point=point, value=value):
+                    group.create_task(self.write(call, point, value),
+                                      name=f"{self.name}.write[{call}]")
+
+
+def _call_failed(call: int, point_id: str, exc: Exception) -> CallFailed:
+    """The answer to a live read or write that raised ``exc``: the daemon raises it again as
+    a ``WriteError``, which the API reports."""
+    if isinstance(exc, WriteError):
+        return CallFailed(call, exc.point, exc.reason, exc.category)
+    return CallFailed(call, point_id, f"{type(exc).__name__}: {exc}", ErrorCategory.PROTOCOL)
 
 
 class _RemoteOutbox:
@@ -571,22 +777,24 @@ class _RemoteOutbox:
         self.arrivals = 0
         """The daemon's count of batches stored with rows for this sink."""
         self._calls = itertools.count(1)
-        self._replies: dict[int, tuple[asyncio.Future[Any], bool]] = {}
+        self._reads: dict[int, asyncio.Future[list[OutboxRow]]] = {}
+        self._confirms: dict[int, asyncio.Future[int]] = {}
 
-    def _call(self, message: tuple[Any, ...], rows: bool) -> asyncio.Future[Any]:
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def _ask(self, replies: dict[int, asyncio.Future[_ResultT]],
+             request: Callable[[int], Frame]) -> asyncio.Future[_ResultT]:
+        reply: asyncio.Future[_ResultT] = asyncio.get_running_loop().create_future()
         if self.writer.is_closing():
             reply.set_exception(ConnectorError("daemon", "the daemon is gone",
                                                ErrorCategory.TRANSIENT))
             return reply
         call = next(self._calls)
-        self._replies[call] = (reply, rows)
-        self.writer.write(_frame((message[0], call, *message[1:])))
+        replies[call] = reply
+        self.writer.write(_frame(request(call)))
         return reply
 
     def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
         """The oldest ``limit`` rows after ``after``, read by the daemon."""
-        return self._call(("read", after, limit), rows=True)
+        return self._ask(self._reads, lambda call: ReadRows(call, after, limit))
 
     def take(self, after: int, limit: int) -> list[OutboxRow] | None:
         """Always ``None``: the daemon serves every read from its own feed or the table."""
@@ -594,13 +802,15 @@ class _RemoteOutbox:
 
     def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
         """Have the daemon delete rows the broker confirmed."""
-        return self._call(("confirm", list(seqs)), rows=False)
+        return self._ask(self._confirms, lambda call: ConfirmRows(call, list(seqs)))
 
-    def answered(self, call: int, payload: Any) -> None:
+    def answered(self, answer: Rows | Confirmed) -> None:
         """The daemon's answer to one call."""
-        reply, rows = self._replies.pop(call, (None, False))
-        if reply is not None and not reply.done():
-            reply.set_result([OutboxRow(*row) for row in payload] if rows else payload)
+        match answer:
+            case Rows(call=call, rows=rows):
+                _settle(self._reads.pop(call, None), rows)
+            case Confirmed(call=call, deleted=deleted):
+                _settle(self._confirms.pop(call, None), deleted)
 
     def announced(self, arrivals: int) -> None:
         """The daemon stored rows for the sink."""
@@ -609,11 +819,13 @@ class _RemoteOutbox:
 
     def close(self) -> None:
         """The daemon is gone: fail what waits for it (the rows stay in its outbox)."""
-        for reply, _ in self._replies.values():
+        waiting: list[asyncio.Future[Any]] = [*self._reads.values(), *self._confirms.values()]
+        for reply in waiting:
             if not reply.done():
                 reply.set_exception(ConnectorError("daemon", "the daemon is gone",
                                                    ErrorCategory.TRANSIENT))
-        self._replies.clear()
+        self._reads.clear()
+        self._confirms.clear()
 
 
 async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
@@ -621,9 +833,7 @@ async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
     """Run a sink against the daemon's outbox until the daemon closes the socket."""
     context = BuildContext(bridge_id=spec.bridge_id, state_dir=spec.state_dir,
                            config_dir=spec.config_dir)
-    build_sink = protocols()[spec.sink.protocol].build_sink
-    assert build_sink is not None  # the config model exists only with a builder
-    sink = build_sink(spec.sink, context)
+    sink = protocols()[spec.sink.protocol].sink(spec.sink, context)
     status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
                             endpoint=sink.endpoint)
     outbox = _RemoteOutbox(writer)
@@ -634,12 +844,13 @@ async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
                 supervise(sink, SinkContext(status=status, outbox=outbox), Backoff()),
                 name=f"{sink.protocol}[{sink.id}].sink")
             reporting = group.create_task(
-                _report(writer, status, sink.details), name="status")
-            async for message in _frames(reader):
-                if message[0] == "reply":
-                    outbox.answered(message[1], message[2])
-                elif message[0] == "arrivals":
-                    outbox.announced(message[1])
+                _report(writer, status, sink.details), name=f"{sink.protocol}[{sink.id}].status")
+            async for frame in _frames(reader, _SINK_ANSWERS, "daemon"):
+                match frame:
+                    case Rows() | Confirmed():
+                        outbox.answered(frame)
+                    case Arrivals(count=count):
+                        outbox.announced(count)
             outbox.close()
             publishing.cancel()
             reporting.cancel()
@@ -650,32 +861,13 @@ async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
 async def _report(writer: asyncio.StreamWriter, status: EndpointStatus,
                   details: Callable[[], dict[str, Any]] | None = None) -> None:
     """Send the status (and ``details()``) whenever it changed, a few times a second."""
-    last: tuple[dict[str, Any], dict[str, Any]] | None = None
+    last: Status | None = None
     while True:
-        current = (status.snapshot(), details() if details is not None else {})
+        current = Status(status.snapshot(), details() if details is not None else {})
         if current != last and not writer.is_closing():
-            writer.write(_frame(("status", *current)))
+            writer.write(_frame(current))
             last = current
         await asyncio.sleep(STATUS_EVERY)
-
-
-async def _serve(fd: int) -> None:
-    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)
-    loop.add_signal_handler(signal.SIGINT, main.cancel)
-    try:
-        kind, spec = await _read_frame(reader)
-        if kind == "sink":
-            await _serve_sink(spec, reader, writer)
-        else:
-            await _serve_source(spec, reader, writer)
-    except (asyncio.CancelledError, EOFError):
-        pass
-    finally:
-        writer.close()
 
 
 async def _serve_source(spec: WorkerSpec, reader: asyncio.StreamReader,
@@ -686,12 +878,50 @@ async def _serve_source(spec: WorkerSpec, reader: asyncio.StreamReader,
     logger.info("worker %d of source %s started (pid %d)", spec.index, source.id, os.getpid())
     context = SourceContext(status=worker.status, publish=worker.publish)
     async with asyncio.TaskGroup() as group:
-        connection = group.create_task(supervise(source, context, Backoff()),
-                                       name=f"{source.protocol}[{source.id}]")
-        reporter = group.create_task(_report(writer, worker.status), name="status")
+        connection = group.create_task(supervise(source, context, Backoff()), name=worker.name)
+        reporter = group.create_task(_report(writer, worker.status),
+                                     name=f"{worker.name}.status")
         await worker.listen(reader, group)
         connection.cancel()
         reporter.cancel()
+
+
+async def _serve_spec(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Take the ``Start`` frame and run what it says until the daemon closes the socket."""
+    start = await _read_frame(reader, _STARTS, "daemon")
+    if start is None:
+        logger.info("the daemon closed the socket before saying what to run")
+        return
+    spec = pickle.loads(start.spec)
+    match spec:
+        case SinkWorkerSpec():
+            await _serve_sink(spec, reader, writer)
+        case WorkerSpec():
+            await _serve_source(spec, reader, writer)
+        case _:
+            raise TypeError(f"a worker cannot run a {type(spec).__name__}")
+
+
+async def _serve(fd: int) -> None:
+    """Serve the daemon on socket ``fd`` until it closes the socket or SIGTERM (or SIGINT)
+    arrives: either ends the process normally."""
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stopping.set)
+    try:
+        async with asyncio.TaskGroup() as group:
+            serving = group.create_task(_serve_spec(reader, writer), name="worker")
+            serving.add_done_callback(lambda _: stopping.set())
+            # A signal stops the serving task, whose stopping the group waits for; the body
+            # waits meanwhile so that a failure of that task is raised here.
+            await stopping.wait()
+            serving.cancel()
+    except BaseExceptionGroup as failures:
+        raise _primary(failures) from None
+    finally:
+        writer.close()
 
 
 def run_worker(fd: int) -> int:
@@ -699,4 +929,3 @@ def run_worker(fd: int) -> int:
     the socket or sends SIGTERM."""
     asyncio.run(_serve(fd))
     return 0
-

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
 from bridge.config.yamlsource import KeyPath
 from bridge.core.payload import resolve_points
-from bridge.pipeline.sink import Sink
-from bridge.pipeline.source import BuildContext, SourceUnit
+from bridge.core.sink import Sink
+from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
 from protocols.amqp.config import AmqpPoint, AmqpSourceConfig
 from protocols.amqp.mapping import PROTOCOL, compile_mapper

@@ -27,10 +27,9 @@ import pika.spec
 
 from bridge.core.model import Event
 from bridge.core.payload import Template
+from bridge.core.sink import EventSelector, OutboxRow, OutboxView, Sink, SinkContext
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.pipeline.outbox import OutboxRow
-from bridge.pipeline.sink import EventSelector, OutboxView, Sink, SinkContext
 from protocols.amqp.connection import (
     AmqpSession,
     CoalescingConnection,

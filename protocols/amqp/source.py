@@ -22,8 +22,8 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from bridge.core.model import Reading
 from bridge.core.payload import MessageMapper
+from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.pipeline.source import Source, SourceContext
 from protocols.amqp.config import AmqpBinding, AmqpSourceConfig
 from protocols.amqp.connection import AmqpSession, ConnectionFactory
 from protocols.amqp.mapping import PROTOCOL

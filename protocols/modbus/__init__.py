@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from bridge.config.models import ResolvedPoint, SourceBase
 from bridge.config.yamlsource import KeyPath
-from bridge.pipeline.source import BuildContext, SourceUnit
+from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
 from protocols.modbus.config import (
     BIT_TABLES,

@@ -156,7 +156,7 @@ class _CompiledPoint:
 
 
 class ModbusMapper:
-    """Implements ``bridge.pipeline.source.Mapper`` for Modbus block readings."""
+    """Implements ``bridge.core.source.Mapper`` for Modbus block readings."""
 
     def __init__(self, points: Sequence[ResolvedPoint], *, bridge_id: str) -> None:
         self._devices: dict[str, list[_CompiledPoint]] = {}

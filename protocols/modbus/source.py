@@ -37,9 +37,9 @@ from pymodbus.pdu import ModbusPDU
 
 from bridge.core.aio import raise_if_cancelling
 from bridge.core.model import Quality, Reading, Value
+from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.pipeline.source import Source, SourceContext
 from protocols.modbus.config import BIT_TABLES, ModbusSourceConfig
 from protocols.modbus.mapping import PROTOCOL, BlockAddress, PointLocation
 from protocols.modbus.planner import Block

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from bridge.config.models import ResolvedPoint, SourceBase
 from bridge.config.yamlsource import KeyPath
 from bridge.core.payload import resolve_points
-from bridge.pipeline.source import BuildContext, SourceUnit
+from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
 from protocols.mqtt.mapping import compile_mapper

@@ -26,8 +26,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.core.model import Reading
 from bridge.core.payload import MessageMapper
+from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
-from bridge.pipeline.source import Source, SourceContext
 from protocols.mqtt.config import MqttSourceConfig
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bridge.config.models import ResolvedPoint, SourceBase
-from bridge.pipeline.source import BuildContext, SourceUnit
+from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
 from protocols.opcua.config import (
     PROTOCOL,

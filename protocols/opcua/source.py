@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge.config.models import PointBase, ResolvedPoint
 from bridge.core.model import Quality, Reading, Value
+from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.pipeline.source import Source, SourceContext
 from protocols.opcua.config import (
     PROTOCOL,
     OpcuaPoint,

@@ -19,12 +19,12 @@ from typing import Any
 
 from bench.harness import Peer, percentile, workdir
 from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, config, mosquitto
-from bridge.config.loader import load_config
 from bridge.core.model import Event
+from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState
-from bridge.pipeline.outbox import OutboxRow
 from bridge.pipeline.router import Router, Settlement
 from bridge.pipeline.store import Store
+from bridge.registry import load_config
 from bridge.runtime import Runtime
 from protocols.amqp.sink import _Publishing
 
@@ -86,7 +86,7 @@ async def main() -> None:
         with Peer("bench.peers.amqp_consumer", "--exchange", EXCHANGE,
                   log_dir=directory) as consumer:
             consumer.wait_ready()
-            task = asyncio.create_task(runtime.run(serve_api=False))
+            task = asyncio.create_task(runtime.run())
             await runtime.ready.wait()
             statuses = [running.status for running in runtime.sources.values()]
             statuses += [running.status for running in runtime.sinks.values()]

@@ -20,8 +20,8 @@ import pika.spec
 
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.core.status import EndpointStatus
+from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.outbox import Outbox, OutboxLimits
-from bridge.pipeline.sink import SinkOutbox
 from bridge.pipeline.store import Retention, Store
 from protocols.amqp.sink import AmqpSink, _Publishing
 from protocols.amqp.sink_config import AmqpSinkConfig

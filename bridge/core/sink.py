@@ -15,15 +15,13 @@ import fnmatch
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.config.models import SinkBase
 from bridge.core.model import Event
 from bridge.core.status import EndpointStatus
-from bridge.pipeline.outbox import Outbox, OutboxRoute, OutboxRow
-from bridge.pipeline.store import Store
 
 
 class EventSelector:
@@ -73,54 +71,6 @@ class OutboxView(Protocol):
         ...
 
 
-class SinkOutbox:
-    """One sink's view of the outbox: read its rows in order, delete them once confirmed."""
-
-    def __init__(self, store: Store, sink: str) -> None:
-        if store.outbox is None:
-            raise ValueError("the store has no outbox")
-        self.store = store
-        self.outbox: Outbox = store.outbox
-        self.sink = sink
-
-    @property
-    def signal(self) -> asyncio.Event:
-        """Set when rows were stored for this sink. The sink waits on it, and may set it
-        itself (from broker callbacks) to wake its one loop."""
-        return self.outbox.signal(self.sink)
-
-    @property
-    def arrivals(self) -> int:
-        """Batches stored with rows for this sink so far: unchanged since a read that came back
-        short means there is nothing new to read."""
-        return self.outbox.arrivals[self.sink]
-
-    def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
-        """The oldest ``limit`` rows after ``seq`` ``after``, in order (a future: the read runs
-        on the store's writer thread while the sink goes on publishing)."""
-        return self.store.run_on_writer(self.outbox.read, self.sink, after, limit)
-
-    def take(self, after: int, limit: int) -> list[OutboxRow] | None:
-        """The oldest ``limit`` rows after ``seq`` ``after`` from the rows handed to this sink
-        in memory as they were stored; ``None`` when those do not reach back to ``after`` (the
-        first read of a connection, after a refusal, after the sink fell far behind): then
-        ``read`` them."""
-        return self.outbox.take(self.sink, after, limit)
-
-    def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
-        """Delete rows the broker confirmed, in one transaction, then wake a blocked router.
-
-        A future of how many rows were still there (a dropped row may be confirmed late).
-        """
-        done = self.store.run_on_writer(self.outbox.delete, self.sink, list(seqs))
-        done.add_done_callback(self._made_room)
-        return done
-
-    def _made_room(self, done: asyncio.Future[int]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self.outbox.made_room()
-
-
 @dataclass
 class RateMeter:
     """Events per second over the last ``window`` seconds, from a running total."""
@@ -150,6 +100,34 @@ class RateMeter:
         start_time, start_total = samples[0]
         span = max(now - start_time, 1.0)
         return (self.total - start_total) / span
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRoute:
+    """Which events one sink takes, and the address (routing key) each is published to."""
+
+    sink: str
+    accepts: Callable[[Event], bool]
+    address: Callable[[Event], str]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One event waiting for one sink."""
+
+    seq: int
+    id: str
+    source: str
+    point: str
+    quality: str
+    ts: float
+    created: float
+    """When the row was stored (POSIX seconds)."""
+    address: str
+    size: int
+    """Bytes of ``body`` (UTF-8)."""
+    body: str
+    """The event's documented JSON."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""What every handler serves from, and the dependencies and parameter helpers they share.
+
+``ApiContext`` lives in ``app.state.fieldbridge``: the runtime's facade, the API keys, the
+event hub and the API's own counters. ``authorize`` checks the caller's key for the scope a
+request needs; the helpers turn bad parameters into structured ``ApiError``s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, cast
+
+from fastapi import Depends, Path, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client.registry import CollectorRegistry
+
+from bridge.api.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
+from bridge.api.stream import EventHub, StreamSettings
+from bridge.config.models import parse_duration
+from bridge.core.model import parse_timestamp
+from bridge.errors import ApiError
+from bridge.pipeline.store import StoreError
+from bridge.runtime import RuntimeFacade, TagFilter
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE = 10_000
+"""The most points or history rows one request returns."""
+
+
+@dataclass
+class ApiContext:
+    """What the handlers serve from; kept in ``app.state.fieldbridge``."""
+
+    runtime: RuntimeFacade
+    keys: KeyRing
+    hub: EventHub
+    """Fans stored events out to the event streams."""
+    metrics: CollectorRegistry
+    """The collectors ``/metrics`` exposes: this app's own, not the global registry."""
+    device_requests: Counter[tuple[str, str]]
+    """Live reads and writes by (operation, result): ``ok`` or the error code."""
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the server stops: long-lived responses (event streams) must end on it."""
+
+    def close(self) -> None:
+        """The server stops: set ``closing`` and end every event stream."""
+        self.closing.set()
+        self.hub.close()
+
+
+async def _context(request: Request) -> ApiContext:
+    return cast(ApiContext, request.app.state.fieldbridge)
+
+
+Context = Annotated[ApiContext, Depends(_context)]
+"""The handler's ``ApiContext``."""
+
+PointId = Annotated[str, Path(description="Point id, e.g. `boiler.supply_temp`.")]
+"""The ``{point_id}`` of a route."""
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`.")
+
+
+async def authorize(
+    request: Request,
+    context: Context,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> Principal:
+    """The caller, if its key has the scope the request needs: ``read`` to read (GET),
+    ``write`` for anything else; ``admin`` has both."""
+    scope = Scope.READ if request.method in ("GET", "HEAD") else Scope.WRITE
+    presented = bearer.credentials if bearer is not None else api_key
+    try:
+        return context.keys.authorize(presented, scope)
+    except AuthError as exc:
+        logger.debug("refused %s %s: %s", request.method, request.url.path, exc.message)
+        unauthenticated = exc.failure is AuthFailure.UNAUTHENTICATED
+        raise ApiError(
+            401 if unauthenticated else 403, exc.failure.value, exc.message, exc.hint,
+            headers={"WWW-Authenticate": 'Bearer realm="fieldbridge"'} if unauthenticated
+            else None) from None
+
+
+Authorized = Depends(authorize)
+"""The dependency that refuses a request without a key carrying the scope it needs."""
+
+
+def parse_time(text: str, now: float) -> float:
+    """ISO 8601 (naive means UTC), POSIX seconds, ``now``, or relative like ``-1h``/``-90s``."""
+    text = text.strip()
+    if text == "now":
+        return now
+    if text.startswith("-"):
+        return now - float(parse_duration(text[1:]))
+    try:
+        seconds = float(text)
+    except ValueError:
+        return parse_timestamp(text)
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite number of seconds")
+    return seconds
+
+
+def time_parameter(name: str, text: str | None, now: float) -> float | None:
+    """The query parameter ``name`` read as a time; a structured 422 when it is not one."""
+    if text is None:
+        return None
+    try:
+        return parse_time(text, now)
+    except (ValueError, OverflowError):
+        raise ApiError(
+            422, "invalid_request", f"query.{name}: cannot read '{text}' as a time",
+            "give ISO 8601 (2025-01-31T12:00:00Z), POSIX seconds, 'now', or a relative time "
+            "such as -15m, -1h or -7d",
+            details=[{"location": f"query.{name}", "message": "expected a time",
+                      "input": text}]) from None
+
+
+def tag_filters(tags: Sequence[str]) -> tuple[TagFilter, ...]:
+    """The ``tag`` query parameters (``key=value`` or ``key``); a structured 422 for one
+    without a name."""
+    filters = []
+    for text in tags:
+        key, equals, value = text.partition("=")
+        if not key:
+            raise ApiError(
+                422, "invalid_request", f"query.tag: '{text}' has no tag name",
+                "write tag=key=value (or tag=key for any value); repeat it to require several",
+                details=[{"location": "query.tag", "message": "expected key=value",
+                          "input": text}])
+        filters.append(TagFilter(key, value if equals else None))
+    return tuple(filters)
+
+
+def store_problem(exc: StoreError) -> ApiError:
+    """The 503 of a store that cannot be read."""
+    return ApiError(503, "store_unavailable", f"the store cannot be read: {exc}",
+                    "check /health/ready and the daemon log")
