@@ -121,3 +121,7 @@ class ApiError(BridgeError):
         self.details = details
         self.headers = dict(headers or {})
         super().__init__(message)
+
+
+class StoreError(BridgeError):
+    """The store cannot be opened, read or written."""

@@ -27,13 +27,14 @@ from bridge.core.model import Event, Reading, Value
 from bridge.core.sink import Sink, SinkContext
 from bridge.core.source import BuildContext, SourceContext, SourceUnit, map_readings
 from bridge.core.status import EndpointStatus
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, StoreError
 from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxDepth, OutboxLimits
 from bridge.pipeline.router import Listener, Router
-from bridge.pipeline.store import Retention, Store, StoreError
+from bridge.pipeline.store import Retention, Store
 from bridge.pipeline.supervisor import Backoff, source_status, supervise
+from bridge.pipeline.worker import SinkWorker, SinkWorkerSpec, build_worker_unit
 from bridge.registry import load_config, protocols
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ class Runtime:
         for sink_config in config.sinks:
             sink = registry[sink_config.protocol].sink(sink_config, context)
             if sink_config.workers:
-                from bridge.pipeline.worker import SinkWorker, SinkWorkerSpec
-
                 sink = SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
                                                        config.state_dir, config.path.parent))
             status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
@@ -135,8 +134,6 @@ class Runtime:
         points = config.points[source_config.id]
         unit = spec.source_unit(source_config, points, self._build_context)
         if source_config.workers:
-            from bridge.pipeline.worker import build_worker_unit
-
             unit = build_worker_unit(unit, source_config, points, self._build_context)
         status = source_status(unit)
         if not source_config.enabled:

@@ -222,7 +222,7 @@ async def test_a_store_from_before_the_latest_mark_opens_with_its_last_values(
 
 
 def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
-    from bridge.pipeline.store import StoreError
+    from bridge.errors import StoreError
 
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -23,8 +23,7 @@ from bridge.api.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
 from bridge.api.stream import EventHub, StreamSettings
 from bridge.config.models import parse_duration
 from bridge.core.model import parse_timestamp
-from bridge.errors import ApiError
-from bridge.pipeline.store import StoreError
+from bridge.errors import ApiError, StoreError
 from bridge.runtime import RuntimeFacade, TagFilter
 
 logger = logging.getLogger(__name__)

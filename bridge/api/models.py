@@ -7,12 +7,13 @@ give the OpenAPI document its schemas, and the tests hold the bodies to them.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.config import JsonDict
 
 from bridge.core.model import Quality
+from bridge.core.schema import event_fields
 
 ISO_TIME: JsonDict = {"format": "date-time", "examples": ["2025-01-31T12:00:00.000Z"]}
 
@@ -66,21 +67,23 @@ class PointPage(BaseModel):
     items: list[PointValue]
 
 
-class EventModel(BaseModel):
-    """The normalized event (see the event JSON Schema)."""
+def _event_model() -> type[BaseModel]:
+    """The event's response model, derived field by field from its one declaration
+    (``bridge.core.model.Event``, through ``bridge.core.schema.event_fields``)."""
+    fields: dict[str, Any] = {
+        field.name: (field.type, Field(description=field.description,
+                                       json_schema_extra=field.json_schema_extra or None))
+        for field in event_fields()}
+    model: type[BaseModel] = create_model(
+        "EventModel", __doc__="The normalized event (see the event JSON Schema).", **fields)
+    return model
 
-    id: str = Field(description="Unique, stable across re-delivery; sorts by creation time.")
-    source: str
-    point: str
-    value: JsonValue
-    unit: str | None
-    quality: Quality
-    reason: str | None = None
-    ts: str = Field(json_schema_extra=ISO_TIME)
-    received_at: str = Field(json_schema_extra=ISO_TIME)
-    protocol: str
-    tags: dict[str, str] = Field(default_factory=dict)
-    bridge: str
+
+if TYPE_CHECKING:
+    class EventModel(BaseModel):
+        """The normalized event, as the type checker sees it: built from the declaration."""
+else:
+    EventModel = _event_model()
 
 
 class History(BaseModel):

@@ -29,7 +29,7 @@ from bridge.api.stream import (
     event_frame,
     message,
 )
-from bridge.pipeline.store import StoreError
+from bridge.errors import StoreError
 from bridge.runtime import RuntimeFacade
 
 logger = logging.getLogger(__name__)

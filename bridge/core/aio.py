@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from bridge.errors import ConnectorError
+
 
 def raise_if_cancelling() -> None:
     """Re-raise a cancellation that a library swallowed.
@@ -15,3 +17,26 @@ def raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def primary_failure(failures: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a task group failed with: a cancellation when its task is being
+    cancelled (stopping wins over reconnecting), else a connector error if any, else the
+    first error (the group itself when there are several)."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        return asyncio.CancelledError()
+    leaves: list[BaseException] = []
+
+    def flatten(group: BaseExceptionGroup[BaseException]) -> None:
+        for exc in group.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                flatten(exc)
+            else:
+                leaves.append(exc)
+
+    flatten(failures)
+    for exc in leaves:
+        if isinstance(exc, ConnectorError):
+            return exc
+    return leaves[0] if len(leaves) == 1 else failures

@@ -78,10 +78,6 @@ _NOT_PUBLISHED: Final = msgspec.Meta(extra={"published": False})
 Timestamp = Annotated[float, _ISO_TEXT]
 """POSIX seconds inside the daemon; ISO 8601 UTC with milliseconds and ``Z`` at every edge."""
 
-BUILTIN_PROTOCOLS: Final = ("modbus", "opcua", "mqtt", "amqp")
-"""The protocols of the connectors Fieldbridge ships, as the published schema lists them."""
-
-
 class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """One reading of one point, the same shape for every protocol.
 
@@ -114,8 +110,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_
     received_at: Annotated[Timestamp, msgspec.Meta(
         description="When the bridge received the reading; ISO 8601 UTC.")]
     protocol: Annotated[str, msgspec.Meta(
-        description="Protocol of the source.",
-        extra_json_schema={"enum": list(BUILTIN_PROTOCOLS)})]
+        description="Protocol of the source: `modbus`, `opcua`, `mqtt`, `amqp`, or the name a "
+        "connector installed beside Fieldbridge registers.",
+        min_length=1)]
     tags: Annotated[Mapping[str, str], msgspec.Meta(
         description="Free labels from the mapping (source, profile, device and point tags "
         "merged).")] = msgspec.field(default_factory=dict)

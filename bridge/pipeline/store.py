@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from bridge.core.model import Event
-from bridge.errors import BridgeError
+from bridge.errors import StoreError
 from bridge.pipeline.outbox import Outbox, OutboxInsert
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ CREATE INDEX IF NOT EXISTS history_point_seq ON history (point, seq);
 CREATE INDEX IF NOT EXISTS history_received_at ON history (received_at);
 CREATE INDEX IF NOT EXISTS history_id ON history (id);
 """
-
-
-class StoreError(BridgeError):
-    """The store cannot be opened or written."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
+from bridge.core.aio import primary_failure
 from bridge.core.model import Event, Reading, Settlement, Value
 from bridge.core.sink import OutboxRoute, OutboxRow, Sink, SinkContext
 from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
@@ -261,29 +262,6 @@ def _start(spec: WorkerSpec | SinkWorkerSpec) -> bytearray:
     return _frame(Start(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)))
 
 
-def _primary(failures: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception a task group failed with: a cancellation when its task is being
-    cancelled (stopping wins over reconnecting), else a connector error if any, else the
-    first error (the group itself when there are several)."""
-    current = asyncio.current_task()
-    if current is not None and current.cancelling():
-        return asyncio.CancelledError()
-    leaves: list[BaseException] = []
-
-    def flatten(group: BaseExceptionGroup[BaseException]) -> None:
-        for exc in group.exceptions:
-            if isinstance(exc, BaseExceptionGroup):
-                flatten(exc)
-            else:
-                leaves.append(exc)
-
-    flatten(failures)
-    for exc in leaves:
-        if isinstance(exc, ConnectorError):
-            return exc
-    return leaves[0] if len(leaves) == 1 else failures
-
-
 def _settle(reply: asyncio.Future[_ResultT] | None, result: _ResultT) -> None:
     """Give a waiting call its answer (a call given up on has no future left)."""
     if reply is not None and not reply.done():
@@ -399,7 +377,7 @@ class WorkerSource(Source):
                 # fails after the body has returned.
                 await asyncio.wait(workers)
         except BaseExceptionGroup as failures:
-            raise _primary(failures) from None
+            raise primary_failure(failures) from None
         finally:
             for reply in self._replies.values():
                 if not reply.done():
@@ -627,7 +605,7 @@ class SinkWorker(Sink):
             raise ConnectorError(self.endpoint, f"sink worker process (pid {process.pid}) "
                                  f"exited with status {code}", ErrorCategory.PROTOCOL)
         except BaseExceptionGroup as failures:
-            raise _primary(failures) from None
+            raise primary_failure(failures) from None
         finally:
             self.pid = None
             self._details = {}
@@ -919,7 +897,7 @@ async def _serve(fd: int) -> None:
             await stopping.wait()
             serving.cancel()
     except BaseExceptionGroup as failures:
-        raise _primary(failures) from None
+        raise primary_failure(failures) from None
     finally:
         writer.close()
 

@@ -40,6 +40,7 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography.hazmat.primitives import serialization
 
 from bridge.config.models import PointBase, ResolvedPoint
+from bridge.core.aio import primary_failure
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
@@ -365,7 +366,7 @@ class OpcuaSource(Source):
                 if current is not None and current.cancelling():
                     # Cancelled while a task failed: stopping wins over reconnecting.
                     raise asyncio.CancelledError from None
-                raise _primary(failures) from None
+                raise primary_failure(failures) from None
         finally:
             self._client = None
             await self._close(client, connected)
@@ -797,24 +798,6 @@ def _translated(endpoint: str, doing: str) -> Iterator[None]:
     except (UaError, OSError, TimeoutError) as exc:
         reason, category = describe(exc)
         raise ConnectorError(endpoint, f"{doing}: {reason}", category) from exc
-
-
-def _primary(failures: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception a task group failed with: a connector error if any, else the first."""
-    leaves: list[BaseException] = []
-
-    def flatten(group: BaseExceptionGroup[BaseException]) -> None:
-        for exc in group.exceptions:
-            if isinstance(exc, BaseExceptionGroup):
-                flatten(exc)
-            else:
-                leaves.append(exc)
-
-    flatten(failures)
-    for exc in leaves:
-        if isinstance(exc, ConnectorError):
-            return exc
-    return leaves[0] if len(leaves) == 1 else failures
 
 
 _INTEGER_RANGES: dict[ua.VariantType, tuple[int, int]] = {

@@ -12,8 +12,7 @@ from bridge.api.context import Authorized, Context, store_problem, tag_filters
 from bridge.api.models import ERROR_RESPONSES, ErrorResponse
 from bridge.api.sse import EventStreamResponse, Resume
 from bridge.api.stream import EventFilter
-from bridge.errors import ApiError
-from bridge.pipeline.store import StoreError
+from bridge.errors import ApiError, StoreError
 
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERROR_RESPONSES,
                    tags=["events"])

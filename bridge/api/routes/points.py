@@ -43,8 +43,7 @@ from bridge.api.models import (
     WriteResult,
 )
 from bridge.core.model import isoformat
-from bridge.errors import ApiError, DecodeError, ErrorCategory, WriteError
-from bridge.pipeline.store import StoreError
+from bridge.errors import ApiError, DecodeError, ErrorCategory, StoreError, WriteError
 from bridge.runtime import PointQuery, PointState
 
 audit = logging.getLogger("bridge.audit")
