@@ -80,3 +80,35 @@ def test_merge_keys_are_flattened(tmp_path: Path) -> None:
 def test_format_path() -> None:
     assert format_path(("sources", 0, "devices", 2, "unit")) == "sources[0].devices[2].unit"
     assert format_path(()) == ""
+
+
+def test_an_alias_bomb_is_refused_quickly_and_with_little_memory(tmp_path: Path) -> None:
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]"
+               for level in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\n", encoding="utf-8")
+    issues: list[ConfigIssue] = []
+    load_yaml(path, issues)
+    (issue,) = issues
+    assert issue.file == str(path)
+    assert "expands to more than 200,000 values" in issue.message
+
+
+def test_an_alias_inside_its_own_anchor_is_an_error_not_a_recursion(tmp_path: Path) -> None:
+    path = tmp_path / "self.yaml"
+    path.write_text("sources:\n  - &loop {id: a, next: [*loop]}\n", encoding="utf-8")
+    issues: list[ConfigIssue] = []
+    load_yaml(path, issues)
+    assert [(issue.line, issue.message) for issue in issues] == [
+        (2, "an alias refers to a node that contains it")]
+
+
+def test_aliases_within_the_budget_still_expand(tmp_path: Path) -> None:
+    path = tmp_path / "shared.yaml"
+    path.write_text("base: &base {unit: degC, scale: 0.1}\npoints:\n  - *base\n  - *base\n",
+                    encoding="utf-8")
+    issues: list[ConfigIssue] = []
+    document = load_yaml(path, issues)
+    assert issues == []
+    assert document.data["points"] == [{"unit": "degC", "scale": 0.1}] * 2

@@ -97,6 +97,28 @@ def substitute(text: str, base: Path) -> str:
     return _REFERENCE.sub(replace, text)
 
 
+MAX_VALUES = 200_000
+"""Values a configuration file may expand to, aliases included: far beyond any real bridge,
+far below what an alias bomb ("billion laughs") would build."""
+
+
+class _ExpansionError(Exception):
+    """The document expands without bound: aliases nested into a bomb, or into themselves."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+@dataclass
+class _Expansion:
+    """What constructing the document may still build, and the nodes being built."""
+
+    remaining: int = MAX_VALUES
+    building: set[int] = field(default_factory=set)
+
+
 def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
     """Parse one YAML file; problems are appended to ``issues`` with their line."""
     document = Document(data=None)
@@ -112,7 +134,10 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
         if node is None:
             document.data = {}
             return document
-        document.data = _construct(loader, node, (), document, name, path.parent, issues)
+        document.data = _construct(loader, node, (), document, name, path.parent, issues,
+                                   _Expansion())
+    except _ExpansionError as exc:
+        issues.append(ConfigIssue(name, exc.line, "", exc.message))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -133,6 +158,35 @@ def _construct(
     name: str,
     base: Path,
     issues: list[ConfigIssue],
+    expansion: _Expansion,
+) -> Any:
+    line = node.start_mark.line + 1
+    expansion.remaining -= 1
+    if expansion.remaining < 0:
+        raise _ExpansionError(line, f"the file expands to more than {MAX_VALUES:,} values "
+                              "(aliases nested into aliases?)")
+    if id(node) in expansion.building:
+        raise _ExpansionError(line, "an alias refers to a node that contains it")
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        expansion.building.add(id(node))
+        try:
+            return _construct_collection(loader, node, path, document, name, base, issues,
+                                         expansion)
+        finally:
+            expansion.building.discard(id(node))
+    document.locations.setdefault(path, Location(name, line))
+    return _construct_scalar(loader, node, path, document, name, base, issues)
+
+
+def _construct_collection(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: KeyPath,
+    document: Document,
+    name: str,
+    base: Path,
+    issues: list[ConfigIssue],
+    expansion: _Expansion,
 ) -> Any:
     document.locations.setdefault(path, Location(name, node.start_mark.line + 1))
     if isinstance(node, yaml.MappingNode):
@@ -157,13 +211,24 @@ def _construct(
                 # Keys written out override keys merged in with `<<`; twice written is an error.
                 written.add(key)
             document.locations[child] = Location(name, key_node.start_mark.line + 1)
-            result[key] = _construct(loader, value_node, child, document, name, base, issues)
+            result[key] = _construct(loader, value_node, child, document, name, base, issues,
+                                     expansion)
         return result
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct(loader, item, (*path, index), document, name, base, issues)
-            for index, item in enumerate(node.value)
-        ]
+    return [
+        _construct(loader, item, (*path, index), document, name, base, issues, expansion)
+        for index, item in enumerate(node.value)
+    ]
+
+
+def _construct_scalar(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: KeyPath,
+    document: Document,
+    name: str,
+    base: Path,
+    issues: list[ConfigIssue],
+) -> Any:
     value = loader.construct_object(node, deep=True)
     if isinstance(value, str) and "$" in value:
         try:
