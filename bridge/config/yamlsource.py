@@ -111,14 +111,6 @@ class _ExpansionError(Exception):
         self.message = message
 
 
-@dataclass
-class _Expansion:
-    """What constructing the document may still build, and the nodes being built."""
-
-    remaining: int = MAX_VALUES
-    building: set[int] = field(default_factory=set)
-
-
 def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
     """Parse one YAML file; problems are appended to ``issues`` with their line."""
     document = Document(data=None)
@@ -134,8 +126,7 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
         if node is None:
             document.data = {}
             return document
-        document.data = _construct(loader, node, (), document, name, path.parent, issues,
-                                   _Expansion())
+        document.data = _Builder(loader, document, name, path.parent, issues).build(node, ())
     except _ExpansionError as exc:
         issues.append(ConfigIssue(name, exc.line, "", exc.message))
     except yaml.MarkedYAMLError as exc:
@@ -150,95 +141,82 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
     return document
 
 
-def _construct(
-    loader: yaml.SafeLoader,
-    node: yaml.Node,
-    path: KeyPath,
-    document: Document,
-    name: str,
-    base: Path,
-    issues: list[ConfigIssue],
-    expansion: _Expansion,
-) -> Any:
-    line = node.start_mark.line + 1
-    expansion.remaining -= 1
-    if expansion.remaining < 0:
-        raise _ExpansionError(line, f"the file expands to more than {MAX_VALUES:,} values "
-                              "(aliases nested into aliases?)")
-    if id(node) in expansion.building:
-        raise _ExpansionError(line, "an alias refers to a node that contains it")
-    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
-        expansion.building.add(id(node))
+class _Builder:
+    """Builds a document's data from its node tree, recording where every key was written.
+
+    Aliases share nodes, so the tree is a graph: the builder bounds how many values it makes
+    (``MAX_VALUES``) and refuses a node that contains itself.
+    """
+
+    def __init__(self, loader: yaml.SafeLoader, document: Document, name: str, base: Path,
+                 issues: list[ConfigIssue]) -> None:
+        self.loader = loader
+        self.document = document
+        self.name = name
+        self.base = base
+        self.issues = issues
+        self.remaining = MAX_VALUES
+        self.building: set[int] = set()
+
+    def build(self, node: yaml.Node, path: KeyPath) -> Any:
+        """The value of ``node``, written at ``path``."""
+        line = node.start_mark.line + 1
+        self.remaining -= 1
+        if self.remaining < 0:
+            raise _ExpansionError(line, f"the file expands to more than {MAX_VALUES:,} values "
+                                  "(aliases nested into aliases?)")
+        if id(node) in self.building:
+            raise _ExpansionError(line, "an alias refers to a node that contains it")
+        self.document.locations.setdefault(path, Location(self.name, line))
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return self._scalar(node, path)
+        self.building.add(id(node))
         try:
-            return _construct_collection(loader, node, path, document, name, base, issues,
-                                         expansion)
+            return self._collection(node, path)
         finally:
-            expansion.building.discard(id(node))
-    document.locations.setdefault(path, Location(name, line))
-    return _construct_scalar(loader, node, path, document, name, base, issues)
+            self.building.discard(id(node))
 
+    def _collection(self, node: yaml.Node, path: KeyPath) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            explicit = sum(1 for key_node, _ in node.value
+                           if key_node.tag != "tag:yaml.org,2002:merge")
+            self.loader.flatten_mapping(node)
+            merged = len(node.value) - explicit
+            result: dict[Any, Any] = {}
+            written: set[Any] = set()
+            for position, (key_node, value_node) in enumerate(node.value):
+                key = self.loader.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int | float | bool):
+                    self.issues.append(ConfigIssue(self.name, key_node.start_mark.line + 1, "",
+                                                   "a mapping key must be a plain scalar"))
+                    continue
+                child: KeyPath = (*path, key if isinstance(key, str | int) else str(key))
+                if key in written:
+                    self.issues.append(ConfigIssue(self.name, key_node.start_mark.line + 1,
+                                                   format_path(child), "duplicate key"))
+                    continue
+                if position >= merged:
+                    # Keys written out override keys merged in with `<<`; twice written is an
+                    # error.
+                    written.add(key)
+                self.document.locations[child] = Location(self.name,
+                                                          key_node.start_mark.line + 1)
+                result[key] = self.build(value_node, child)
+            return result
+        return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
 
-def _construct_collection(
-    loader: yaml.SafeLoader,
-    node: yaml.Node,
-    path: KeyPath,
-    document: Document,
-    name: str,
-    base: Path,
-    issues: list[ConfigIssue],
-    expansion: _Expansion,
-) -> Any:
-    document.locations.setdefault(path, Location(name, node.start_mark.line + 1))
-    if isinstance(node, yaml.MappingNode):
-        explicit = sum(1 for key_node, _ in node.value
-                       if key_node.tag != "tag:yaml.org,2002:merge")
-        loader.flatten_mapping(node)
-        merged = len(node.value) - explicit
-        result: dict[Any, Any] = {}
-        written: set[Any] = set()
-        for position, (key_node, value_node) in enumerate(node.value):
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, str | int | float | bool):
-                issues.append(ConfigIssue(name, key_node.start_mark.line + 1, "",
-                                          "a mapping key must be a plain scalar"))
-                continue
-            child: KeyPath = (*path, key if isinstance(key, str | int) else str(key))
-            if key in written:
-                issues.append(ConfigIssue(name, key_node.start_mark.line + 1,
-                                          format_path(child), "duplicate key"))
-                continue
-            if position >= merged:
-                # Keys written out override keys merged in with `<<`; twice written is an error.
-                written.add(key)
-            document.locations[child] = Location(name, key_node.start_mark.line + 1)
-            result[key] = _construct(loader, value_node, child, document, name, base, issues,
-                                     expansion)
-        return result
-    return [
-        _construct(loader, item, (*path, index), document, name, base, issues, expansion)
-        for index, item in enumerate(node.value)
-    ]
-
-
-def _construct_scalar(
-    loader: yaml.SafeLoader,
-    node: yaml.Node,
-    path: KeyPath,
-    document: Document,
-    name: str,
-    base: Path,
-    issues: list[ConfigIssue],
-) -> Any:
-    value = loader.construct_object(node, deep=True)
-    if isinstance(value, str) and "$" in value:
-        try:
-            expanded = substitute(value, base)
-        except ValueError as exc:
-            issues.append(ConfigIssue(name, node.start_mark.line + 1, format_path(path), str(exc)))
-            return value
-        if expanded != value:
-            # Kept a string: pydantic's lax mode turns "5020" into an int where one is
-            # expected, and a password such as "yes" stays a password.
-            document.substituted.add(path)
-        return expanded
-    return value
+    def _scalar(self, node: yaml.Node, path: KeyPath) -> Any:
+        value = self.loader.construct_object(node, deep=True)
+        if isinstance(value, str) and "$" in value:
+            try:
+                expanded = substitute(value, self.base)
+            except ValueError as exc:
+                self.issues.append(ConfigIssue(self.name, node.start_mark.line + 1,
+                                               format_path(path), str(exc)))
+                return value
+            if expanded != value:
+                # Kept a string: pydantic's lax mode turns "5020" into an int where one is
+                # expected, and a password such as "yes" stays a password.
+                self.document.substituted.add(path)
+            return expanded
+        return value
