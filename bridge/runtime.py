@@ -32,7 +32,7 @@ from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxDepth, OutboxLimits
 from bridge.pipeline.router import Listener, Router
-from bridge.pipeline.store import Retention, Store
+from bridge.pipeline.store import Replay, Retention, Store
 from bridge.pipeline.supervisor import Backoff, source_status, supervise
 from bridge.pipeline.worker import SinkWorker, SinkWorkerSpec, build_worker_unit
 from bridge.registry import load_config, protocols
@@ -110,7 +110,8 @@ class Runtime:
             [running.sink.route() for running in self.sinks.values() if running.enabled])
         self.store = Store(config.store_path, Retention(
             max_age=config.store.history_max_age, max_rows=config.store.history_max_rows),
-            self.outbox)
+            self.outbox, sync=config.store.sync,
+            replay=Replay(config.store.replay_max_bytes, config.store.replay_max_age))
         self.router = Router(self.store, commit_interval=config.store.commit_interval)
         self.points: dict[str, ResolvedPoint] = config.point_index()
         self.sources: dict[str, RunningSource] = {}

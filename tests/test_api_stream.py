@@ -605,8 +605,10 @@ async def test_store_finds_an_event_by_id_and_reads_history_after_it(tmp_path: P
             (events[1].id, events[1].point), (events[2].id, events[2].point)]
         assert [json.loads(body) for _, _, _, body in rows] == [
             events[1].to_dict(), events[2].to_dict()]
-        plan = store._read().execute(
-            "EXPLAIN QUERY PLAN SELECT seq FROM history WHERE id = ?", ("x",)).fetchall()
-        assert "history_id" in str(plan)
+        later = points(2)
+        await store.write(later)  # a second batch of the event log
+        assert store.history_seq(later[1].id) == seqs[-1] + 2
+        assert [row[1] for row in store.history_after(seqs[-1], limit=10)] == [
+            event.id for event in later]
     finally:
         store.close()

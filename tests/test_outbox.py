@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from bridge.core.sink import EventSelector, OutboxRoute
 from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.router import Router
-from bridge.pipeline.store import Retention, Store, event_to_json
+from bridge.pipeline.store import Replay, Retention, Store, event_to_json
 
 SINK = "rabbit"
 
@@ -49,10 +48,10 @@ def outbox_of(store: Store) -> Outbox:
 
 
 def rows(store: Store, sink: str = SINK) -> list[tuple[int, str, str, str, int, str]]:
-    """``(seq, id, point, address, size, body)`` of every row of ``sink``, from the file."""
-    with sqlite3.connect(store.path) as reader:
-        return reader.execute("SELECT seq, id, point, address, size, body FROM outbox "
-                              "WHERE sink = ? ORDER BY seq", (sink,)).fetchall()
+    """``(seq, id, point, address, size, body)`` of every event waiting for ``sink``, read
+    back from the file."""
+    return [(row.seq, row.id, row.point, row.address, row.size, row.body)
+            for row in store.outbox_rows(sink)]
 
 
 @pytest.fixture
@@ -182,12 +181,20 @@ async def test_rows_of_an_unconfigured_sink_are_kept(
 ) -> None:
     path = tmp_path / "fb.db"
     store = open_store(path, OutboxLimits(100, 1 << 20), [route("old")])
-    await store.write([make_event("a.p", 1)])
+    kept = make_event("a.p", 1)
+    await store.write([kept])
     store.close()
     store = open_store(path, OutboxLimits(100, 1 << 20), [route()])
     try:
         assert "holds 1 events for sink old" in caplog.text
-        assert len(rows(store, "old")) == 1
+        store.replay = Replay(max_bytes=0, max_age=0)  # nothing kept for event streams
+        await store.write([make_event("a.p", value) for value in range(2, 5)])
+        await store.prune()
+    finally:
+        store.close()
+    store = open_store(path, OutboxLimits(100, 1 << 20), [route("old")])
+    try:
+        assert rows(store, "old")[0][1] == kept.id
     finally:
         store.close()
 

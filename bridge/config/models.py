@@ -223,6 +223,20 @@ class StoreSection(StrictModel):
         default=7 * 86400.0, description="Drop history older than this.")
     history_max_rows: int = Field(
         default=10_000, ge=0, description="Keep at most this many history rows per point.")
+    sync: Literal["full", "normal"] = Field(
+        default="full", description="`full`: every commit is on disk (fsync) before any "
+        "upstream acknowledgement (MQTT QoS 1/2, AMQP), so a power cut loses nothing that was "
+        "acknowledged. `normal`: faster; a crash of the process loses nothing, but a power cut "
+        "or a kernel panic may undo the last commits, including events already acknowledged "
+        "upstream.")
+    replay_max_bytes: ByteSize = Field(
+        default=ByteSize(64 << 20), ge=0, description="Event streams that resume "
+        "(`Last-Event-ID`) replay from the store's event log, which keeps at least this much "
+        "of its newest events (beyond what the sinks still need); a number or a size such "
+        "as `64MiB`.")
+    replay_max_age: Duration = Field(
+        default=3600.0, ge=0, description="The event log keeps events for resuming streams "
+        "at most this long.")
     commit_interval: Duration = Field(
         default=0.005, ge=0, le=1.0,
         description="Shortest time between two commits: what arrives meanwhile is committed "

@@ -49,11 +49,12 @@ class SinkOutbox:
         return self.outbox.take(self.sink, after, limit)
 
     def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
-        """Delete rows the broker confirmed, in one transaction, then wake a blocked router.
+        """Record rows the broker confirmed (the sink's cursor moves as far as its rows are
+        confirmed in order), then wake a blocked router.
 
-        A future of how many rows were still there (a dropped row may be confirmed late).
+        A future of how many rows were still waiting (a dropped row may be confirmed late).
         """
-        done = self.store.run_on_writer(self.outbox.delete, self.sink, list(seqs))
+        done = self.store.run_on_writer(self.outbox.confirm, self.sink, list(seqs))
         done.add_done_callback(self._made_room)
         return done
 

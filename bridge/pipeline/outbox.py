@@ -1,13 +1,21 @@
-"""The outbox: events kept in the store for the sinks until the broker confirmed them.
+"""The outbox: what each sink has yet to deliver, kept as a cursor into the store's event log.
 
-The store's writer thread adds the rows in the same transaction as history and last values,
-one row per (sink, event), so each sink reads its own rows in ``seq`` order and deletes them
-once they are confirmed. Once committed, the rows are also handed to each sink in memory (its
-*feed*), so a sink keeping up takes them from there without reading them back from SQLite; it
-reads the table after a (re)connect or a refusal, or when its feed lost track (it overflowed
-while the sink was away). The bound (events and bytes, per sink) is kept with an explicit policy:
-``block`` stores only the events that fit and has the router wait until a sink made room;
-``drop_oldest`` deletes the oldest rows to make room and counts them.
+Every stored batch is one row of the store's event log (table ``batches``): the JSON of its
+events, one per line, numbered by a ``seq`` that only ever grows. A sink's outbox is the events
+of the log after its *cursor* that its selector takes. Storing an event costs the outbox no
+write of its own, and confirming events costs one small update of the cursor per confirmation
+batch instead of a delete per event. The store deletes log rows that every sink has passed.
+
+Confirmations may come out of order (a refused message is published again later): the cursor
+moves over a sink's events in order as far as they are confirmed; events confirmed past it are
+remembered, so a new pass over the log (after a reconnect or a refusal) skips them.
+
+Once committed, a batch's events are also handed to each sink in memory (its *feed*), so a sink
+keeping up takes them from there without reading the log back; it reads the log after a
+(re)connect or a refusal, or when its feed lost track (it overflowed while the sink was away).
+The bound (events and bytes, per sink) is kept with an explicit policy: ``block`` stores only
+the events that fit and has the router wait until a sink made room; ``drop_oldest`` moves the
+sink's cursor past its oldest events to make room and counts them.
 
 Methods taking a ``writer`` run on the store's writer thread (``Store.run_on_writer``); the
 others run on the event loop.
@@ -16,12 +24,12 @@ others run on the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import threading
-import time
-from collections import deque
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from bridge.core.model import Event
@@ -30,30 +38,16 @@ from bridge.core.sink import OutboxRoute, OutboxRow
 logger = logging.getLogger(__name__)
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    sink TEXT NOT NULL,
-    id TEXT NOT NULL,
-    source TEXT NOT NULL,
-    point TEXT NOT NULL,
-    quality TEXT NOT NULL,
-    ts REAL NOT NULL,
-    created REAL NOT NULL,
-    address TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    body TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS cursors (
+    sink TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_sink_seq ON outbox (sink, seq);
 """
-"""``AUTOINCREMENT``: a ``seq`` is never reused, even once every row is deleted, so a sink's
-cursor only ever moves forward."""
+"""A sink's cursor: every event of the log up to ``seq`` that the sink takes is confirmed."""
 
-_COLUMNS = "seq, id, source, point, quality, ts, created, address, size, body"
-_DELETE_CHUNK = 500
-"""Rows deleted per statement (each is one SQL parameter)."""
 FEED_ROWS = 20_000
 """Rows a sink's feed holds at most; past that it lets go of them and the sink reads the
-table until it caught up again."""
+log until it caught up again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,35 +57,7 @@ class OutboxLimits:
     max_events: int
     max_bytes: int
     drop_oldest: bool = False
-    """Delete the oldest rows to make room; otherwise block (store only what fits)."""
-
-
-@dataclass(slots=True)
-class _Feed:
-    """Rows of one sink committed since it last caught up, in ``seq`` order.
-
-    While ``after`` is not ``None`` the feed holds every row of the sink left in the table with
-    a ``seq`` above it; ``None``: it does not know (never caught up, or it overflowed). The
-    writer thread adds to it, the event loop takes from it: ``lock`` guards both.
-    """
-
-    rows: deque[OutboxRow] = field(default_factory=deque)
-    after: int | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass(slots=True)
-class OutboxInsert:
-    """What one batch put in the outbox, handed from ``insert`` to ``committed``."""
-
-    taken: int
-    """Events (a prefix of the batch) that got their rows."""
-    sinks: frozenset[str] = frozenset()
-    """The sinks that got rows."""
-    rows: dict[str, list[OutboxRow]] = field(default_factory=dict)
-    """The new rows of each sink whose feed takes them."""
-    dropped: dict[str, int] = field(default_factory=dict)
-    """The highest ``seq`` ``drop_oldest`` deleted, per sink that lost rows."""
+    """Move past the oldest events to make room; otherwise block (store only what fits)."""
 
 
 @dataclass(slots=True)
@@ -103,227 +69,397 @@ class OutboxDepth:
     dropped: int = 0
 
 
+@dataclass(slots=True)
+class _SinkState:
+    """One configured sink's place in the log.
+
+    ``lock`` guards ``feed``, ``feed_after``, ``passed`` and ``confirmed``: the writer thread
+    and the event loop both use them. ``cursor`` and ``depth`` belong to the writer thread.
+    """
+
+    route: OutboxRoute
+    cursor: int = 0
+    depth: OutboxDepth = field(default_factory=OutboxDepth)
+    feed: deque[OutboxRow] = field(default_factory=deque)
+    feed_after: int | None = None
+    """While not ``None``, the feed holds every event of the sink after this ``seq``;
+    ``None``: it does not know (never caught up, or it overflowed)."""
+    passed: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    """Events handed out in this pass over the log, in order, not yet behind the cursor:
+    ``seq`` → size."""
+    confirmed: set[int] = field(default_factory=set)
+    """Events confirmed past the cursor."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(slots=True)
+class Admission:
+    """Which events of one batch the outbox takes, from ``admit`` to ``committed``."""
+
+    taken: int
+    """Events (a prefix of the batch) that may be stored."""
+    routes: list[tuple[int, ...]] = field(default_factory=list)
+    """For each taken event, the indexes of the sinks that take it."""
+    added: dict[str, list[int]] = field(default_factory=dict)
+    """Per sink that takes events of the batch: ``[events, bytes]``."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """The new cursor of each sink ``drop_oldest`` moved, per sink that lost events."""
+
+    def log_entry(self) -> str:
+        """The batch's ``sinks`` column: which sinks take how much of it."""
+        return json.dumps(self.added, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """One event of the log, as a sink reads it back."""
+
+    seq: int
+    created: float
+    body: str
+    event: Event
+
+
+def log_events(writer: sqlite3.Connection, after: int, *, sink: str | None = None
+               ) -> Iterator[LogRow]:
+    """The events of the log after ``seq`` ``after``, in order; with ``sink``, only from batches
+    that hold events that sink takes."""
+    cursor = writer.execute(
+        "SELECT seq, created, sinks, body FROM batches WHERE last > ? ORDER BY seq", (after,))
+    try:
+        while True:
+            batches = cursor.fetchmany(64)
+            if not batches:
+                return
+            for first, created, sinks, body in batches:
+                if sink is not None and sink not in json.loads(sinks):
+                    continue
+                for offset, line in enumerate(body.split("\n")):
+                    seq = first + offset
+                    if seq > after:
+                        yield LogRow(seq, created, line, Event.from_json(line))
+    finally:
+        cursor.close()
+
+
 class Outbox:
-    """The outbox table and its bound."""
+    """Every sink's cursor, bound and feed."""
 
     def __init__(self, limits: OutboxLimits, routes: Sequence[OutboxRoute]) -> None:
         self.limits = limits
         self.routes = tuple(routes)
-        self.depths = {route.sink: OutboxDepth() for route in self.routes}
+        self._sinks = {route.sink: _SinkState(route) for route in self.routes}
+        self._order = [self._sinks[route.sink] for route in self.routes]
+        self.depths = {sink: state.depth for sink, state in self._sinks.items()}
         """Live depth per configured sink, kept by the writer thread."""
+        self.others: dict[str, tuple[int, int]] = {}
+        """Sinks with a cursor in the store that are not configured: ``(cursor, end)``, where
+        ``end`` was the log's last ``seq`` when the store was opened. The store keeps their
+        events up to ``end``."""
         self.generation = 0
         """Counts the times a sink made room (on the event loop)."""
         self.arrivals = {route.sink: 0 for route in self.routes}
-        """Counts the batches stored with rows for each sink (on the event loop)."""
+        """Counts the batches stored with events for each sink (on the event loop)."""
         self._room = asyncio.Event()
         self._signals = {route.sink: asyncio.Event() for route in self.routes}
-        self._feeds = {route.sink: _Feed() for route in self.routes}
 
     # --- on the writer thread ------------------------------------------------------------------
 
-    def open(self, writer: sqlite3.Connection) -> None:
-        """Create the table if needed and count what waits from an earlier run."""
+    def open(self, writer: sqlite3.Connection, last: int) -> None:
+        """Create the table if needed, place every sink, and count what waits from an earlier
+        run. ``last`` is the log's last ``seq``: a sink new to this store starts after it."""
         writer.executescript(SCHEMA)
-        for sink, events, size in writer.execute(
-                "SELECT sink, COUNT(*), COALESCE(SUM(size), 0) FROM outbox GROUP BY sink"):
-            depth = self.depths.get(sink)
-            if depth is None:
-                logger.warning("the outbox holds %d events for sink %s, which is not configured "
-                               "or not enabled; they are kept until it is", events, sink)
+        cursors = dict(writer.execute("SELECT sink, seq FROM cursors").fetchall())
+        with writer:
+            writer.execute("BEGIN")
+            for sink, state in self._sinks.items():
+                if sink not in cursors:
+                    cursors[sink] = last
+                    writer.execute("INSERT INTO cursors (sink, seq) VALUES (?, ?)", (sink, last))
+                state.cursor = cursors[sink]
+        for state in self._order:
+            depth = state.depth
+            for row in self._pending(writer, state, state.cursor):
+                depth.events += 1
+                depth.bytes += len(row.body.encode())
+        for sink, seq in cursors.items():
+            if sink in self._sinks or seq >= last:
                 continue
-            depth.events, depth.bytes = events, size
+            waiting = sum(1 for _ in log_events(writer, seq, sink=sink))
+            if not waiting:
+                continue
+            self.others[sink] = (seq, last)
+            logger.warning("the outbox holds %d events for sink %s, which is not configured "
+                           "or not enabled; they are kept until it is", waiting, sink)
 
-    def insert(self, writer: sqlite3.Connection, events: Sequence[Event], bodies: Sequence[str],
-               *, force: bool = False) -> OutboxInsert:
-        """Add rows for ``events`` inside the caller's transaction; pass the result to
-        ``committed`` once the transaction is committed.
+    @staticmethod
+    def _pending(writer: sqlite3.Connection, state: _SinkState, after: int
+                 ) -> Iterator[LogRow]:
+        """The sink's events in the log after ``after``, confirmed ones included."""
+        accepts = state.route.accepts
+        for row in log_events(writer, after, sink=state.route.sink):
+            if accepts(row.event):
+                yield row
 
-        Takes a prefix of ``events``: with the ``block`` policy it ends at the first event a sink
-        has no room for, unless ``force``; a sink with an empty outbox always takes one event,
-        however large.
+    def admit(self, events: Sequence[Event], bodies: Sequence[str], *,
+              force: bool = False) -> Admission:
+        """Which prefix of a batch the outbox takes, and which sinks take each event.
+
+        With the ``block`` policy the prefix ends at the first event a sink has no room for,
+        unless ``force``; a sink with an empty outbox always takes one event, however large.
         """
         if not self.routes:
-            return OutboxInsert(len(events))
-        limits = self.limits
-        block = not (limits.drop_oldest or force)
-        created = time.time()
-        added = {route.sink: OutboxDepth() for route in self.routes}
-        parameters: list[tuple[str, str, str, str, str, float, float, str, int, str]] = []
-        taken = 0
+            return Admission(len(events))
+        block = not (self.limits.drop_oldest or force)
+        states = self._order
+        added = [[0, 0] for _ in states]
+        admission = Admission(0)
+        routes = admission.routes
         for event, body in zip(events, bodies, strict=True):
+            taking = tuple(index for index, state in enumerate(states)
+                           if state.route.accepts(event))
+            if not taking:
+                routes.append(taking)
+                continue
             size = len(body.encode())
-            routes = [route for route in self.routes if route.accepts(event)]
-            if block and any(self._full(route.sink, added[route.sink], size) for route in routes):
+            if block and any(self._full(states[index].depth, added[index], size)
+                             for index in taking):
                 break
-            for route in routes:
-                extra = added[route.sink]
-                extra.events += 1
-                extra.bytes += size
-                parameters.append((route.sink, event.id, event.source, event.point,
-                                   event.quality.value, event.ts, created, route.address(event),
-                                   size, body))
-            taken += 1
-        if not parameters:
-            return OutboxInsert(taken)
-        result = OutboxInsert(taken, frozenset(
-            sink for sink, extra in added.items() if extra.events))
-        writer.executemany(f"INSERT INTO outbox (sink, {_COLUMNS.removeprefix('seq, ')}) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", parameters)
-        # One writer and AUTOINCREMENT: the rows just inserted got consecutive seqs ending at
-        # the last rowid.
-        (last,) = writer.execute("SELECT last_insert_rowid()").fetchone()
-        # Only this thread switches a feed between following and not: no lock needed to ask.
-        following = {sink for sink in result.sinks if self._feeds[sink].after is not None}
-        seq = last - len(parameters)
-        for sink, event_id, source, point, quality, ts, _, address, size, body in parameters:
-            seq += 1
-            if sink in following:
-                result.rows.setdefault(sink, []).append(OutboxRow(
-                    seq, event_id, source, point, quality, ts, created, address, size, body))
-        for sink, extra in added.items():
-            if extra.events:
-                depth = self.depths[sink]
-                depth.events += extra.events
-                depth.bytes += extra.bytes
-                if limits.drop_oldest:
-                    cutoff = self._trim(writer, sink, depth)
-                    if cutoff is not None:
-                        result.dropped[sink] = cutoff
-        return result
+            for index in taking:
+                extra = added[index]
+                extra[0] += 1
+                extra[1] += size
+            routes.append(taking)
+        admission.taken = len(routes)
+        admission.added = {state.route.sink: extra
+                           for state, extra in zip(states, added, strict=True) if extra[0]}
+        return admission
 
-    def committed(self, inserted: OutboxInsert) -> None:
-        """The transaction of ``inserted`` is committed: hand its rows to the sinks' feeds."""
-        for sink, rows in inserted.rows.items():
-            feed = self._feeds[sink]
-            with feed.lock:
-                if feed.after is None:
-                    continue
-                cutoff = inserted.dropped.get(sink)
-                if cutoff is not None:
-                    while feed.rows and feed.rows[0].seq <= cutoff:
-                        feed.rows.popleft()
-                feed.rows.extend(row for row in rows if cutoff is None or row.seq > cutoff)
-                if len(feed.rows) > FEED_ROWS:
-                    feed.rows.clear()
-                    feed.after = None
-
-    def _full(self, sink: str, added: OutboxDepth, size: int) -> bool:
-        """Whether ``sink`` has no room for an event of ``size`` bytes after ``added``."""
-        depth = self.depths[sink]
-        waiting = depth.events + added.events
+    def _full(self, depth: OutboxDepth, added: list[int], size: int) -> bool:
+        """Whether a sink has no room for an event of ``size`` bytes after ``added``."""
+        waiting = depth.events + added[0]
         return waiting > 0 and (waiting >= self.limits.max_events
-                                or depth.bytes + added.bytes + size > self.limits.max_bytes)
+                                or depth.bytes + added[1] + size > self.limits.max_bytes)
 
-    def _trim(self, writer: sqlite3.Connection, sink: str, depth: OutboxDepth) -> int | None:
-        """Drop the oldest rows beyond the bound; the highest ``seq`` dropped, if any."""
-        excess_events = depth.events - self.limits.max_events
-        excess_bytes = depth.bytes - self.limits.max_bytes
-        if excess_events <= 0 and excess_bytes <= 0:
-            return None
-        dropped = freed = 0
-        cutoff: int | None = None
-        cursor = writer.execute("SELECT seq, size FROM outbox WHERE sink = ? ORDER BY seq",
-                                (sink,))
-        try:
-            while dropped < excess_events or freed < excess_bytes:
-                rows = cursor.fetchmany(max(excess_events - dropped, 256))
-                if not rows:
+    def trim(self, writer: sqlite3.Connection, admission: Admission) -> None:
+        """Under ``drop_oldest``, move each sink past its oldest events until the batch being
+        stored (already in the log, in the caller's transaction) fits its bound."""
+        if not self.limits.drop_oldest:
+            return
+        for sink, (events, size) in admission.added.items():
+            state = self._sinks[sink]
+            depth = state.depth
+            excess_events = depth.events + events - self.limits.max_events
+            excess_bytes = depth.bytes + size - self.limits.max_bytes
+            if excess_events <= 0 and excess_bytes <= 0:
+                continue
+            dropped = freed = 0
+            cursor = state.cursor
+            with state.lock:
+                confirmed = set(state.confirmed)
+            for row in self._pending(writer, state, cursor):
+                if dropped >= excess_events and freed >= excess_bytes:
                     break
-                for seq, size in rows:
-                    if dropped >= excess_events and freed >= excess_bytes:
-                        break
-                    dropped += 1
-                    freed += size
-                    cutoff = seq
-        finally:
-            cursor.close()
-        if cutoff is not None:
-            writer.execute("DELETE FROM outbox WHERE sink = ? AND seq <= ?", (sink, cutoff))
+                cursor = row.seq
+                if row.seq in confirmed:
+                    continue
+                dropped += 1
+                freed += len(row.body.encode())
+            if cursor == state.cursor:
+                continue
+            self._move(writer, state, cursor)
+            # Events of this batch may be among those dropped: its counts are added later.
             depth.events -= dropped
             depth.bytes -= freed
             depth.dropped += dropped
-        return cutoff
+            admission.dropped[sink] = cursor
+
+    def committed(self, admission: Admission, first: int, created: float,
+                  events: Sequence[Event], bodies: Sequence[str]) -> frozenset[str]:
+        """The batch of ``admission`` is committed at ``seq`` ``first``: count it, and hand its
+        rows to the sinks' feeds. Returns the sinks that got events."""
+        if not admission.added:
+            return frozenset()
+        for sink, (count, size) in admission.added.items():
+            depth = self._sinks[sink].depth
+            depth.events += count
+            depth.bytes += size
+        rows: dict[int, list[OutboxRow]] = {}
+        following = {index for index, state in enumerate(self._order)
+                     if state.feed_after is not None}
+        if following:
+            for offset, taking in enumerate(admission.routes):
+                for index in taking:
+                    if index not in following:
+                        continue
+                    event, body = events[offset], bodies[offset]
+                    rows.setdefault(index, []).append(OutboxRow(
+                        first + offset, event.id, event.source, event.point,
+                        event.quality.value, event.ts, created,
+                        self._order[index].route.address(event), len(body.encode()), body))
+        for index, new in rows.items():
+            state = self._order[index]
+            cutoff = admission.dropped.get(state.route.sink)
+            with state.lock:
+                if state.feed_after is None:
+                    continue
+                feed = state.feed
+                if cutoff is not None:
+                    while feed and feed[0].seq <= cutoff:
+                        feed.popleft()
+                    new = [row for row in new if row.seq > cutoff]
+                feed.extend(new)
+                if len(feed) > FEED_ROWS:
+                    feed.clear()
+                    state.feed_after = None
+        return frozenset(admission.added)
 
     def read(self, writer: sqlite3.Connection, sink: str, after: int,
              limit: int) -> list[OutboxRow]:
-        """The oldest ``limit`` rows of ``sink`` after ``seq`` ``after``, in order.
+        """The oldest ``limit`` events of ``sink`` after ``seq`` ``after`` not yet confirmed,
+        in order. ``after`` at or before the cursor starts a new pass over the log.
 
-        A read that comes back short has seen every row committed so far: from then on the
-        sink's feed holds the rows after it (``take``).
+        A read that comes back short has seen every event committed so far: from then on the
+        sink's feed holds the events after it (``take``).
         """
-        rows = [OutboxRow(*row) for row in writer.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE sink = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (sink, after, limit))]
-        feed = self._feeds.get(sink)
-        if feed is not None and len(rows) < limit:
-            with feed.lock:
-                feed.rows.clear()
-                feed.after = rows[-1].seq if rows else after
+        state = self._sinks[sink]
+        route = state.route
+        start = max(after, state.cursor)
+        with state.lock:
+            if after <= state.cursor:
+                state.passed.clear()
+            confirmed = set(state.confirmed)
+        rows: list[OutboxRow] = []
+        for logged in self._pending(writer, state, start):
+            if logged.seq in confirmed:
+                continue
+            event = logged.event
+            rows.append(OutboxRow(logged.seq, event.id, event.source, event.point,
+                                  event.quality.value, event.ts, logged.created,
+                                  route.address(event), len(logged.body.encode()), logged.body))
+            if len(rows) >= limit:
+                break
+        with state.lock:
+            for row in rows:
+                state.passed[row.seq] = row.size
+            if len(rows) < limit:
+                state.feed.clear()
+                state.feed_after = rows[-1].seq if rows else start
         return rows
 
-    def delete(self, writer: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> int:
-        """Delete confirmed rows of ``sink`` in one transaction; returns how many were there.
-
-        Rows already gone (dropped while in flight) are skipped, so the depth stays exact.
-        """
+    def confirm(self, writer: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> int:
+        """The broker confirmed these events of ``sink``: move its cursor as far as its events
+        are confirmed in order. Returns how many were still waiting (an event dropped while in
+        flight may be confirmed late)."""
+        state = self._sinks[sink]
         removed = freed = 0
-        with writer:
-            writer.execute("BEGIN")
-            for start in range(0, len(seqs), _DELETE_CHUNK):
-                chunk = seqs[start:start + _DELETE_CHUNK]
-                sizes = writer.execute(
-                    f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(chunk))}) "
-                    "RETURNING size", chunk).fetchall()
-                removed += len(sizes)
-                freed += sum(size for (size,) in sizes)
-        depth = self.depths[sink]
+        cursor = state.cursor
+        with state.lock:
+            passed = state.passed
+            confirmed = state.confirmed
+            for seq in seqs:
+                size = passed.get(seq)
+                if size is None or seq in confirmed:
+                    continue
+                confirmed.add(seq)
+                removed += 1
+                freed += size
+            while passed:
+                seq = next(iter(passed))
+                if seq not in confirmed:
+                    break
+                del passed[seq]
+                confirmed.discard(seq)
+                cursor = seq
+        depth = state.depth
         depth.events -= removed
         depth.bytes -= freed
+        if cursor != state.cursor:
+            with writer:
+                writer.execute("BEGIN")
+                self._move(writer, state, cursor)
         return removed
+
+    def _move(self, writer: sqlite3.Connection, state: _SinkState, cursor: int) -> None:
+        """Move a sink's cursor forward to ``cursor``, inside the caller's transaction."""
+        writer.execute("UPDATE cursors SET seq = ? WHERE sink = ?", (cursor, state.route.sink))
+        state.cursor = cursor
+        with state.lock:
+            passed = state.passed
+            while passed and next(iter(passed)) <= cursor:
+                passed.popitem(last=False)
+            state.confirmed = {seq for seq in state.confirmed if seq > cursor}
+
+    def needed(self) -> int:
+        """The lowest cursor of the configured sinks: the log after it must be kept."""
+        return min((state.cursor for state in self._order), default=1 << 62)
 
     # --- on the event loop ---------------------------------------------------------------------
 
     def oldest(self, reader: sqlite3.Connection, sink: str) -> float | None:
-        """When the oldest row waiting for ``sink`` was stored."""
-        row = reader.execute("SELECT created FROM outbox WHERE sink = ? ORDER BY seq LIMIT 1",
-                             (sink,)).fetchone()
-        return None if row is None else float(row[0])
+        """When the oldest event waiting for ``sink`` was stored."""
+        state = self._sinks[sink]
+        if not state.depth.events:
+            return None
+        with state.lock:
+            confirmed = set(state.confirmed)
+        for row in self._pending(reader, state, state.cursor):
+            if row.seq not in confirmed:
+                return row.created
+        return None
 
     def take(self, sink: str, after: int, limit: int) -> list[OutboxRow] | None:
         """Like ``read``, from the sink's feed, without touching SQLite; ``None`` when the feed
-        cannot tell (it does not reach back to ``after``): then ``read`` the table.
+        cannot tell (it does not reach back to ``after``): then ``read`` the log.
 
         Rows taken leave the feed: one connection of the sink takes them.
         """
-        feed = self._feeds[sink]
-        with feed.lock:
-            if feed.after is None or after < feed.after:
+        state = self._sinks[sink]
+        with state.lock:
+            if state.feed_after is None or after < state.feed_after:
                 return None
-            rows = feed.rows
+            rows = state.feed
             while rows and rows[0].seq <= after:
                 rows.popleft()
             taken = [rows.popleft() for _ in range(min(limit, len(rows)))]
-            feed.after = taken[-1].seq if taken else after
+            state.feed_after = taken[-1].seq if taken else after
+            for row in taken:
+                state.passed[row.seq] = row.size
             return taken
 
     def signal(self, sink: str) -> asyncio.Event:
-        """Set whenever rows for ``sink`` were stored; the sink waits on it and clears it."""
+        """Set whenever events for ``sink`` were stored; the sink waits on it and clears it."""
         return self._signals[sink]
 
     def stored(self, sinks: frozenset[str]) -> None:
-        """Rows for ``sinks`` were committed: count it and wake them."""
+        """Events for ``sinks`` were committed: count it and wake them."""
         for sink in sinks:
             self.arrivals[sink] += 1
             self._signals[sink].set()
 
     def made_room(self) -> None:
-        """A sink deleted rows: wake a router waiting for room."""
+        """A sink's events were confirmed: wake a router waiting for room."""
         self.generation += 1
         self._room.set()
 
     async def wait_for_room(self, generation: int) -> None:
         """Wait until a sink made room after ``generation`` (taken before the write that found
-        the outbox full, so no deletion in between is missed)."""
+        the outbox full, so no confirmation in between is missed)."""
         while self.generation == generation:
             self._room.clear()
             await self._room.wait()
+
+    def pending(self, connection: sqlite3.Connection, sink: str) -> list[OutboxRow]:
+        """Every event waiting for ``sink`` (not confirmed), in order: for inspection and
+        tests, on any connection."""
+        state = self._sinks.get(sink)
+        if state is None:
+            return []
+        route = state.route
+        with state.lock:
+            confirmed = set(state.confirmed)
+        return [OutboxRow(row.seq, row.event.id, row.event.source, row.event.point,
+                          row.event.quality.value, row.event.ts, row.created,
+                          route.address(row.event), len(row.body.encode()), row.body)
+                for row in self._pending(connection, state, state.cursor)
+                if row.seq not in confirmed]
