@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
@@ -52,6 +53,22 @@ Identifier = Annotated[
 ]
 """Ids of sources, devices and points: letters, digits, ``_ . : -``."""
 
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def no_control_characters(value: str) -> str:
+    """Refuse control characters and line breaks: a host, a name or an id is one line of
+    plain text, never a file's content that ``${file:...}`` pulled in by mistake."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ValueError(f"must be one line without control characters (found {found.group()!r} "
+                         f"at position {found.start()} of {len(value):,} characters)")
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(no_control_characters)]
+"""Host names, user names, queue and exchange names: one line, no control characters."""
 
 Scope = Literal["read", "write", "admin"]
 """What an API key may do: read values, write points, administer."""
@@ -110,7 +127,8 @@ class PointBase(StrictModel):
 
     name: Identifier = Field(description="Point name; the point id is the device prefix + name.")
     description: str | None = Field(default=None, description="Free text shown in the API.")
-    unit: str | None = Field(default=None, description="Engineering unit, e.g. `degC`, `kWh`.")
+    unit: PlainText | None = Field(
+        default=None, description="Engineering unit, e.g. `degC`, `kWh`.")
     scale: float = Field(default=1.0, description="Multiplier applied to the decoded value.")
     offset: float = Field(default=0.0, description="Added after scaling.")
     enum: dict[int | str, str] | None = Field(
@@ -142,8 +160,9 @@ class DeviceBase(StrictModel):
     """One device behind a source, optionally instantiating a profile."""
 
     id: Identifier = Field(description="Device id, unique within the bridge.")
-    profile: str | None = Field(default=None, description="Name of a profile under `profiles`.")
-    prefix: str | None = Field(
+    profile: PlainText | None = Field(
+        default=None, description="Name of a profile under `profiles`.")
+    prefix: PlainText | None = Field(
         default=None, description="Prefix of this device's point ids; default `<device id>.`.")
     tags: dict[str, str] = Field(default_factory=dict, description="Labels for every point.")
     report: ReportSpec | None = Field(default=None, description="Overrides the profile default.")
@@ -208,7 +227,7 @@ class ApiSection(StrictModel):
     """The REST API."""
 
     enabled: bool = Field(default=True, description="Serve the REST API.")
-    host: str = Field(default="127.0.0.1", description="Listen address; loopback by default.")
+    host: PlainText = Field(default="127.0.0.1", description="Listen address; loopback by default.")
     port: int = Field(default=8780, ge=0, le=65535, description="Listen port (0: any free port).")
     keys: list[ApiKey] = Field(
         default_factory=list, description="API keys; none configured means no authentication.")
