@@ -232,6 +232,19 @@ class ApiSection(StrictModel):
     keys: list[ApiKey] = Field(
         default_factory=list, description="API keys; none configured means no authentication.")
     tls: TlsSection | None = Field(default=None, description="Certificate and key for HTTPS.")
+    max_body: ByteSize = Field(
+        default=ByteSize(1 << 20), ge=0, description="The largest request body, counted while "
+        "it is read (a number or a size such as `64KiB`): a larger one is answered 413 and "
+        "not read further. A request with a body is authenticated before it is read.")
+    max_connections: int = Field(
+        default=256, ge=1, description="Open connections at most, event streams and idle "
+        "keep-alive connections included; one more is answered 503 and closed.")
+    keep_alive_timeout: Duration = Field(
+        default=5.0, gt=0, description="Close a keep-alive connection idle this long after a "
+        "response.")
+    header_timeout: Duration = Field(
+        default=10.0, gt=0, description="Close a connection whose request line and headers "
+        "have not all arrived this long after it opened (or after the previous response).")
 
 
 class StoreSection(StrictModel):
