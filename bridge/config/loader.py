@@ -7,6 +7,7 @@ validate their own sections. The loader imports no connector and not the registr
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Protocol, cast
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from bridge.config.models import (
+    MAX_VALUE_BYTES,
     ApiSection,
     BridgeSection,
     Config,
@@ -341,6 +343,9 @@ def _resolve(config: Config, catalog: Catalog, issues: list[ConfigIssue]) -> Non
                                              f"point id '{point.id}' is defined twice{where}"))
             else:
                 seen_points[point.id] = point.path
+        if source.max_value_bytes != MAX_VALUE_BYTES:
+            points = [dataclasses.replace(point, max_value_bytes=source.max_value_bytes)
+                      for point in points]
         for key_path, message in spec.check(source, points):
             issues.append(document.issue(key_path, message))
         if source.workers > 1 and not spec.shared_workers:

@@ -74,6 +74,10 @@ Scope = Literal["read", "write", "admin"]
 """What an API key may do: read values, write points, administer."""
 
 
+MAX_VALUE_BYTES = 64 * 1024
+"""The default largest string value of a point, in UTF-8 bytes."""
+
+
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, never ignored."""
 
@@ -185,6 +189,12 @@ class SourceBase(StrictModel):
         "and the API. More than 1 only for MQTT (a shared subscription spreads the messages "
         "over the workers) and AMQP (competing consumers on the queue); report-by-exception "
         "and the order of a point's events then hold per worker.")
+
+    max_value_bytes: ByteSize = Field(
+        default=ByteSize(MAX_VALUE_BYTES), ge=1, description="The largest string value a point "
+        "of this source may carry, in UTF-8 bytes (a number or a size such as `1MiB`). A "
+        "larger one becomes a `bad` event that says so, and the value is neither stored nor "
+        "published.")
 
     def endpoint(self) -> str:
         """Where this source connects, with any secret redacted."""
@@ -312,6 +322,8 @@ class ResolvedPoint:
     report: ReportSpec
     path: KeyPath
     """Where the point was declared, for error messages."""
+    max_value_bytes: int = MAX_VALUE_BYTES
+    """The largest string value, from the source's ``max_value_bytes``."""
 
 
 class DeviceSourceBase(SourceBase):
