@@ -125,3 +125,19 @@ class ApiError(BridgeError):
 
 class StoreError(BridgeError):
     """The store cannot be opened, read or written."""
+
+
+EXCERPT_CHARS = 80
+"""How much of a refused value a message quotes."""
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``value`` as a message may quote it: its repr when short, else the start of it and
+    its length, so a huge or hostile value never fills a log line or a response."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        kind = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}… ({len(value):,} {kind})"
+    text = repr(value)
+    if len(text) > limit:
+        return f"{text[:limit]}… ({len(text):,} characters)"
+    return text

@@ -152,7 +152,9 @@ class Runtime:
         logged and raised as ``ConfigError``. Changes outside ``sources`` and the profiles
         they use (API, store, outbox, sinks) need a restart and are reported, not applied.
         """
-        new = load_config(self.config.path)
+        # In a thread: a huge or hostile file (bounded as it is) must not stall the API,
+        # which serves /health/live from this event loop.
+        new = await asyncio.to_thread(load_config, self.config.path)
         old = self.config
         changes: list[str] = []
         for section in ("bridge", "api", "store", "outbox"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -473,8 +474,11 @@ async def test_a_slow_consumer_is_dropped_with_a_reason_and_can_resume(
     assert [message.id for message in replayed] == [event.id for event in burst]
 
 
-async def stalled_client(bridge: Bridge) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A stream client that sends its request and then reads nothing."""
+async def stalled_client(
+    bridge: Bridge, streams: int = 1
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream client that sends its request and then reads nothing; ``streams``: how many
+    streams are served once it is."""
     address = ("127.0.0.1", bridge.server.port)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -483,7 +487,7 @@ async def stalled_client(bridge: Bridge) -> tuple[asyncio.StreamReader, asyncio.
     reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
     writer.write(f"GET {STREAM} HTTP/1.1\r\nHost: bridge\r\n\r\n".encode())
     await writer.drain()
-    await bridge.wait_for_clients(1)
+    await bridge.wait_for_clients(streams)
     return reader, writer
 
 
@@ -505,16 +509,21 @@ async def test_a_client_that_reads_nothing_is_dropped(
             await bridge.wait_for_clients(0)
         assert "read nothing for 0.2 s" in caplog.text
         assert hub.counters["ended_stalled"] + hub.counters["ended_slow_consumer"] == 1
-        # The server closed the connection without ending the response: what the client
-        # reads now ends without the last chunk.
+        # The server dropped the connection without ending the response: it is reset (or,
+        # had the reset not arrived yet, what the client reads ends without the last chunk).
         async with asyncio.timeout(SETTLE):
-            received = await reader.read()
-        assert received.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert not received.endswith(b"0\r\n\r\n")
+            try:
+                received = await reader.read()
+            except ConnectionResetError:
+                received = None
+        if received is not None:
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert not received.endswith(b"0\r\n\r\n")
         assert fed > 1
     finally:
         writer.close()
-        await writer.wait_closed()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def test_server_stop_ends_streams_promptly(bridge: Bridge) -> None:
@@ -612,3 +621,44 @@ async def test_store_finds_an_event_by_id_and_reads_history_after_it(tmp_path: P
             event.id for event in later]
     finally:
         store.close()
+
+
+def established_server_connections(port: int) -> int:
+    """The server's TCP connections on ``port`` that are still open, from ``/proc/net/tcp``."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and fields[3] != "0A":  # 0A: the listening socket itself
+            count += 1
+    return count
+
+
+async def test_a_dropped_client_is_disconnected_on_the_wire_and_logged_once(
+    start_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(StreamSettings(queue=1_000_000, send_timeout=0.2))
+    assert bridge.server.port is not None
+    clients = [await stalled_client(bridge, count) for count in (1, 2, 3)]
+    try:
+        hub = bridge.server.context.hub
+        with caplog.at_level(logging.WARNING):
+            fed = 0
+            async with asyncio.timeout(SETTLE * 3):
+                while hub.subscriptions:
+                    await bridge.feed(points(200, f"boiler.d{fed}."))
+                    fed += 1
+            await bridge.wait_for_clients(0)
+        # Before, the sockets stayed open with megabytes queued for clients that never read,
+        # and each drop logged an ERROR from uvicorn.
+        assert established_server_connections(bridge.server.port) == 0
+        drops = [record for record in caplog.records if "dropped" in record.getMessage()]
+        assert len(drops) == 3
+        assert all(record.levelno == logging.WARNING for record in drops)
+        assert all("127.0.0.1:" in record.getMessage() for record in drops)
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    finally:
+        for _, writer in clients:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

@@ -126,7 +126,7 @@ def test_amqp_routing_key_patterns(pattern: str, key: str,
 @pytest.mark.parametrize(("point", "message"), [
     ({"format": "text", "path": "a"}, "`path` applies to json"),
     ({"format": "binary"}, "needs a `type`"),
-    ({"format": "json", "type": "int16"}, "`type` applies to binary"),
+    ({"format": "json", "type": "int16"}, "applies to binary payloads"),
     ({"format": "binary", "type": "float32", "length": 4}, "length applies to strings"),
     ({"path": "a["}, "invalid JMESPath"),
     ({"each": "items"}, "needs `{item.FIELD}` or `{index}`"),

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections import Counter
 
 from fastapi import FastAPI
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from bridge import __version__
 from bridge.api import handlers, metrics
 from bridge.api.auth import KeyRing
+from bridge.api.bodies import BodyGuard
 from bridge.api.context import ApiContext
 from bridge.api.routes import events, health, inventory, points
 from bridge.api.stream import EventHub, StreamSettings
@@ -56,4 +58,8 @@ def create_app(runtime: RuntimeFacade, *, streams: StreamSettings | None = None)
     app.include_router(health.health)
     app.include_router(health.monitoring)
     handlers.install(app)
+    # The last added runs first: the key and the declared length are checked before the
+    # body is read, and what has no declared length is counted while it is read.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=runtime.api.max_body)
+    app.add_middleware(BodyGuard, keys=keys, max_body=runtime.api.max_body)
     return app

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge.api.models import ErrorBody, ErrorResponse
-from bridge.errors import ApiError
+from bridge.errors import EXCERPT_CHARS, ApiError, excerpt
 
 
 class JsonBody(Response):
@@ -82,7 +82,7 @@ async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
     details = [
         {"location": ".".join(str(part) for part in issue.get("loc", ())),
          "message": issue.get("msg", "invalid"),
-         **({"input": issue["input"]} if _is_scalar(issue.get("input")) else {})}
+         **({"input": _quoted(issue["input"])} if _is_scalar(issue.get("input")) else {})}
         for issue in error.errors()
     ]
     first = details[0] if details else {"location": "request", "message": "invalid"}
@@ -92,6 +92,11 @@ async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
         message=f"{first['location']}: {first['message']}{extra}",
         hint="fix the listed parameters; /docs describes each one",
         details=details))
+
+
+def _quoted(value: object) -> object:
+    """A refused input as the response echoes it: a long string as an excerpt."""
+    return excerpt(value) if isinstance(value, str) and len(value) > EXCERPT_CHARS else value
 
 
 def _is_scalar(value: object) -> bool:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator, Generator, Sequence
 from types import TracebackType
@@ -20,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from bridge.api.app import create_app
+from bridge.api.connections import ConnectionLimits, limited_protocol
 from bridge.api.context import ApiContext
 from bridge.api.stream import StreamSettings
 from bridge.config.models import ApiSection, Config
@@ -182,6 +184,11 @@ def _uvicorn_config(app: FastAPI, api: ApiSection) -> uvicorn.Config:
         lifespan="off",
         server_header=False,
         timeout_graceful_shutdown=1,
+        # uvicorn's own limit_concurrency counts only connections that sent a request: the
+        # protocol counts every connection, and times out request heads (``connections``).
+        http=limited_protocol(ConnectionLimits(max_connections=api.max_connections,
+                                               header_timeout=api.header_timeout)),
+        timeout_keep_alive=max(1, math.ceil(api.keep_alive_timeout)),
         ssl_certfile=api.tls.cert if api.tls else None,
         ssl_keyfile=api.tls.key if api.tls else None,
     )

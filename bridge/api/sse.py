@@ -18,6 +18,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from bridge.api.connections import ABORT
 from bridge.api.stream import (
     KEEP_ALIVE,
     EndReason,
@@ -82,6 +83,8 @@ class EventStreamResponse(Response):
         """The id of the last event sent: where the client should resume from."""
         self._guard: asyncio.Timeout | None = None
         self._closing = False
+        self._dropped = False
+        """Whether the drop was logged already (a slow consumer, then a stalled write)."""
         self._replayed: set[str] = set()
         """Ids the replay sent that may still arrive live (see the module's docstring)."""
 
@@ -99,11 +102,18 @@ class EventStreamResponse(Response):
                     await self._stream(send, subscription)
                 except _SendTimeoutError:
                     subscription.end("stalled")
-                    # The response stays incomplete: the server closes the connection (and
-                    # says so in its log) once this returns.
-                    logger.warning("event stream to %s dropped: %s", self.client,
-                                   "the server stops" if subscription.ended == "closing" else
-                                   f"it read nothing for {self.settings.send_timeout:g} s")
+                    if not self._dropped:
+                        logger.warning("event stream to %s dropped: %s", self.client,
+                                       "the server stops" if subscription.ended == "closing"
+                                       else f"it read nothing for "
+                                       f"{self.settings.send_timeout:g} s")
+                    # The response cannot be completed: drop the connection now, with what
+                    # the kernel still buffers for it, rather than wait to flush to a
+                    # client that reads nothing.
+                    abort = scope.get("extensions", {}).get(ABORT)
+                    if abort is not None:
+                        abort()
+                        await watcher  # the server has seen the connection go
                 finally:
                     subscription.end("finished")
                     watcher.cancel()
@@ -136,6 +146,7 @@ class EventStreamResponse(Response):
         if subscription.ended == "disconnected":
             return
         if subscription.ended == "slow_consumer":
+            self._dropped = True
             logger.warning("event stream to %s dropped: it fell %d events behind", self.client,
                            self.settings.queue)
             await self._send(send, message("error", {

@@ -7,8 +7,10 @@ validate their own sections. The loader imports no connector and not the registr
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Annotated, Any, Protocol, cast
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from bridge.config.models import (
+    MAX_VALUE_BYTES,
     ApiSection,
     BridgeSection,
     Config,
@@ -33,7 +36,7 @@ from bridge.config.models import (
     StrictModel,
 )
 from bridge.config.yamlsource import Document, KeyPath, Location, load_yaml
-from bridge.errors import ConfigError, ConfigIssue
+from bridge.errors import ConfigError, ConfigIssue, excerpt
 
 
 class ConnectorModels(Protocol):
@@ -136,7 +139,10 @@ def load_config(path: str | Path, catalog: Catalog) -> Config:
         raise ConfigError(issues)
     if not isinstance(document.data, dict):
         raise ConfigError([document.issue((), "expected a mapping at the top of the file")])
-    _merge_includes(document, config_path, issues, seen={config_path})
+    _foreign_keys(document, root_model(catalog), issues)
+    if issues:
+        raise ConfigError(issues)
+    _merge_includes(document, (config_path,), issues, seen={config_path})
     if issues:
         raise ConfigError(issues)
     _unavailable(document, catalog, issues)
@@ -165,9 +171,15 @@ def load_config(path: str | Path, catalog: Catalog) -> Config:
 
 
 def _merge_includes(
-    document: Document, path: Path, issues: list[ConfigIssue], seen: set[Path]
+    document: Document, chain: tuple[Path, ...], issues: list[ConfigIssue], seen: set[Path]
 ) -> None:
-    """Merge the ``profiles`` of included files into ``document``, keeping their locations."""
+    """Merge the ``profiles`` of included files into ``document``, keeping their locations.
+
+    ``chain`` is the file being merged and the files that included it, outermost first: a
+    file that includes one of them is a cycle. A file included twice along two branches is
+    merged once.
+    """
+    path = chain[-1]
     data = document.data
     includes = data.get("include", [])
     if not isinstance(includes, list):
@@ -183,25 +195,25 @@ def _merge_includes(
         full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
         matches = sorted(glob.glob(full))
         if not matches:
-            issues.append(document.issue(("include", index), f"no file matches '{pattern}'"))
+            issues.append(document.issue(("include", index),
+                                         f"no file matches {excerpt(pattern)}"))
             continue
         for match in matches:
             included_path = Path(match).resolve()
+            if included_path in chain:
+                cycle = " → ".join(str(link) for link in
+                                   (*chain[chain.index(included_path):], included_path))
+                issues.append(document.issue(("include", index), f"include cycle: {cycle}"))
+                continue
             if included_path in seen:
                 continue
             seen.add(included_path)
             included = load_yaml(included_path, issues)
             if included.data is None:
                 continue
-            if not isinstance(included.data, dict):
-                issues.append(included.issue((), "expected a mapping with `profiles` and/or "
-                                                 "`include`"))
+            if not _mapping_file(included, included_path, issues):
                 continue
-            unknown = set(included.data) - {"profiles", "include"}
-            for key in sorted(unknown, key=str):
-                issues.append(included.issue((key,), "an included file may only hold `profiles` "
-                                                     "and `include`"))
-            _merge_includes(included, included_path, issues, seen)
+            _merge_includes(included, (*chain, included_path), issues, seen)
             for name, profile in (included.data.get("profiles") or {}).items():
                 if name in profiles:
                     where = document.locate(("profiles", name))
@@ -213,6 +225,42 @@ def _merge_includes(
                 for key_path, location in included.locations.items():
                     if key_path[:2] == ("profiles", name):
                         document.locations[key_path] = location
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def _foreign_keys(document: Document, model: type[BaseModel], issues: list[ConfigIssue]) -> None:
+    """Unknown top-level keys that are not even names: the file is not a configuration
+    (``fieldbridge validate /etc/shadow``), and its lines must not be echoed as keys."""
+    foreign = [key for key in document.data
+               if key not in model.model_fields and not (
+                   isinstance(key, str) and _PLAIN_KEY.fullmatch(key))]
+    if foreign:
+        first = document.locate((foreign[0],))
+        issues.append(ConfigIssue(
+            first.file if first else "<config>", first.line if first else None, "",
+            f"not a Fieldbridge configuration: {len(foreign)} top-level key"
+            f"{'s are' if len(foreign) > 1 else ' is'} not a section name"))
+
+
+def _mapping_file(included: Document, path: Path, issues: list[ConfigIssue]) -> bool:
+    """Whether an included file holds only ``profiles`` and ``include``; if not, one issue
+    that names neither its keys nor its values: it may be any file (``/etc/shadow``)."""
+    data = included.data
+    if isinstance(data, dict) and set(data) <= {"profiles", "include"}:
+        return True
+    if isinstance(data, dict):
+        others = [key for key in data if key not in ("profiles", "include")]
+        first = included.locate((others[0],))
+        where = f", the first at line {first.line}" if first else ""
+        found = f"{len(others)} other top-level key{'s' if len(others) > 1 else ''}{where}"
+    else:
+        found = f"a {type(data).__name__} at the top"
+    issues.append(ConfigIssue(
+        str(path), None, "", "not a mapping file: an included file may only hold `profiles` "
+        f"and `include` (found {found})"))
+    return False
 
 
 def _validation_issues(
@@ -242,7 +290,7 @@ def _validation_issues(
         elif key_path not in document.substituted and "input" in error and not isinstance(
             error["input"], dict | list
         ):
-            message = f"{message} (got {error['input']!r})"
+            message = f"{message} (got {excerpt(error['input'])})"
         issues.append(document.issue(key_path, message))
     return issues
 
@@ -295,6 +343,9 @@ def _resolve(config: Config, catalog: Catalog, issues: list[ConfigIssue]) -> Non
                                              f"point id '{point.id}' is defined twice{where}"))
             else:
                 seen_points[point.id] = point.path
+        if source.max_value_bytes != MAX_VALUE_BYTES:
+            points = [dataclasses.replace(point, max_value_bytes=source.max_value_bytes)
+                      for point in points]
         for key_path, message in spec.check(source, points):
             issues.append(document.issue(key_path, message))
         if source.workers > 1 and not spec.shared_workers:

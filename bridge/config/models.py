@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
@@ -53,8 +54,28 @@ Identifier = Annotated[
 """Ids of sources, devices and points: letters, digits, ``_ . : -``."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def no_control_characters(value: str) -> str:
+    """Refuse control characters and line breaks: a host, a name or an id is one line of
+    plain text, never a file's content that ``${file:...}`` pulled in by mistake."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ValueError(f"must be one line without control characters (found {found.group()!r} "
+                         f"at position {found.start()} of {len(value):,} characters)")
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(no_control_characters)]
+"""Host names, user names, queue and exchange names: one line, no control characters."""
+
 Scope = Literal["read", "write", "admin"]
 """What an API key may do: read values, write points, administer."""
+
+
+MAX_VALUE_BYTES = 64 * 1024
+"""The default largest string value of a point, in UTF-8 bytes."""
 
 
 class StrictModel(BaseModel):
@@ -110,7 +131,8 @@ class PointBase(StrictModel):
 
     name: Identifier = Field(description="Point name; the point id is the device prefix + name.")
     description: str | None = Field(default=None, description="Free text shown in the API.")
-    unit: str | None = Field(default=None, description="Engineering unit, e.g. `degC`, `kWh`.")
+    unit: PlainText | None = Field(
+        default=None, description="Engineering unit, e.g. `degC`, `kWh`.")
     scale: float = Field(default=1.0, description="Multiplier applied to the decoded value.")
     offset: float = Field(default=0.0, description="Added after scaling.")
     enum: dict[int | str, str] | None = Field(
@@ -142,8 +164,9 @@ class DeviceBase(StrictModel):
     """One device behind a source, optionally instantiating a profile."""
 
     id: Identifier = Field(description="Device id, unique within the bridge.")
-    profile: str | None = Field(default=None, description="Name of a profile under `profiles`.")
-    prefix: str | None = Field(
+    profile: PlainText | None = Field(
+        default=None, description="Name of a profile under `profiles`.")
+    prefix: PlainText | None = Field(
         default=None, description="Prefix of this device's point ids; default `<device id>.`.")
     tags: dict[str, str] = Field(default_factory=dict, description="Labels for every point.")
     report: ReportSpec | None = Field(default=None, description="Overrides the profile default.")
@@ -166,6 +189,12 @@ class SourceBase(StrictModel):
         "and the API. More than 1 only for MQTT (a shared subscription spreads the messages "
         "over the workers) and AMQP (competing consumers on the queue); report-by-exception "
         "and the order of a point's events then hold per worker.")
+
+    max_value_bytes: ByteSize = Field(
+        default=ByteSize(MAX_VALUE_BYTES), ge=1, description="The largest string value a point "
+        "of this source may carry, in UTF-8 bytes (a number or a size such as `1MiB`). A "
+        "larger one becomes a `bad` event that says so, and the value is neither stored nor "
+        "published.")
 
     def endpoint(self) -> str:
         """Where this source connects, with any secret redacted."""
@@ -208,11 +237,24 @@ class ApiSection(StrictModel):
     """The REST API."""
 
     enabled: bool = Field(default=True, description="Serve the REST API.")
-    host: str = Field(default="127.0.0.1", description="Listen address; loopback by default.")
+    host: PlainText = Field(default="127.0.0.1", description="Listen address; loopback by default.")
     port: int = Field(default=8780, ge=0, le=65535, description="Listen port (0: any free port).")
     keys: list[ApiKey] = Field(
         default_factory=list, description="API keys; none configured means no authentication.")
     tls: TlsSection | None = Field(default=None, description="Certificate and key for HTTPS.")
+    max_body: ByteSize = Field(
+        default=ByteSize(1 << 20), ge=0, description="The largest request body, counted while "
+        "it is read (a number or a size such as `64KiB`): a larger one is answered 413 and "
+        "not read further. A request with a body is authenticated before it is read.")
+    max_connections: int = Field(
+        default=256, ge=1, description="Open connections at most, event streams and idle "
+        "keep-alive connections included; one more is answered 503 and closed.")
+    keep_alive_timeout: Duration = Field(
+        default=5.0, gt=0, description="Close a keep-alive connection idle this long after a "
+        "response.")
+    header_timeout: Duration = Field(
+        default=10.0, gt=0, description="Close a connection whose request line and headers "
+        "have not all arrived this long after it opened (or after the previous response).")
 
 
 class StoreSection(StrictModel):
@@ -294,6 +336,8 @@ class ResolvedPoint:
     report: ReportSpec
     path: KeyPath
     """Where the point was declared, for error messages."""
+    max_value_bytes: int = MAX_VALUE_BYTES
+    """The largest string value, from the source's ``max_value_bytes``."""
 
 
 class DeviceSourceBase(SourceBase):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bridge.errors import ConfigIssue
+from bridge.errors import ConfigIssue, excerpt
 
 KeyPath = tuple[str | int, ...]
 
@@ -59,8 +60,63 @@ def format_path(path: KeyPath) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            key = _key_text(part)
+            text += f".{key}" if text else key
     return text
+
+
+def _key_text(key: str) -> str:
+    """A key as a path shows it: a long one or one with control characters as an excerpt."""
+    if len(key) <= 80 and key.isprintable():
+        return key
+    return excerpt(key, 40)
+
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+"""The largest configuration or included file: far beyond any real bridge's."""
+
+MAX_SECRET_BYTES = 1024 * 1024
+"""The largest file a ``${file:...}`` reference may read."""
+
+
+class FileReadError(Exception):
+    """A file cannot be read as configuration text; the message says why, never its content."""
+
+
+def read_bounded(path: Path, limit: int) -> str:
+    """The UTF-8 text of the regular file ``path``, refused past ``limit`` bytes.
+
+    Devices (``/dev/zero``), FIFOs, sockets and directories are refused before anything is
+    read, and no more than ``limit + 1`` bytes are ever read, whatever the file claims.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer must not hang; fstat then refuses it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FileReadError(exc.strerror or type(exc).__name__) from exc
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = ("a directory" if stat.S_ISDIR(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+                "a FIFO" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise FileReadError(f"{kind}, not a regular file")
+    with os.fdopen(descriptor, "rb") as file:
+        try:
+            data = file.read(limit + 1)
+        except OSError as exc:
+            raise FileReadError(exc.strerror or type(exc).__name__) from exc
+    if len(data) > limit:
+        raise FileReadError(f"larger than {_size(limit)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileReadError(f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _size(count: int) -> str:
+    return f"{count // (1024 * 1024)} MiB" if count % (1024 * 1024) == 0 else f"{count:,} bytes"
 
 
 _REFERENCE = re.compile(r"\$\$|\$\{([^}]*)\}")
@@ -81,12 +137,12 @@ def substitute(text: str, base: Path) -> str:
             if not path.is_absolute():
                 path = base / path
             try:
-                return path.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from exc
+                return read_bounded(path, MAX_SECRET_BYTES).rstrip("\r\n")
+            except FileReadError as exc:
+                raise ValueError(f"cannot read secret file {path}: {exc}") from exc
         name, has_default, default = reference.partition(":-")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ValueError(f"'${{{reference}}}' is not a valid reference")
+            raise ValueError(f"{excerpt('${' + reference + '}')} is not a valid reference")
         value = os.environ.get(name)
         if value is None or (has_default and value == ""):
             if has_default:
@@ -116,9 +172,9 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
     document = Document(data=None)
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        issues.append(ConfigIssue(name, None, "", f"cannot read file: {exc.strerror}"))
+        text = read_bounded(path, MAX_FILE_BYTES)
+    except FileReadError as exc:
+        issues.append(ConfigIssue(name, None, "", f"cannot read file: {exc}"))
         return document
     loader = yaml.SafeLoader(text)
     try:
@@ -133,12 +189,17 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         problem = " ".join(part for part in (exc.context, exc.problem) if part)
-        issues.append(ConfigIssue(name, line, "", f"invalid YAML: {problem}"))
+        issues.append(ConfigIssue(name, line, "", f"invalid YAML: {_short(problem)}"))
     except yaml.YAMLError as exc:
-        issues.append(ConfigIssue(name, None, "", f"invalid YAML: {exc}"))
+        issues.append(ConfigIssue(name, None, "", f"invalid YAML: {_short(str(exc))}"))
     finally:
         loader.dispose()
     return document
+
+
+def _short(message: str) -> str:
+    """A parser's message cut short: it may quote what it could not parse."""
+    return message if len(message) <= 200 else f"{message[:200]}…"
 
 
 class _Builder:

@@ -83,6 +83,7 @@ class PointProgram:
         "_last_quality",
         "_last_reported",
         "_last_value",
+        "_max_value_bytes",
         "_on_change",
         "_percent",
         "_transform",
@@ -103,6 +104,7 @@ class PointProgram:
         self.unit = point.spec.unit
         self.tags: Mapping[str, str] = dict(point.tags)
         self._transform = compile_transform(point.spec)
+        self._max_value_bytes = point.max_value_bytes
         report: ReportSpec = point.report
         self._on_change = report.on_change
         self._deadband = report.deadband
@@ -135,6 +137,14 @@ class PointProgram:
                 value = self._transform(raw)
             except DecodeError as exc:
                 quality, reason, value = Quality.BAD, exc.reason, None
+            else:
+                # Characters are at most 4 bytes: only a long string is encoded to count.
+                if type(value) is str and len(value) * 4 > self._max_value_bytes:
+                    size = len(value.encode("utf-8", "surrogatepass"))
+                    if size > self._max_value_bytes:
+                        quality, value = Quality.BAD, None
+                        reason = (f"a string of {size:,} bytes is larger than "
+                                  f"max_value_bytes ({self._max_value_bytes:,})")
         if self._on_change and not self._changed(value, quality, received_at):
             self.suppressed += 1
             return None

@@ -246,6 +246,56 @@ def _check_jmespath(expression: str) -> str:
 Format = Literal["json", "text", "number", "binary"]
 
 
+DeclaredType = Literal["number", "integer", "bool", "string"]
+"""What the value of a JSON or text point must be."""
+
+DECLARED_TYPES: tuple[str, ...] = ("number", "integer", "bool", "string")
+
+_TRUE = frozenset({"true", "on", "yes", "1"})
+_FALSE = frozenset({"false", "off", "no", "0"})
+
+
+def convert(value: Any, declared: str) -> Any:
+    """``value`` as the ``declared`` type; ``ValueError`` saying why when it is not one."""
+    if declared == "string":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value if isinstance(value, str) else json.dumps(value)
+    if declared == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"expected a bool, got {_excerpt(repr(value))}")
+    number: int | float
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a{'n integer' if declared == 'integer' else ' number'}, "
+                         f"got {_excerpt(repr(value))}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"expected a{'n integer' if declared == 'integer' else ' number'}"
+                                 f", got {_excerpt(repr(value))}") from None
+    else:
+        number = value
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {_excerpt(repr(value))}")
+    if declared == "integer":
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError(f"expected an integer, got {_excerpt(repr(value))}")
+            return int(number)
+        return number
+    return number
+
+
 class MessagePoint(PointBase):
     """A point read from message payloads; its name and tags may hold ``{placeholders}``."""
 
@@ -262,8 +312,12 @@ class MessagePoint(PointBase):
     each: str | None = Field(
         default=None, description="JSON: JMESPath to a list; the point repeats for each item, "
         "`path` is evaluated on the item, and the name needs `{item.FIELD}` or `{index}`.")
-    type: DataType | None = Field(
-        default=None, description="Binary: the value type, as for Modbus registers.")
+    type: DataType | DeclaredType | None = Field(
+        default=None, description="Binary: the value type, as for Modbus registers. JSON and "
+        "text: what the value must be, `number`, `integer`, `bool` or `string`; a value of "
+        "another type is converted when it can be (`\"21.5\"` to 21.5 for `number`, `1` or "
+        "`\"on\"` to true for `bool`, 21.5 to `\"21.5\"` for `string`), else the event is "
+        "`bad` with the reason. Unset: the value as the payload has it.")
     order: ByteOrder = Field(
         default="ABCD", description="Binary: byte/word order (ABCD, DCBA, BADC, CDAB; 64-bit "
         "aliases ABCDEFGH, HGFEDCBA, BADCFEHG, GHEFCDAB).")
@@ -291,12 +345,19 @@ class MessagePoint(PointBase):
         if self.format == "binary":
             if self.type is None:
                 raise ValueError("a binary point needs a `type`")
+            if self.type in ("number", "integer"):
+                raise ValueError(f"`type: {self.type}` is for json and text payloads; a binary "
+                                 "point needs a register type such as float32 or int16")
             try:
-                compile_bytes_decoder(self.type, self.order, length=self.length)
+                compile_bytes_decoder(self.register_type(), self.order, length=self.length)
             except ValueError as exc:
                 raise ValueError(str(exc)) from None
         else:
-            for key in ("type", "order", "byte_offset", "length"):
+            if self.type is not None and self.type not in DECLARED_TYPES:
+                raise ValueError(f"`type: {self.type}` applies to binary payloads; a "
+                                 f"{self.format} point may declare "
+                                 f"{', '.join(DECLARED_TYPES)}")
+            for key in ("order", "byte_offset", "length"):
                 if key in given:
                     raise ValueError(f"`{key}` applies to binary payloads, not {self.format}")
         if self.writable:
@@ -316,6 +377,13 @@ class MessagePoint(PointBase):
                 raise ValueError(f"tag '{key}' uses {{{missing[0]}}}, which the point name does "
                                  "not: a point's tags are fixed by its id")
         return self
+
+    def register_type(self) -> DataType:
+        """The binary value type (``type`` of a binary point, which the model checked)."""
+        kind = self.type
+        if kind is None or kind == "number" or kind == "integer":
+            raise ValueError(f"point {self.name} has no binary value type")
+        return kind
 
     def check_variables(self, known: Iterable[str], open_prefixes: Iterable[str] = ()) -> None:
         """Raise ``ValueError`` when the name uses a placeholder that can never be filled.
@@ -534,17 +602,18 @@ class Route:
         self.timestamp = spec.timestamp or (timestamp if spec.format == "json" else None)
         self.timestamp_path = (jmespath.compile(self.timestamp.path)
                                if self.timestamp is not None else None)
+        self.declared = spec.type if spec.format != "binary" else None
         self.decode: Callable[[bytes], Any] | None = None
         self.size: int | None = None
         if spec.format == "binary":
-            assert spec.type is not None  # checked by the model
-            self.decode = compile_bytes_decoder(spec.type, spec.order, length=spec.length)
-            if spec.type == "bool":
+            register_type = spec.register_type()
+            self.decode = compile_bytes_decoder(register_type, spec.order, length=spec.length)
+            if register_type == "bool":
                 self.size = 1
-            elif spec.type == "string":
+            elif register_type == "string":
                 self.size = spec.length
             else:
-                self.size = 2 * register_count(spec.type)
+                self.size = 2 * register_count(register_type)
 
     def extract(self, payload: _Payload) -> list[_Extracted]:
         """The raw values this point finds in ``payload``.
@@ -553,14 +622,14 @@ class Route:
         when this point alone cannot be produced.
         """
         if self.format == "text":
-            return [_Extracted(payload.text().strip())]
+            return [self._declared(_Extracted(payload.text().strip()))]
         if self.format == "number":
-            return [_Extracted(payload.number())]
+            return [self._declared(_Extracted(payload.number()))]
         if self.format == "binary":
             return [_Extracted(self._binary(payload))]
         document = payload.json()
         if self.each is None:
-            return [self._json_value(document, document, None)]
+            return [self._declared(self._json_value(document, document, None))]
         items = self.each.search(document)
         if not isinstance(items, list):
             found = "nothing" if items is None else f"a {type(items).__name__}"
@@ -573,7 +642,17 @@ class Route:
                     text = _variable_text(value)
                     if text is not None:
                         variables[f"item.{key}"] = text
-            extracted.append(self._json_value(document, item, variables))
+            extracted.append(self._declared(self._json_value(document, item, variables)))
+        return extracted
+
+    def _declared(self, extracted: _Extracted) -> _Extracted:
+        """``extracted`` converted to the point's declared ``type``, or with the problem."""
+        if self.declared is None or extracted.problem is not None:
+            return extracted
+        try:
+            extracted.raw = convert(extracted.raw, self.declared)
+        except ValueError as exc:
+            extracted.problem = str(exc)
         return extracted
 
     def _binary(self, payload: _Payload) -> Any:
@@ -775,7 +854,8 @@ class MessageMapper:
     def _compile(self, route: Route, point_id: str, tags: dict[str, str]) -> PointProgram:
         point = route.point
         resolved = ResolvedPoint(id=point_id, source=point.source, device=point.device,
-                                 spec=point.spec, tags=tags, report=point.report, path=point.path)
+                                 spec=point.spec, tags=tags, report=point.report, path=point.path,
+                                 max_value_bytes=point.max_value_bytes)
         return PointProgram(resolved, protocol=self.protocol, bridge_id=self.bridge_id)
 
     def _drop(self, template: str, address: str, reason: str) -> None:

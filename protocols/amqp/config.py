@@ -9,7 +9,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from bridge.config.models import Duration, StrictModel
+from bridge.config.models import Duration, PlainText, StrictModel
 from bridge.core.payload import (
     AMQP_ROUTING_KEY,
     AddressPattern,
@@ -44,11 +44,11 @@ class BrokerAddress:
 class AmqpConnectionSettings(StrictModel):
     """How to reach an AMQP 0-9-1 broker (RabbitMQ): the settings sources and sinks share."""
 
-    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host.")
+    host: PlainText = Field(default="127.0.0.1", min_length=1, description="Broker host.")
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Broker port; default 5672, 5671 with TLS.")
-    virtual_host: str = Field(default="/", description="Virtual host.")
-    username: str = Field(default="guest", min_length=1, description="User name.")
+    virtual_host: PlainText = Field(default="/", description="Virtual host.")
+    username: PlainText = Field(default="guest", min_length=1, description="User name.")
     password: SecretStr = Field(
         default=SecretStr("guest"), description="Password; use ${ENV} or ${file:...}.")
     url: SecretStr | None = Field(
@@ -119,7 +119,8 @@ class AmqpConnectionSettings(StrictModel):
 class AmqpBinding(StrictModel):
     """Bind the queue to an exchange."""
 
-    exchange: str = Field(min_length=1, max_length=255, description="The exchange to bind to.")
+    exchange: PlainText = Field(
+        min_length=1, max_length=255, description="The exchange to bind to.")
     routing_key: str = Field(
         default="", max_length=255, description="Binding key, e.g. `sensors.*.telemetry` on a "
         "topic exchange; ignored by fanout exchanges.")
@@ -130,7 +131,7 @@ class AmqpBinding(StrictModel):
 class AmqpQueue(StrictModel):
     """The queue the source consumes from."""
 
-    name: str = Field(min_length=1, max_length=255, description="Queue name.")
+    name: PlainText = Field(min_length=1, max_length=255, description="Queue name.")
     declare: bool = Field(
         default=False, description="Declare the queue (idempotent; a queue that exists with "
         "other settings is a config error). Unset: the queue must exist.")
@@ -157,7 +158,7 @@ class AmqpQueue(StrictModel):
 class DeadLetter(StrictModel):
     """Where messages that cannot be mapped go, instead of being acknowledged and dropped."""
 
-    exchange: str = Field(min_length=1, max_length=255, description="Dead-letter exchange.")
+    exchange: PlainText = Field(min_length=1, max_length=255, description="Dead-letter exchange.")
     routing_key: str | None = Field(
         default=None, max_length=255, description="Routing key of dead-lettered messages; "
         "unset: their original routing key.")
@@ -165,7 +166,7 @@ class DeadLetter(StrictModel):
         default=True, description="Declare the exchange (durable) and `queue` if given.")
     exchange_type: Literal["fanout", "topic", "direct"] = Field(
         default="fanout", description="Type of the declared exchange.")
-    queue: str | None = Field(
+    queue: PlainText | None = Field(
         default=None, min_length=1, max_length=255,
         description="Declare this durable queue and bind it to the exchange, so rejected "
         "messages are kept for inspection.")

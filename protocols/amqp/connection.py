@@ -235,4 +235,11 @@ def open_error(endpoint: str, error: BaseException) -> ConnectorError:
         return ConnectorError(endpoint, f"authentication refused: {cause}", ErrorCategory.AUTH)
     if isinstance(cause, pika.exceptions.ConnectionClosed):
         return closed_error(endpoint, "connection", cause)
-    return ConnectorError(endpoint, f"cannot connect: {cause}", ErrorCategory.TRANSIENT)
+    return ConnectorError(endpoint, f"cannot connect: {describe(cause)}",
+                          ErrorCategory.TRANSIENT)
+
+
+def describe(error: BaseException) -> str:
+    """What went wrong, also for the pika errors whose text is empty (a stack timeout, a
+    workflow that failed before its first attempt): their type name then."""
+    return str(error).strip() or type(error).__name__

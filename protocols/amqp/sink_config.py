@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from pydantic import ByteSize, Field, field_validator, model_validator
 
-from bridge.config.models import Duration, SinkBase, StrictModel
+from bridge.config.models import Duration, PlainText, SinkBase, StrictModel
 from bridge.core.payload import Template
 from protocols.amqp.config import AmqpConnectionSettings, ArgumentValue
 
@@ -33,7 +33,7 @@ _TYPED_ARGUMENTS = {
 class SinkExchange(StrictModel):
     """The exchange the sink publishes every event to."""
 
-    name: str = Field(
+    name: PlainText = Field(
         default="fieldbridge.events", min_length=1, max_length=255,
         description="Exchange name.")
     type: ExchangeType = Field(
@@ -57,7 +57,7 @@ class SinkExchange(StrictModel):
 class TopologyExchange(StrictModel):
     """Another exchange the bridge declares: a dead-letter exchange, say."""
 
-    name: str = Field(min_length=1, max_length=255, description="Exchange name.")
+    name: PlainText = Field(min_length=1, max_length=255, description="Exchange name.")
     type: ExchangeType = Field(default="topic", description="Exchange type.")
     durable: bool = Field(default=True, description="Survives a broker restart.")
     arguments: dict[str, ArgumentValue] = Field(
@@ -67,7 +67,7 @@ class TopologyExchange(StrictModel):
 class QueueBinding(StrictModel):
     """Bind a queue to an exchange."""
 
-    exchange: str | None = Field(
+    exchange: PlainText | None = Field(
         default=None, min_length=1, max_length=255,
         description="The exchange to bind to; unset: the sink's exchange.")
     routing_key: str = Field(
@@ -81,14 +81,14 @@ class QueueBinding(StrictModel):
 class TopologyQueue(StrictModel):
     """A queue the bridge declares and binds on every connect, for consumers to read."""
 
-    name: str = Field(min_length=1, max_length=255, description="Queue name.")
+    name: PlainText = Field(min_length=1, max_length=255, description="Queue name.")
     type: Literal["quorum", "classic", "stream"] = Field(
         default="quorum", description="`quorum` (replicated, the default), `classic` or "
         "`stream` (an append-only log consumers read from any offset).")
     durable: bool = Field(
         default=True, description="Survives a broker restart; quorum queues and streams always "
         "do.")
-    dead_letter_exchange: str | None = Field(
+    dead_letter_exchange: PlainText | None = Field(
         default=None, min_length=1, max_length=255,
         description="Where expired, rejected or (with `overflow: reject-publish-dlx`) refused "
         "messages go.")
@@ -163,9 +163,9 @@ class TopologyQueue(StrictModel):
 class ExchangeBinding(StrictModel):
     """Route an exchange's messages into another exchange (exchange-to-exchange binding)."""
 
-    source: str = Field(min_length=1, max_length=255, description="The exchange messages "
+    source: PlainText = Field(min_length=1, max_length=255, description="The exchange messages "
                         "come from.")
-    destination: str = Field(min_length=1, max_length=255,
+    destination: PlainText = Field(min_length=1, max_length=255,
                              description="The exchange they are routed into.")
     routing_key: str = Field(default="#", max_length=255, description="Binding key.")
     arguments: dict[str, ArgumentValue] = Field(

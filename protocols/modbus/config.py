@@ -17,6 +17,7 @@ from bridge.config.models import (
     DeviceBase,
     DeviceSourceBase,
     Duration,
+    PlainText,
     PointBase,
     ProfileBase,
     StrictModel,
@@ -196,7 +197,7 @@ class ModbusPoint(PointBase):
 class SerialSettings(StrictModel):
     """Serial line settings for `transport: rtu`."""
 
-    port: str = Field(description="Serial device, e.g. `/dev/ttyUSB0`.")
+    port: PlainText = Field(description="Serial device, e.g. `/dev/ttyUSB0`.")
     baudrate: int = Field(default=9600, gt=0, description="Bits per second.")
     parity: Literal["N", "E", "O"] = Field(
         default="N", description="`N` none, `E` even, `O` odd.")
@@ -233,7 +234,7 @@ class ModbusSourceConfig(DeviceSourceBase):
         default="tcp",
         description="`tcp` (Modbus TCP), `rtu-over-tcp` (RTU frames through a TCP serial "
         "server) or `rtu` (a local serial line).")
-    host: str | None = Field(
+    host: PlainText | None = Field(
         default=None, description="Host name or address; required for tcp and rtu-over-tcp.")
     port: int = Field(default=502, ge=1, le=65535, description="TCP port.")
     serial: SerialSettings | None = Field(

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from bridge.config.models import Duration
+from bridge.config.models import Duration, PlainText
 from bridge.core.payload import (
     MQTT_TOPIC,
     AddressPattern,
@@ -54,12 +54,12 @@ class MqttSourceConfig(MessageSourceBase):
     """A connection to an MQTT broker and the points its topics carry."""
 
     protocol: Literal["mqtt"]
-    host: str = Field(min_length=1, description="Broker host name or address.")
+    host: PlainText = Field(min_length=1, description="Broker host name or address.")
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Broker port; default 1883, 8883 with TLS.")
     mqtt_version: Annotated[Literal["3.1.1", "5"], BeforeValidator(_version_text)] = Field(
         default="3.1.1", description="MQTT protocol version: `3.1.1` or `5`.")
-    client_id: str | None = Field(
+    client_id: PlainText | None = Field(
         default=None, min_length=1, max_length=65535,
         description="Client identifier. Default: random with a clean session, else "
         "`fieldbridge-<bridge id>-<source id>` (a persistent session needs a stable id).")
@@ -70,7 +70,7 @@ class MqttSourceConfig(MessageSourceBase):
     session_expiry: Duration = Field(
         default=86400.0, description="MQTT 5 only: how long the broker keeps a persistent "
         "session after a disconnect.")
-    username: str | None = Field(default=None, description="User name, if the broker asks.")
+    username: PlainText | None = Field(default=None, description="User name, if the broker asks.")
     password: SecretStr | None = Field(default=None, description="Password; use ${ENV} or "
                                        "${file:...}.")
     tls: ClientTls | None = Field(default=None, description="Connect with TLS.")
@@ -80,7 +80,7 @@ class MqttSourceConfig(MessageSourceBase):
     qos: QoS = Field(
         default=1, description="QoS of the subscriptions. 1 and 2: a message is acknowledged "
         "only once its events are stored.")
-    share_group: str | None = Field(
+    share_group: PlainText | None = Field(
         default=None, min_length=1, pattern=r"^[^/+#]+$",
         description="Subscribe as a member of this shared-subscription group "
         "(`$share/<group>/<filter>`, MQTT 5, and 3.1.1 on Mosquitto, EMQX and HiveMQ): the "

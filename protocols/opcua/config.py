@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 
 from bridge.config.models import (
     Duration,
+    PlainText,
     PointBase,
     ReportSpec,
     ResolvedPoint,
@@ -109,7 +110,7 @@ class SecurityConfig(StrictModel):
         default=None, description="The private key of `client_certificate` (PEM or DER).")
     private_key_password: SecretStr | None = Field(
         default=None, description="Password of an encrypted `private_key`.")
-    application_uri: str | None = Field(
+    application_uri: PlainText | None = Field(
         default=None, min_length=1, description="The client's ApplicationUri. Default: the URI "
         "in `client_certificate`, else `urn:fieldbridge:<bridge id>:<source id>`.")
 
@@ -133,7 +134,7 @@ class SecurityConfig(StrictModel):
 class AuthConfig(StrictModel):
     """The user identity: anonymous (nothing set), username and password, or a certificate."""
 
-    username: str | None = Field(default=None, min_length=1, description="User name.")
+    username: PlainText | None = Field(default=None, min_length=1, description="User name.")
     password: SecretStr | None = Field(
         default=None, description="Password; write `${ENV_VAR}` or `${file:/path}` to keep it "
         "out of the file.")
@@ -216,7 +217,7 @@ class OpcuaSourceConfig(SourceBase):
     """An OPC-UA server, subscribed to or polled."""
 
     protocol: Literal["opcua"]
-    url: str = Field(description="Endpoint URL, `opc.tcp://host:4840/path`.")
+    url: PlainText = Field(description="Endpoint URL, `opc.tcp://host:4840/path`.")
     mode: Literal["subscribe", "poll"] = Field(
         default="subscribe", description="`subscribe`: monitored items, the server notifies "
         "changes. `poll`: batched reads every `poll_interval`.")
@@ -243,7 +244,7 @@ class OpcuaSourceConfig(SourceBase):
         default_factory=SecurityConfig, description="Secure channel and certificates.")
     auth: AuthConfig = Field(
         default_factory=AuthConfig, description="User identity; anonymous when unset.")
-    prefix: str | None = Field(
+    prefix: PlainText | None = Field(
         default=None, description="Prefix of this source's point ids; default `<source id>.`.")
     report: ReportSpec | None = Field(
         default=None, description="Default report-by-exception settings of the points.")

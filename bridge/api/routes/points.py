@@ -43,7 +43,14 @@ from bridge.api.models import (
     WriteResult,
 )
 from bridge.core.model import isoformat
-from bridge.errors import ApiError, DecodeError, ErrorCategory, StoreError, WriteError
+from bridge.errors import (
+    ApiError,
+    DecodeError,
+    ErrorCategory,
+    StoreError,
+    WriteError,
+    excerpt,
+)
 from bridge.runtime import PointQuery, PointState
 
 audit = logging.getLogger("bridge.audit")
@@ -172,21 +179,25 @@ async def write_point(
     attempt that reaches a device is logged at INFO by the `bridge.audit` logger with the
     name of the key that made it.
     """
+    # A value is quoted as an excerpt with its length: a 20 MB string must not come back
+    # twice in the response, nor fill the audit log.
+    quoted = excerpt(write.value)
     with _counted(context, "write"):
         source = _device_source(context, point_id)
         if not context.runtime.points()[point_id].spec.writable:
-            audit.info("write refused: key %s, point %s, value %r: the point is not writable",
-                       principal.name, point_id, write.value)
+            audit.info("write refused: key %s, point %s, value %s: the point is not writable",
+                       principal.name, point_id, quoted)
             raise ApiError(409, "not_writable", f"point '{point_id}' is not writable",
                            "only points configured with `writable: true` accept writes")
         try:
             await context.runtime.write(point_id, write.value)
         except WriteError as exc:
-            audit.info("write failed: key %s, point %s, value %r: %s (%s)", principal.name,
-                       point_id, write.value, exc.reason, exc.category)
-            raise _device_problem(exc, f"cannot write {write.value!r} to '{point_id}'",
-                                  source) from exc
-    audit.info("write: key %s, point %s, value %r", principal.name, point_id, write.value)
+            reason = _short(exc.reason)
+            audit.info("write failed: key %s, point %s, value %s: %s (%s)", principal.name,
+                       point_id, quoted, reason, exc.category)
+            raise _device_problem(exc, f"cannot write {quoted} to '{point_id}'", source,
+                                  reason) from exc
+    audit.info("write: key %s, point %s, value %s", principal.name, point_id, quoted)
     return JsonBody({"point": point_id, "source": source, "value": write.value,
                      "written_at": isoformat(time.time())})
 
@@ -271,9 +282,15 @@ _DEVICE_PROBLEMS = {
 }
 
 
-def _device_problem(exc: WriteError, doing: str, source: str) -> ApiError:
+def _short(reason: str) -> str:
+    """A connector's reason, which may quote the value, cut to a line's length."""
+    return reason if len(reason) <= 200 else f"{reason[:200]}… ({len(reason):,} characters)"
+
+
+def _device_problem(exc: WriteError, doing: str, source: str,
+                    reason: str | None = None) -> ApiError:
     problem = _DEVICE_PROBLEMS[exc.category]
-    return ApiError(problem.status, problem.code, f"{doing}: {exc.reason}",
+    return ApiError(problem.status, problem.code, f"{doing}: {reason or _short(exc.reason)}",
                     problem.hint.replace("{source}", source),
                     headers={"Retry-After": "5"} if problem.status == 503 else None)
 
