@@ -169,8 +169,16 @@ def _request_fields(arguments: argparse.Namespace, spec: DiscoverySpec) -> dict[
         for parent in parents:
             level = level.setdefault(parent, {})
         level[last] = value
-    fields.update(spec.target(arguments.target))
+    _merge(fields, spec.target(arguments.target))
     return fields
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _add_discover(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

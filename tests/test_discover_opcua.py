@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from asyncua import Server, ua
 from brokers import SourceRun, TcpProxy, wait_until
+from discovery_helpers import in_thread
 from helpers import free_port
 from opcua_server import settle_tasks
 
@@ -30,7 +30,6 @@ from bridge.registry import load_config
 from protocols.opcua.discover import OpcuaDiscoverRequest, discover
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-T = TypeVar("T")
 
 NAMESPACE = "urn:fieldbridge:discover-test"
 AREAS, LINES, MACHINES = 5, 5, 8
@@ -205,13 +204,6 @@ async def test_browse_writes_a_source_that_validates_and_runs(server: str, tmp_p
         await wait_until(all_good, 60.0, "a good value for every generated point")
     bad = [event for event in run.events if event.quality is not Quality.GOOD]
     assert not bad, bad[:3]
-
-
-async def in_thread(function: Callable[..., T], *arguments: Any) -> T:
-    """Run a blocking function (the command, which runs its own event loop) in a thread that
-    is gone afterwards."""
-    with ThreadPoolExecutor(1) as executor:
-        return await asyncio.get_running_loop().run_in_executor(executor, function, *arguments)
 
 
 def _line(text: str, word: str) -> str:
