@@ -102,7 +102,7 @@ async def test_the_scan_finds_exactly_the_readable_blocks_and_the_device_runs(
     assert blocks_of(result) == EXPECTED
     assert "No answer from unit 3." in result.yaml
     assert "cannot be inferred" in result.yaml
-    assert "# unit 1: 174 readable addresses; polling them all takes 7 requests." in result.yaml
+    assert "# unit 1: 180 readable addresses; polling them all takes 7 requests." in result.yaml
     assert {item.type for item in result.items if item.extra["table"] == "holding"} == {
         "uint16"}
     assert {item.type for item in result.items if item.extra["table"] == "coil"} == {"bool"}
