@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -91,6 +92,15 @@ class OpcuaDiscoverRequest(DiscoveryRequest):
         default="opcua", description="The id of the generated source.")
     mode: Literal["subscribe", "poll"] = Field(
         default="subscribe", description="The generated source's mode.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "opc.tcp" or not parts.hostname or "@" in parts.netloc:
+            raise ValueError("expected an endpoint URL such as opc.tcp://plc.local:4840 "
+                             "(credentials go in auth)")
+        return value
 
     @field_validator("root")
     @classmethod
