@@ -132,14 +132,18 @@ def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel],
                 not isinstance(info.default, BaseModel):
             help_text += f" Default: {info.default}."
         destination = _OPTION + ".".join(field_path)
-        choices = typing.get_args(info.annotation) \
-            if typing.get_origin(info.annotation) is typing.Literal else None
+        choices: tuple[Any, ...] = typing.get_args(info.annotation) \
+            if typing.get_origin(info.annotation) is typing.Literal else ()
         if info.annotation is bool:
             parser.add_argument(option, dest=destination, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         else:
+            numeric = bool(choices) and all(isinstance(choice, int) for choice in choices)
+            # Literal[7, 8] takes the number, not its text.
             parser.add_argument(option, dest=destination, default=None, help=help_text,
-                                choices=[str(choice) for choice in choices] if choices else None,
+                                type=int if numeric else str,
+                                choices=[choice if numeric else str(choice)
+                                         for choice in choices] if choices else None,
                                 metavar=None if choices else name.upper())
 
 
