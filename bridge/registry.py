@@ -30,6 +30,7 @@ from bridge.config import loader
 from bridge.config.loader import Catalog
 from bridge.config.models import Config, ProfileBase, ResolvedPoint, SinkBase, SourceBase
 from bridge.config.yamlsource import KeyPath
+from bridge.core.discovery import DiscoverySpec
 from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.errors import ConnectorUnavailableError
@@ -74,6 +75,9 @@ class ProtocolSpec:
     shared_workers: bool = False
     """Whether several worker processes can share one source: the broker spreads its messages
     over them (MQTT shared subscriptions, AMQP competing consumers)."""
+    discovery: DiscoverySpec | None = None
+    """How to browse, scan or sample an endpoint of this protocol and write its mapping
+    (``fieldbridge discover``, ``POST /v1/discover/{protocol}``); ``None``: not offered."""
 
     def __post_init__(self) -> None:
         if (self.source_model is None) != (self.build is None):
@@ -191,6 +195,12 @@ def protocols() -> dict[str, ProtocolSpec]:
 def problems() -> tuple[PluginProblem, ...]:
     """Registered connectors that were left out, and why."""
     return installed().problems
+
+
+def discoverable() -> dict[str, DiscoverySpec]:
+    """The discovery of every usable connector that offers one, by protocol name."""
+    return {name: spec.discovery for name, spec in protocols().items()
+            if spec.discovery is not None}
 
 
 def load_config(path: str | Path) -> Config:

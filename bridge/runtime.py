@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from bridge.config.models import ApiSection, Config, ResolvedPoint, SourceBase
@@ -488,6 +489,11 @@ class RuntimeFacade:
     def api(self) -> ApiSection:
         """The ``api`` section of the configuration."""
         return self._runtime.config.api
+
+    @property
+    def state_dir(self) -> Path:
+        """The state directory (where an OPC-UA discovery keeps its client certificate)."""
+        return self._runtime.config.state_dir
 
     @property
     def started_at(self) -> float:

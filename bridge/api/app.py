@@ -20,7 +20,7 @@ from bridge.api import handlers, metrics
 from bridge.api.auth import KeyRing
 from bridge.api.bodies import BodyGuard
 from bridge.api.context import ApiContext
-from bridge.api.routes import events, health, inventory, points
+from bridge.api.routes import discover, events, health, inventory, points
 from bridge.api.stream import EventHub, StreamSettings
 from bridge.runtime import RuntimeFacade
 
@@ -55,6 +55,7 @@ def create_app(runtime: RuntimeFacade, *, streams: StreamSettings | None = None)
     app.include_router(points.router)
     app.include_router(events.router)
     app.include_router(inventory.router)
+    app.include_router(discover.router)
     app.include_router(health.health)
     app.include_router(health.monitoring)
     handlers.install(app)

@@ -45,6 +45,8 @@ class ApiContext:
     device_requests: Counter[tuple[str, str]]
     """Live reads and writes by (operation, result): ``ok`` or the error code."""
     streams: StreamSettings = field(default_factory=StreamSettings)
+    discovery: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a discovery runs: one at a time."""
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the server stops: long-lived responses (event streams) must end on it."""
 

@@ -346,6 +346,15 @@ class DeviceSourceBase(SourceBase):
     devices: Sequence[DeviceBase] = Field(default_factory=list)
 
 
+def default_state_dir() -> Path:
+    """The state directory when the configuration names none: ``$STATE_DIRECTORY``
+    (systemd), else ``$XDG_STATE_HOME/fieldbridge`` or ``~/.local/state/fieldbridge``."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fieldbridge"
+
+
 @dataclass
 class Config:
     """A loaded, validated configuration."""
@@ -367,10 +376,7 @@ class Config:
         """The state directory, resolved."""
         if self.bridge.state_dir is not None:
             return (self.path.parent / self.bridge.state_dir).resolve()
-        if os.environ.get("STATE_DIRECTORY"):
-            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(base) / "fieldbridge"
+        return default_state_dir()
 
     @property
     def store_path(self) -> Path:

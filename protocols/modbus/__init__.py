@@ -8,6 +8,7 @@ from bridge.config.models import ResolvedPoint, SourceBase
 from bridge.config.yamlsource import KeyPath
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
+from protocols.modbus import discover
 from protocols.modbus.config import (
     BIT_TABLES,
     ModbusPoint,
@@ -113,5 +114,6 @@ SPEC = ProtocolSpec(
     build=build,
     profile_model=ModbusProfile,
     check=check,
+    discovery=discover.SPEC,
 )
 """The Modbus entry of the protocol registry."""

@@ -10,6 +10,7 @@ from bridge.config.yamlsource import KeyPath
 from bridge.core.payload import resolve_points
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
+from protocols.mqtt import discover
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
 from protocols.mqtt.mapping import compile_mapper
 from protocols.mqtt.source import PROTOCOL, MqttAcknowledger, MqttSource
@@ -50,5 +51,6 @@ SPEC = ProtocolSpec(
     build=build,
     source_points=_points,
     shared_workers=True,
+    discovery=discover.SPEC,
 )
 """The MQTT entry of the protocol registry."""

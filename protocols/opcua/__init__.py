@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from bridge.config.models import ResolvedPoint, SourceBase
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
+from protocols.opcua import discover
 from protocols.opcua.config import (
     PROTOCOL,
     AuthConfig,
@@ -51,4 +52,5 @@ SPEC = ProtocolSpec(
     build=build,
     source_points=source_points,
     check=check,
+    discovery=discover.SPEC,
 )

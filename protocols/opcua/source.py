@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -369,6 +369,19 @@ class OpcuaSource(Source):
                 raise primary_failure(failures) from None
         finally:
             self._client = None
+            await self._close(client, connected)
+
+    @contextlib.asynccontextmanager
+    async def session(self, status: EndpointStatus) -> AsyncIterator[Client]:
+        """A connected client for one-off work such as discovery: the source's security,
+        identity and certificate handling; the session is closed on the way out."""
+        client = self._client_factory(self.config)
+        connected = False
+        try:
+            await self._connect(client, status)
+            connected = True
+            yield client
+        finally:
             await self._close(client, connected)
 
     def _failures(self, doing: str) -> contextlib.AbstractContextManager[None]:

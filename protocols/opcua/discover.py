@@ -1,0 +1,551 @@
+"""OPC-UA discovery: browse a server's address space and write a source with its variables.
+
+The browse starts at ``root`` (the Objects folder by default) and follows every hierarchical
+reference (Organizes, HasComponent, HasOrderedComponent … and their subtypes), level by level
+down to ``depth``, in batches within the server's MaxNodesPerBrowse, fetching the rest of a
+long answer through continuation points. A node reached a second time (a reference cycle, or
+a node with two parents) is not browsed again; it keeps the first browse path. Properties
+(HasProperty) are not points: a variable's EngineeringUnits property becomes its ``unit``.
+
+Each variable's DataType, ValueRank, AccessLevel, Description and current value are read in
+batches within MaxNodesPerRead. A variable becomes a point when the bridge can map its value
+(numbers, booleans, strings, texts, times); arrays, structures, byte strings, unreadable and
+empty variables are listed as comments at the end of the file, each with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.ua_utils import get_base_data_type
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
+from asyncua.ua.uaerrors import UaError
+from pydantic import Field, field_validator
+
+from bridge.config.models import Duration, Identifier
+from bridge.core.discovery import (
+    DiscoveredItem,
+    Discovery,
+    DiscoveryContext,
+    DiscoveryRequest,
+    DiscoverySpec,
+    UniqueNames,
+    point_name,
+    render_yaml,
+    secret_reference,
+)
+from bridge.core.status import EndpointStatus
+from bridge.errors import ConnectorError, DecodeError, ErrorCategory
+from protocols.opcua.config import (
+    PROTOCOL,
+    AuthConfig,
+    OpcuaSourceConfig,
+    SecurityConfig,
+    parse_node_id,
+    redact_url,
+)
+from protocols.opcua.mapping import normalize
+from protocols.opcua.source import OpcuaSource, chunked, default_client, describe
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 1000
+"""Nodes per Browse or Read call when the server states no limit."""
+MAX_REFERENCES = 1000
+"""References asked per node and call; a server with more hands out a continuation point."""
+_READ_ATTRIBUTES = (AttributeIds.DataType, AttributeIds.ValueRank, AttributeIds.AccessLevel,
+                    AttributeIds.Description, AttributeIds.Value)
+_CURRENT_READ = 1
+_CURRENT_WRITE = 2
+_HAS_PROPERTY = ua.NodeId(ua.Int32(ObjectIds.HasProperty))
+_STRUCTURE = ua.NodeId(ua.Int32(ObjectIds.Structure))
+
+
+class OpcuaDiscoverRequest(DiscoveryRequest):
+    """What to browse, and how to connect: the source's own security and identity settings."""
+
+    url: str = Field(description="Endpoint URL, `opc.tcp://host:4840/path`.")
+    root: str = Field(
+        default="i=85", description="NodeId to start from (`i=85`, the Objects folder; or "
+        "e.g. `ns=2;s=Plant`, `nsu=urn:vendor:plc;s=Plant`).")
+    depth: int = Field(default=10, ge=1, le=64, description="Levels below the root to browse.")
+    include_standard: bool = Field(
+        default=False, description="Also browse standard (namespace 0) nodes below the root, "
+        "such as the Server object's diagnostics.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig, description="Secure channel, as for the source.")
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="User identity, as for the source.")
+    timeout: Duration = Field(
+        default=10.0, gt=0, description="How long connecting, and each request, may take.")
+    source_id: Identifier = Field(
+        default="opcua", description="The id of the generated source.")
+    mode: Literal["subscribe", "poll"] = Field(
+        default="subscribe", description="The generated source's mode.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "opc.tcp" or not parts.hostname or "@" in parts.netloc:
+            raise ValueError("expected an endpoint URL such as opc.tcp://plc.local:4840 "
+                             "(credentials go in auth)")
+        return value
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        parse_node_id(value)
+        return value
+
+    def source_config(self) -> OpcuaSourceConfig:
+        """A source with these connection settings (its one point is the root)."""
+        return OpcuaSourceConfig.model_validate({
+            "id": self.source_id, "protocol": PROTOCOL, "url": self.url,
+            "timeout": self.timeout, "security": self.security, "auth": self.auth,
+            "points": [{"name": "root", "node": self.root}]})
+
+
+def _target(text: str) -> dict[str, Any]:
+    return {"url": text}
+
+
+@dataclass
+class _Found:
+    """A node reached by the browse."""
+
+    node_id: ua.NodeId
+    path: tuple[ua.QualifiedName, ...]
+    node_class: ua.NodeClass
+    units_node: ua.NodeId | None = None
+
+
+@dataclass
+class _Browse:
+    """What one browse gathered so far."""
+
+    variables: list[_Found] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    revisited: int = 0
+    error: str | None = None
+    stopped: str | None = None
+
+
+@dataclass(frozen=True)
+class _Limits:
+    browse: int
+    read: int
+    namespaces: tuple[str, ...]
+
+
+class _RequestError(Exception):
+    """A request failed part-way; what was found so far is still written."""
+
+    def __init__(self, reason: str, category: ErrorCategory) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.category = category
+
+
+async def _call(doing: str, work: Any) -> Any:
+    try:
+        return await work
+    except (UaError, OSError, TimeoutError) as exc:
+        reason, category = describe(exc)
+        raise _RequestError(f"{doing}: {reason}", category) from exc
+
+
+def _numeric(identifier: int) -> ua.NodeId:
+    return ua.NodeId(ua.Int32(identifier))
+
+
+async def _limits(client: Client) -> _Limits:
+    ids = [_numeric(ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerBrowse),
+           _numeric(ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead),
+           _numeric(ObjectIds.Server_NamespaceArray)]
+    values = await _call("read server limits",
+                         client.uaclient.read_attributes(ids, AttributeIds.Value))
+    caps = []
+    for value in values[:2]:
+        raw = value.Value.Value if value.Value is not None else None
+        good = value.StatusCode is None or value.StatusCode.is_good()
+        caps.append(min(int(raw), DEFAULT_BATCH * 10) if good and isinstance(raw, int)
+                    and raw > 0 else DEFAULT_BATCH)
+    array = values[2].Value.Value if values[2].Value is not None else None
+    return _Limits(browse=caps[0], read=caps[1],
+                   namespaces=tuple(array) if isinstance(array, list) else ())
+
+
+def nsu_form(node_id: ua.NodeId, namespaces: Sequence[str]) -> str:
+    """The NodeId with its namespace URI instead of its index (namespace 0 stays short)."""
+    text = ua.NodeId(node_id.Identifier, node_id.NamespaceIndex, node_id.NodeIdType).to_string()
+    index = node_id.NamespaceIndex
+    if index == 0 or index >= len(namespaces):
+        return text
+    _, _, identifier = text.partition(";")
+    return f"nsu={namespaces[index]};{identifier}"
+
+
+def browse_path(path: Sequence[ua.QualifiedName]) -> str:
+    """A browse path in the text form a point's ``path`` takes (``2:Plant/2:Boiler``)."""
+
+    def escape(name: str) -> str:
+        for character in "&/.<>:#!":
+            name = name.replace(character, f"&{character}")
+        return name
+
+    return "/".join(f"{name.NamespaceIndex}:{escape(name.Name)}" for name in path)
+
+
+def _resolve_root(text: str, namespaces: Sequence[str]) -> ua.NodeId:
+    parsed = parse_node_id(text)
+    if isinstance(parsed, ua.ExpandedNodeId) and parsed.NamespaceUri:
+        if parsed.NamespaceUri not in namespaces:
+            raise _RequestError(f"namespace {parsed.NamespaceUri} of the root is not on the server",
+                          ErrorCategory.CONFIG)
+        return ua.NodeId(parsed.Identifier, ua.Int16(namespaces.index(parsed.NamespaceUri)),
+                         parsed.NodeIdType)
+    return ua.NodeId(parsed.Identifier, parsed.NamespaceIndex, parsed.NodeIdType)
+
+
+async def _browse_batch(client: Client, nodes: Sequence[ua.NodeId]
+                        ) -> list[tuple[ua.StatusCode, list[ua.ReferenceDescription]]]:
+    parameters = ua.BrowseParameters()
+    parameters.RequestedMaxReferencesPerNode = MAX_REFERENCES
+    parameters.NodesToBrowse = [
+        ua.BrowseDescription(
+            NodeId=node, BrowseDirection=ua.BrowseDirection.Forward,
+            ReferenceTypeId=_numeric(ObjectIds.HierarchicalReferences), IncludeSubtypes=True,
+            NodeClassMask=ua.NodeClass.Object | ua.NodeClass.Variable,
+            ResultMask=ua.BrowseResultMask.All)
+        for node in nodes]
+    results = await _call("browse", client.uaclient.browse(parameters))
+    answers: list[tuple[ua.StatusCode, list[ua.ReferenceDescription]]] = []
+    for result in results:
+        references = list(result.References or [])
+        continuation = result.ContinuationPoint
+        while continuation:
+            following = ua.BrowseNextParameters()
+            following.ReleaseContinuationPoints = False
+            following.ContinuationPoints = [continuation]
+            (more,) = await _call("browse (continuation)",
+                                  client.uaclient.browse_next(following))
+            if not more.StatusCode.is_good():
+                raise _RequestError(f"browse (continuation): {more.StatusCode.name}",
+                              ErrorCategory.PROTOCOL)
+            references.extend(more.References or [])
+            continuation = more.ContinuationPoint
+        answers.append((result.StatusCode, references))
+    return answers
+
+
+async def _browse(client: Client, root: ua.NodeId, request: OpcuaDiscoverRequest,
+                  limits: _Limits, context: DiscoveryContext) -> _Browse:
+    found = _Browse()
+    seen = {root}
+    level: list[_Found] = [_Found(root, (), ua.NodeClass.Object)]
+    browsed = 0
+    try:
+        for _ in range(request.depth):
+            following: list[_Found] = []
+            for batch in chunked(level, limits.browse):
+                stopped = context.budget.why_stopped(len(found.variables))
+                if stopped is not None:
+                    found.stopped = stopped
+                    return found
+                answers = await _browse_batch(client, [node.node_id for node in batch])
+                browsed += len(batch)
+                context.progress.update(browsed, None, f"nodes browsed, "
+                                        f"{len(found.variables)} variables")
+                for parent, (status, references) in zip(batch, answers, strict=True):
+                    if not status.is_good():
+                        found.warnings.append(f"{browse_path(parent.path) or 'root'}: browse "
+                                              f"refused ({status.name}); below it not covered")
+                        continue
+                    following.extend(_children(parent, references, seen, request, found))
+            level = following
+            if not level:
+                break
+        else:
+            if level:
+                found.warnings.append(f"depth {request.depth} reached: {len(level)} nodes at "
+                                      "that depth were not browsed (raise --depth)")
+    except _RequestError as failure:
+        found.error = failure.reason
+    return found
+
+
+def _children(parent: _Found, references: Sequence[ua.ReferenceDescription],
+              seen: set[ua.NodeId], request: OpcuaDiscoverRequest, found: _Browse
+              ) -> list[_Found]:
+    children = []
+    for reference in references:
+        target = reference.NodeId
+        node_id = ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)
+        if reference.ReferenceTypeId == _HAS_PROPERTY:
+            if (parent.node_class == ua.NodeClass.Variable
+                    and reference.BrowseName.Name == "EngineeringUnits"):
+                parent.units_node = node_id
+            continue
+        if isinstance(target, ua.ExpandedNodeId) and target.ServerIndex:
+            continue
+        if node_id in seen:
+            found.revisited += 1
+            continue
+        seen.add(node_id)
+        if node_id.NamespaceIndex == 0 and not request.include_standard:
+            continue
+        child = _Found(node_id, (*parent.path, reference.BrowseName), reference.NodeClass)
+        if reference.NodeClass == ua.NodeClass.Variable:
+            found.variables.append(child)
+        children.append(child)
+    return children
+
+
+async def _read(client: Client, reads: Sequence[tuple[ua.NodeId, int]], limits: _Limits,
+                context: DiscoveryContext) -> list[ua.DataValue]:
+    values: list[ua.DataValue] = []
+    for batch in chunked(reads, limits.read):
+        parameters = ua.ReadParameters()
+        parameters.TimestampsToReturn = ua.TimestampsToReturn.Neither
+        parameters.NodesToRead = [ua.ReadValueId(NodeId=node, AttributeId=attribute)
+                                  for node, attribute in batch]
+        values.extend(await _call("read attributes", client.uaclient.read(parameters)))
+        context.progress.update(len(values), len(reads), "attributes read")
+    return values
+
+
+@dataclass(frozen=True)
+class _TypeInfo:
+    name: str
+    structure: bool
+
+
+async def _data_types(client: Client, types: set[ua.NodeId]) -> dict[ua.NodeId, _TypeInfo]:
+    info: dict[ua.NodeId, _TypeInfo] = {}
+    for data_type in types:
+        identifier = data_type.Identifier
+        if data_type.NamespaceIndex == 0 and isinstance(identifier, int) \
+                and identifier in ObjectIdNames:
+            name = ObjectIdNames[identifier]
+        else:
+            browse_name = await _call("read a data type", client.get_node(data_type)
+                                      .read_browse_name())
+            name = browse_name.Name
+        try:
+            base = await get_base_data_type(client.get_node(data_type))
+            structure = base.nodeid == _STRUCTURE
+        except (UaError, OSError, TimeoutError):
+            structure = False
+        info[data_type] = _TypeInfo(name, structure)
+    return info
+
+
+def _text(value: ua.DataValue) -> str | None:
+    raw = value.Value.Value if value.Value is not None else None
+    if isinstance(raw, ua.LocalizedText):
+        return raw.Text or None
+    return None
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    path: str
+    node: str
+    reason: str
+
+
+async def discover(request: OpcuaDiscoverRequest, context: DiscoveryContext) -> Discovery:
+    """Browse the server and write a source with a point per mappable variable.
+
+    Raises ``ConnectorError`` when the server cannot be reached or refuses the session;
+    a failure after that returns what was found, partial.
+    """
+    config = request.source_config()
+    source = OpcuaSource(config, [], bridge_id="discover",
+                         state_dir=context.state_dir or Path.cwd(),
+                         client_factory=default_client)
+    status = EndpointStatus(name=config.id, kind="source", protocol=PROTOCOL,
+                            endpoint=config.endpoint())
+    endpoint = config.endpoint()
+    async with source.session(status) as client:
+        try:
+            limits = await _limits(client)
+            root = _resolve_root(request.root, limits.namespaces)
+        except _RequestError as failure:
+            raise ConnectorError(endpoint, failure.reason, failure.category) from failure
+        found = await _browse(client, root, request, limits, context)
+        if found.error is not None and not found.variables:
+            raise ConnectorError(endpoint, found.error, ErrorCategory.PROTOCOL)
+        items, skipped, error = await _describe(client, found, limits, context)
+    if found.error is not None:
+        error = found.error
+    return _result(request, context, items, skipped, found, error)
+
+
+async def _describe(client: Client, found: _Browse, limits: _Limits, context: DiscoveryContext
+                    ) -> tuple[list[DiscoveredItem], list[_Skipped], str | None]:
+    variables = found.variables
+    reads = [(variable.node_id, attribute) for variable in variables
+             for attribute in _READ_ATTRIBUTES]
+    with_units = [variable for variable in variables if variable.units_node is not None]
+    reads += [(variable.units_node, AttributeIds.Value) for variable in with_units
+              if variable.units_node is not None]
+    try:
+        values = await _read(client, reads, limits, context)
+        type_ids = {value.Value.Value for value in values[0:len(variables) * 5:5]
+                    if value.Value is not None and isinstance(value.Value.Value, ua.NodeId)}
+        types = await _data_types(client, type_ids)
+    except _RequestError as failure:
+        return [], [], failure.reason
+    units: dict[ua.NodeId, str] = {}
+    for variable, value in zip(with_units, values[len(variables) * 5:], strict=True):
+        raw = value.Value.Value if value.Value is not None else None
+        if isinstance(raw, ua.EUInformation) and raw.DisplayName and raw.DisplayName.Text:
+            units[variable.node_id] = raw.DisplayName.Text
+    names = UniqueNames()
+    items: list[DiscoveredItem] = []
+    skipped: list[_Skipped] = []
+    for index, variable in enumerate(variables):
+        data_type, value_rank, access, description, value = values[index * 5:index * 5 + 5]
+        path = browse_path(variable.path)
+        node = nsu_form(variable.node_id, limits.namespaces)
+        type_id = data_type.Value.Value if data_type.Value is not None else None
+        type_info = types.get(type_id) if isinstance(type_id, ua.NodeId) else None
+        type_name = type_info.name if type_info is not None else "unknown"
+        rank = value_rank.Value.Value if value_rank.Value is not None else None
+        level = access.Value.Value if access.Value is not None else None
+        level = level if isinstance(level, int) else 0
+        reason = _unmappable(type_info, type_name, rank, level, value)
+        if reason is not None:
+            skipped.append(_Skipped(path, node, reason))
+            continue
+        name = point_name([qualified.Name for qualified in variable.path], names)
+        text = _text(description)
+        if variable.path and text == variable.path[-1].Name:
+            text = None  # many servers repeat the browse name: no news
+        items.append(DiscoveredItem(
+            name=name, address=node, type=type_name, unit=units.get(variable.node_id),
+            writable=bool(level & _CURRENT_WRITE), description=text,
+            extra={"path": path, "value_rank": rank}))
+    return items, skipped, None
+
+
+def _unmappable(type_info: _TypeInfo | None, type_name: str, rank: Any, level: int,
+                value: ua.DataValue) -> str | None:
+    """Why a variable cannot be a point, or ``None`` when it can."""
+    if not level & _CURRENT_READ:
+        return "not readable (AccessLevel has no CurrentRead)"
+    if isinstance(rank, int) and rank >= 1:
+        dimensions = "an array" if rank == 1 else f"a {rank}-dimensional array"
+        return f"{dimensions} of {type_name} (ValueRank {rank}); only scalar values are bridged"
+    if type_info is not None and type_info.structure:
+        return f"a structure ({type_name}); only numbers, booleans and strings are bridged"
+    if value.StatusCode is not None and value.StatusCode.is_bad():
+        return f"reading it gives {value.StatusCode.name}; add it by hand once it reads"
+    raw = value.Value.Value if value.Value is not None else None
+    try:
+        normalize(raw)
+    except DecodeError as exc:
+        return f"{exc.reason} ({type_name})"
+    return None
+
+
+def _source_section(request: OpcuaDiscoverRequest, items: Sequence[DiscoveredItem]
+                    ) -> dict[str, Any]:
+    section: dict[str, Any] = {"id": request.source_id, "protocol": PROTOCOL,
+                               "url": request.url}
+    if request.mode != "subscribe":
+        section["mode"] = request.mode
+    security = request.security.model_dump(mode="json", exclude_defaults=True)
+    if "private_key_password" in security:
+        security["private_key_password"] = secret_reference("OPCUA_KEY_PASSWORD")
+    if security:
+        section["security"] = security
+    auth = request.auth.model_dump(mode="json", exclude_defaults=True)
+    if "password" in auth:
+        auth["password"] = secret_reference("OPCUA_PASSWORD")
+    if "private_key_password" in auth:
+        auth["private_key_password"] = secret_reference("OPCUA_USER_KEY_PASSWORD")
+    if auth:
+        section["auth"] = auth
+    points = []
+    for item in items:
+        point: dict[str, Any] = {"name": item.name, "node": item.address}
+        if item.unit:
+            point["unit"] = item.unit
+        if item.description:
+            point["description"] = item.description
+        if item.writable:
+            point["writable"] = True
+        points.append(point)
+    section["points"] = points
+    return section
+
+
+def _result(request: OpcuaDiscoverRequest, context: DiscoveryContext,
+            items: list[DiscoveredItem], skipped: list[_Skipped], found: _Browse,
+            error: str | None) -> Discovery:
+    warnings = list(found.warnings)
+    if found.stopped:
+        warnings.append(found.stopped)
+    if error is not None:
+        warnings.append(error)
+    partial = error is not None or found.stopped is not None
+    moment = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    header = [
+        f"Generated by {context.command or 'fieldbridge discover opcua'} on {moment}",
+        f"from {redact_url(request.url)} on {socket.gethostname()}: root {request.root}, "
+        f"depth {request.depth}.",
+        f"{len(found.variables)} variables found: {len(items)} points below, "
+        f"{len(skipped)} not mapped (listed at the end).",
+        "Point names come from the browse paths; rename them freely, the `node` is what "
+        "counts.",
+    ]
+    if partial:
+        header.insert(0, "PARTIAL: the browse did not finish; " + "; ".join(
+            part for part in (error, found.stopped) if part))
+    if request.auth.password is not None:
+        header.append("Set OPCUA_PASSWORD in the environment (or write ${file:/path}).")
+    if found.revisited:
+        header.append(f"{found.revisited} references led to nodes already seen (cycles or "
+                      "nodes with several parents): each is listed once.")
+    header.extend(f"warning: {warning}" for warning in warnings)
+    footer: list[str] = []
+    if skipped:
+        footer.append("Not mapped:")
+        footer.extend(f"  {entry.path} ({entry.node}): {entry.reason}" for entry in skipped)
+    document: dict[str, Any] = {"sources": [_source_section(request, items)]} if items else {}
+    if not items:
+        header.append("No variable could be mapped: there is no source to write.")
+    text = render_yaml(document, header=header, footer=footer)
+    context.progress.finish(f"{len(items)} points, {len(skipped)} not mapped"
+                            + (" (partial)" if partial else ""))
+    return Discovery(protocol=PROTOCOL, yaml=text, items=items, partial=partial,
+                     warnings=warnings, error=error)
+
+
+async def run(request: OpcuaDiscoverRequest, context: DiscoveryContext) -> Discovery:
+    """The registry's entry: ``discover`` with its request checked."""
+    return await discover(request, context)
+
+
+SPEC = DiscoverySpec(
+    request_model=OpcuaDiscoverRequest,
+    run=run,
+    target=_target,
+    target_name="URL",
+    summary="browse an OPC-UA server and write a source with its variables",
+)
+
+__all__ = ["SPEC", "OpcuaDiscoverRequest", "browse_path", "discover", "nsu_form"]
