@@ -380,7 +380,9 @@ async def test_history_between_times(
     zulu = (await client.get(HISTORY_URL, params={
         "since": stamp(history[4].ts).replace("+00:00", "Z")})).json()
     assert [item["value"] for item in zulu["items"]] == [55.0, 54.0]
-    recent = (await client.get(HISTORY_URL, params={"since": "-2m"})).json()
+    # Relative to the clock now, not to NOW: the module may have been imported minutes ago.
+    relative = f"-{int(time.time() - history[4].ts) + 30}s"
+    recent = (await client.get(HISTORY_URL, params={"since": relative})).json()
     assert [item["value"] for item in recent["items"]] == [55.0, 54.0]
     until = (await client.get(HISTORY_URL, params={
         "until": f"{history[0].ts}", "since": "-1h"})).json()
