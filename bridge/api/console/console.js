@@ -392,8 +392,8 @@
   function drawSpark(id, cell) {
     const series = state.spark.get(id);
     const values = series ? series.v.filter((v) => v !== null) : [];
-    if (values.length < 2) {
-      fill(cell, el("span", {class: "muted small"}, values.length ? "…" : ""));
+    if (!values.length) {
+      fill(cell);
       return;
     }
     const end = Date.now();
