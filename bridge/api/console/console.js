@@ -314,6 +314,16 @@
     return true;
   }
 
+  // A long point id may wrap after its dots rather than anywhere.
+  function breakable(id) {
+    const parts = [];
+    id.split(".").forEach((part, index, all) => {
+      parts.push(index < all.length - 1 ? `${part}.` : part);
+      if (index < all.length - 1) parts.push(el("wbr"));
+    });
+    return parts;
+  }
+
   function qualityBadge(point) {
     const quality = point.quality || "none";
     return badge("q", quality, point.quality ? quality : "no data");
@@ -326,7 +336,8 @@
     state.rows.clear();
     observer.disconnect();
     const rows = shown.slice(0, MAX_ROWS).map((point) => {
-      const link = el("button", {type: "button", class: "point-link", "data-point": point.id}, point.id);
+      const link = el("button", {type: "button", class: "point-link", "data-point": point.id},
+        ...breakable(point.id));
       const row = {
         tr: el("tr", {"data-point": point.id}),
         value: el("td", {class: "num value"}),
