@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import free_port
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
 from bridge.api.server import ApiServer
 from bridge.config.models import ApiKey, Config
-from bridge.demo.run import PORT_VARIABLE, load_demo_config
+from bridge.demo.run import PORT_VARIABLE, demo_config_path, load_demo_config
 from bridge.demo.simulator import PlantSimulator
+from bridge.registry import load_config
 from bridge.runtime import Runtime, RuntimeFacade
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,14 +86,29 @@ def with_keys(config: Config) -> Config:
 RouteStub = Callable[[ApiServer], None]
 
 
+def with_unreachable_sink(config: Config, directory: Path) -> Config:
+    """``config`` with a RabbitMQ sink on a loopback port where nothing listens: its events
+    wait in the outbox."""
+    text = demo_config_path().read_text()
+    profiles = demo_config_path().parent / "profiles"
+    text = text.replace("  - profiles/*.yaml", f"  - {profiles}/*.yaml")
+    text += (f"\nsinks:\n  - id: rabbit\n    protocol: amqp\n"
+             f"    url: amqp://guest:guest@127.0.0.1:{free_port()}/%2F\n")
+    path = directory / "with-sink.yaml"
+    path.write_text(text)
+    return dataclasses.replace(load_config(path), bridge=config.bridge, api=config.api)
+
+
 async def start_plant(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, keys: bool = False,
-    stub: RouteStub | None = None,
+    stub: RouteStub | None = None, sink: bool = False,
 ) -> Plant:
     simulator = PlantSimulator(port=0, seed=3, interval=0.25)
     await simulator.start()
     monkeypatch.setenv(PORT_VARIABLE, str(simulator.port))
     config = load_demo_config(state_dir=tmp_path / "state", api_port=0)
+    if sink:
+        config = with_unreachable_sink(config, tmp_path)
     runtime = Runtime(with_keys(config) if keys else config)
 
     def api(facade: RuntimeFacade) -> ApiServer:
@@ -400,6 +418,26 @@ async def test_the_console_is_usable_at_phone_width(plant: Plant, pages: Pages) 
     overflow = await page.evaluate(
         "document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"the page is {overflow} px wider than the phone"
+
+
+async def test_sinks_show_their_state_and_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pages: Pages
+) -> None:
+    plant = await start_plant(tmp_path, monkeypatch, sink=True)
+    try:
+        page = await pages.open(plant.url)
+        sink = page.locator('#sinks-body tr[data-id="rabbit"]')
+        await expect(sink.locator("td:nth-child(2) .badge")).to_have_text("down")
+        await expect(sink.locator(".badge.cat-transient")).to_have_count(1)
+        # Events wait for a broker that is not there; the count grows as the plant is polled.
+        outbox = sink.locator("td:nth-child(3) b")
+        await expect(outbox).to_have_text(re.compile(r"^[1-9]\d*$"))
+        before = int(await outbox.text_content() or "0")
+        await expect(outbox).not_to_have_text(str(before))
+        await expect(sink.locator("td:nth-child(3)")).to_contain_text("/ 1000000")
+        await expect(sink.locator("td:nth-child(4)")).to_have_text("0")  # confirmed
+    finally:
+        await stop_plant(plant)
 
 
 def test_the_readme_screenshot_is_committed() -> None:

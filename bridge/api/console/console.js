@@ -23,6 +23,7 @@
     chart: null,
     streams: null, // AbortController of the running streams
     discovery: "unknown", // "available", "absent" or "unknown"
+    paused: false, // the streams were let go while the tab was hidden
   };
 
   // --- text helpers -------------------------------------------------------------------------
@@ -963,6 +964,25 @@
       } catch (error) {
         $("discover-status").textContent = "Copying is not allowed here: select the text instead.";
       }
+    });
+    // A tab in the background lets go of its two streams after a while (browsers allow few
+    // connections per host), and picks everything up again when it is shown.
+    let hiddenTimer = null;
+    document.addEventListener("visibilitychange", () => {
+      clearTimeout(hiddenTimer);
+      if (document.hidden) {
+        hiddenTimer = setTimeout(() => {
+          if (state.streams) state.streams.abort();
+          state.paused = true;
+          setLive("offline", "Paused in the background");
+        }, 30000);
+      } else if (state.paused) {
+        state.paused = false;
+        start();
+      }
+    });
+    window.addEventListener("resize", () => {
+      if (state.chart) state.chart.setSize({width: Math.max(280, $("detail-chart").clientWidth), height: 260});
     });
     // "since" cells count up without a message from the bridge.
     setInterval(() => {
