@@ -236,3 +236,26 @@ async def test_status_stream_ends_when_the_server_stops(runtime: Runtime) -> Non
                 await stopping
     finally:
         await server.stop()
+
+
+async def test_status_stream_refreshes_counters_without_repeating_itself(
+    runtime: Runtime,
+) -> None:
+    settings = StreamSettings(status_check=0.02, status_refresh=0.1, keepalive=60.0)
+    async with ApiServer(runtime.facade(), streams=settings) as server, httpx.AsyncClient(
+            base_url=str(server.url), timeout=SETTLE,
+            headers={"X-API-Key": READ_KEY}) as http, http.stream(
+                "GET", "/v1/status/stream") as response:
+        stream = messages(response)
+        async with asyncio.timeout(SETTLE):
+            _, first = await anext(stream)
+            assert first["sources"][0]["counters"].get("readings", 0) == 0
+            runtime.sources["plc1"].status.counters["readings"] += 5
+            _, second = await anext(stream)
+        assert second["sources"][0]["counters"]["readings"] == 5
+        assert second["sources"][0]["state"] == "up"
+        # Nothing changes now: several refresh periods pass without a message.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await anext(stream)
+        await stream.aclose()

@@ -128,13 +128,14 @@ class StatusStreamResponse(Response):
                     "headers": self.raw_headers})
         sent_state: tuple[Hashable, ...] | None = None
         sent_body = b""
-        sent_at = 0.0
+        sent_at = refreshed_at = 0.0
         while not gone.is_set() and not closing.is_set():
             sources, sinks = runtime.sources(), runtime.sinks()
             state = (_fingerprint(sources), _fingerprint(sinks))
             now = loop.time()
             data: bytes | None = None
-            if state != sent_state or now - sent_at >= settings.status_refresh:
+            if state != sent_state or now - refreshed_at >= settings.status_refresh:
+                refreshed_at = now
                 candidate = message("status", {"sources": sources, "sinks": sinks})
                 if state != sent_state or candidate != sent_body:
                     data = sent_body = candidate
