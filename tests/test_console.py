@@ -291,7 +291,7 @@ async def test_a_point_opens_by_keyboard_with_its_history_chart(
     await expect(dialog).to_be_visible()
     await expect(page.locator("#detail-title")).to_have_text("boiler.pressure")
     await expect(dialog.locator(".uplot canvas")).to_have_count(1)
-    await expect(page.locator("#detail-note")).to_contain_text("events over the last 15 minutes")
+    await expect(page.locator("#detail-note")).to_contain_text("over the last 15 minutes")
     await page.select_option("#detail-range", "6h")
     await expect(page.locator("#detail-note")).to_contain_text("over the last 6 hours")
     await expect(page.locator("#detail-write")).to_be_hidden()  # not writable

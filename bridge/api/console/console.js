@@ -572,7 +572,7 @@
     detail.v = events.map((event) => numeric(event.value));
     detail.text = events.filter((event) => typeof event.value === "string");
     detail.range = range;
-    $("detail-note").textContent = `${events.length} events over the last ${RANGES[range]}` +
+    $("detail-note").textContent = `${events.length} event${events.length === 1 ? "" : "s"} over the last ${RANGES[range]}` +
       (history.has_more ? ` (the newest ${limit})` : "");
     drawChart();
   }
