@@ -380,7 +380,9 @@ async def test_history_between_times(
     zulu = (await client.get(HISTORY_URL, params={
         "since": stamp(history[4].ts).replace("+00:00", "Z")})).json()
     assert [item["value"] for item in zulu["items"]] == [55.0, 54.0]
-    recent = (await client.get(HISTORY_URL, params={"since": "-2m"})).json()
+    # Relative to the clock now, not to NOW: the module may have been imported minutes ago.
+    relative = f"-{int(time.time() - history[4].ts) + 30}s"
+    recent = (await client.get(HISTORY_URL, params={"since": relative})).json()
     assert [item["value"] for item in recent["items"]] == [55.0, 54.0]
     until = (await client.get(HISTORY_URL, params={
         "until": f"{history[0].ts}", "since": "-1h"})).json()
@@ -521,8 +523,8 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     assert set(document["paths"]) == {
         "/v1/points", "/v1/points/{point_id}", "/v1/points/{point_id}/history",
         "/v1/points/{point_id}/live", "/v1/events/stream", "/v1/sources",
-        "/v1/sources/{source_id}", "/v1/sinks", "/v1/sinks/{sink_id}", "/health/live",
-        "/health/ready", "/metrics", "/v1/discover/{protocol}"}
+        "/v1/sources/{source_id}", "/v1/sinks", "/v1/sinks/{sink_id}", "/v1/status/stream",
+        "/v1/whoami", "/health/live", "/health/ready", "/metrics", "/v1/discover/{protocol}"}
     assert set(document["paths"]["/v1/points/{point_id}"]) == {"get", "put"}
     stream = document["paths"]["/v1/events/stream"]["get"]
     assert "text/event-stream" in stream["responses"]["200"]["content"]

@@ -114,6 +114,7 @@ async def test_demo_serves_moving_points_and_stops_on_ctrl_c(
 ) -> None:
     base = await demo.base_url()
     banner = "".join(demo.output)
+    assert demo.output[0] == f"Console: {base}/\n", "the console's URL comes first"
     assert f"curl -s {base}/v1/points/boiler.supply_temp" in banner
     assert f"docs:     {base}/docs" in banner
     async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:

@@ -1,9 +1,10 @@
 """The REST API's FastAPI application: latest values, history, live reads, write-back, the
-event stream, inventory, health and metrics.
+event and status streams, inventory, health and metrics, and the console at ``/``.
 
 The API listens on loopback (``127.0.0.1:8780``) unless ``api.host`` says otherwise. With no
 ``api.keys`` configured it needs no authentication, so expose it beyond loopback only with keys
-(and ``api.tls``). Health endpoints, ``/docs`` and ``/openapi.json`` are always open. The
+(and ``api.tls``). Health endpoints, the console page, ``/docs`` and ``/openapi.json`` are
+always open (the console asks for a key to read the data). The
 routes live in ``bridge.api.routes``, one module per resource; ``bridge.api.server`` serves
 the app on uvicorn inside the daemon's event loop.
 """
@@ -20,7 +21,7 @@ from bridge.api import handlers, metrics
 from bridge.api.auth import KeyRing
 from bridge.api.bodies import BodyGuard
 from bridge.api.context import ApiContext
-from bridge.api.routes import discover, events, health, inventory, points
+from bridge.api.routes import console, discover, events, health, inventory, points, status
 from bridge.api.stream import EventHub, StreamSettings
 from bridge.runtime import RuntimeFacade
 
@@ -43,7 +44,7 @@ def create_app(runtime: RuntimeFacade, *, streams: StreamSettings | None = None)
         f"`{{\"error\": {{\"code\", \"message\", \"hint\"}}}}`.\n\n{auth_note} "
         "Health endpoints are always open.",
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # served from packaged assets by ``console.install``
         redoc_url=None,
     )
     hub = EventHub(runtime)
@@ -56,8 +57,10 @@ def create_app(runtime: RuntimeFacade, *, streams: StreamSettings | None = None)
     app.include_router(events.router)
     app.include_router(inventory.router)
     app.include_router(discover.router)
+    app.include_router(status.router)
     app.include_router(health.health)
     app.include_router(health.monitoring)
+    console.install(app)
     handlers.install(app)
     # The last added runs first: the key and the declared length are checked before the
     # body is read, and what has no declared length is counted while it is read.

@@ -83,16 +83,38 @@ async def authorize(
     try:
         return context.keys.authorize(presented, scope)
     except AuthError as exc:
-        logger.debug("refused %s %s: %s", request.method, request.url.path, exc.message)
-        unauthenticated = exc.failure is AuthFailure.UNAUTHENTICATED
-        raise ApiError(
-            401 if unauthenticated else 403, exc.failure.value, exc.message, exc.hint,
-            headers={"WWW-Authenticate": 'Bearer realm="fieldbridge"'} if unauthenticated
-            else None) from None
+        raise _refused(request, exc) from None
+
+
+async def identify(
+    request: Request,
+    context: Context,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> Principal:
+    """The caller, if its key is known, whatever its scopes (``GET /v1/whoami``)."""
+    presented = bearer.credentials if bearer is not None else api_key
+    try:
+        return context.keys.identify(presented)
+    except AuthError as exc:
+        raise _refused(request, exc) from None
+
+
+def _refused(request: Request, exc: AuthError) -> ApiError:
+    """The 401 or 403 of a refused request."""
+    logger.debug("refused %s %s: %s", request.method, request.url.path, exc.message)
+    unauthenticated = exc.failure is AuthFailure.UNAUTHENTICATED
+    return ApiError(
+        401 if unauthenticated else 403, exc.failure.value, exc.message, exc.hint,
+        headers={"WWW-Authenticate": 'Bearer realm="fieldbridge"'} if unauthenticated
+        else None)
 
 
 Authorized = Depends(authorize)
 """The dependency that refuses a request without a key carrying the scope it needs."""
+
+Identified = Depends(identify)
+"""The dependency that refuses a request without a known key (any scope)."""
 
 
 def parse_time(text: str, now: float) -> float:

@@ -54,6 +54,11 @@ class StreamSettings:
     """Seconds one write to a client may wait for the socket before the client is dropped."""
     replay_page: int = 1_000
     """History rows read per query while replaying after ``Last-Event-ID``."""
+    status_check: float = 0.25
+    """Seconds between two looks at the states for ``/v1/status/stream``: a change of state
+    is sent within this."""
+    status_refresh: float = 2.0
+    """Seconds between two status messages while only counters change."""
 
 
 @dataclass(frozen=True, slots=True)

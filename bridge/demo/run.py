@@ -2,7 +2,8 @@
 
 Starts ``PlantSimulator`` (a Modbus TCP server on a free loopback port), loads the packaged
 demo configuration (``mappings/demo.yaml``) against it, keeps the store in a temporary
-directory, and serves the REST API until SIGINT or SIGTERM. Needs no root, no broker and no
+directory, and serves the REST API and the console until SIGINT or SIGTERM; the first line it
+prints is the console's URL. Needs no root, no broker and no
 file in the current directory.
 """
 
@@ -145,6 +146,7 @@ async def _announce(runtime: Runtime, simulator: PlantSimulator, config: Config)
     endpoints = ", ".join(f"{running.unit.source.protocol} {running.unit.source.endpoint}"
                           for running in served)
     lines = [
+        f"Console: {base}/",
         f"Fieldbridge demo: {count} points of a simulated plant ({endpoints}).",
         f"  REST API: {base}/v1/points",
         f"  try:      curl -s {base}/v1/points/{DEMO_POINT}",
@@ -153,6 +155,7 @@ async def _announce(runtime: Runtime, simulator: PlantSimulator, config: Config)
         "Press Ctrl-C to stop.",
     ]
     if runtime.api_port is None:
+        lines[0:1] = []
         lines[1:4] = ["  (the REST API is disabled in the demo configuration)"]
     print("\n".join(lines), flush=True)
 
