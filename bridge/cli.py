@@ -22,6 +22,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from bridge import __version__
 from bridge.config.models import default_state_dir
 from bridge.config.yamlsource import substitute
+from bridge.core import aio
 from bridge.core.discovery import Budget, DiscoveryContext, DiscoverySpec, StreamProgress
 from bridge.errors import BridgeError, ConfigError
 from bridge.registry import discoverable, load_config, protocols, root_model
@@ -307,9 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "demo":
             from bridge.demo.run import run_demo
 
-            return asyncio.run(run_demo(port=arguments.port, state_dir=arguments.state_dir,
+            return aio.run(run_demo(port=arguments.port, state_dir=arguments.state_dir,
                                         opcua=arguments.opcua))
-        return asyncio.run(run_config(arguments.config))
+        return aio.run(run_config(arguments.config))
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"error: {issue}", file=sys.stderr)

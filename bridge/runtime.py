@@ -29,7 +29,7 @@ from bridge.core.sink import Sink, SinkContext
 from bridge.core.source import BuildContext, SourceContext, SourceUnit, map_readings
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError, StoreError
-from bridge.pipeline.delivery import SinkOutbox
+from bridge.pipeline.delivery import SinkOutbox, deliver
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxDepth, OutboxLimits
 from bridge.pipeline.router import Listener, Router
@@ -281,7 +281,7 @@ class Runtime:
             if not running_sink.enabled:
                 continue
             sink_context = SinkContext(status=running_sink.status,
-                                       outbox=SinkOutbox(self.store, sink_id))
+                                       outbox=SinkOutbox(self.store, sink_id), deliver=deliver)
             sink_tasks.append(group.create_task(
                 supervise(running_sink.sink, sink_context, Backoff()),
                 name=f"{running_sink.sink.protocol}[{sink_id}].sink"))

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from bridge.errors import ConnectorError
+
+Result = TypeVar("Result")
 
 
 def raise_if_cancelling() -> None:
@@ -40,3 +45,25 @@ def primary_failure(failures: BaseExceptionGroup[BaseException]) -> BaseExceptio
         if isinstance(exc, ConnectorError):
             return exc
     return leaves[0] if len(leaves) == 1 else failures
+
+
+LOOP_VARIABLE = "FIELDBRIDGE_LOOP"
+"""``asyncio`` picks asyncio's own event loop over uvloop."""
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where uvloop is installed (Linux, macOS) and not turned off with
+    ``FIELDBRIDGE_LOOP=asyncio``; ``None``: asyncio's own."""
+    if os.environ.get(LOOP_VARIABLE, "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop  # optional: there is no uvloop on Windows
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, Result]) -> Result:
+    """Run ``main`` to completion on a new event loop (``event_loop_factory``)."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main)

@@ -15,13 +15,14 @@ import fnmatch
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.config.models import SinkBase
 from bridge.core.model import Event
 from bridge.core.status import EndpointStatus
+from bridge.errors import ConnectorError, ErrorCategory
 
 
 class EventSelector:
@@ -130,12 +131,40 @@ class OutboxRow:
     """The event's documented JSON."""
 
 
+class SinkLink(Protocol):
+    """What a connected sink reports to the delivery engine, from its broker's callbacks."""
+
+    @property
+    def status(self) -> EndpointStatus:
+        """The sink's state and counters (a sink may count what only it knows, such as
+        unroutable messages, and mark itself degraded while its broker holds it back)."""
+        ...
+
+    def confirmed(self, seqs: Sequence[int]) -> None:
+        """The broker took these rows for good: they leave the outbox."""
+        ...
+
+    def refused(self, seqs: Sequence[int]) -> None:
+        """The broker refused these rows: they are published again, in order, later."""
+        ...
+
+    def failed(self, error: ConnectorError) -> None:
+        """The connection is lost: the engine ends this connection with ``error``."""
+        ...
+
+
+Deliver = Callable[["BrokerSink", "SinkContext"], Awaitable[None]]
+"""The delivery engine: drives one connection of a ``BrokerSink`` over its outbox."""
+
+
 @dataclass(frozen=True)
 class SinkContext:
     """What a running sink is handed by the supervisor."""
 
     status: EndpointStatus
     outbox: OutboxView
+    deliver: Deliver | None = None
+    """The delivery engine (``bridge.pipeline.delivery.deliver``)."""
 
 
 class Sink(abc.ABC):
@@ -161,15 +190,12 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def address(self, event: Event) -> str:
-        """Where ``event`` is published (a routing key); computed once, when it is stored."""
+        """Where ``event`` is published (a routing key, a topic)."""
 
     @abc.abstractmethod
     async def run(self, context: SinkContext) -> None:
-        """Connect, then publish the outbox until cancelled.
-
-        Call ``context.status.up()`` once connected. Raise ``ConnectorError`` when the
-        connection fails or is lost.
-        """
+        """Connect, then deliver the outbox until cancelled; raise ``ConnectorError`` when the
+        connection fails or is lost."""
 
     def details(self) -> dict[str, Any]:
         """Live figures for the inventory: publish rate, confirm latency, in flight."""
@@ -179,3 +205,48 @@ class Sink(abc.ABC):
             "confirm_latency_ms": round(latency * 1000, 2) if latency is not None else None,
             "in_flight": self.in_flight,
         }
+
+
+class BrokerSink(Sink):
+    """A sink the delivery engine drives: it only talks to its broker.
+
+    The engine owns the rest: the cursor, reading stored rows (from memory when they are
+    fresh, from the store when catching up), the in-flight window, turning confirmations
+    into outbox updates, publishing refused rows again in order, and the counters. A
+    connection is ``connect``, any number of ``publish`` calls whose outcomes the sink
+    reports through the ``SinkLink``, then ``close``.
+    """
+
+    window: int = 1000
+    """Rows published and not yet confirmed, at most."""
+    retry: float = 1.0
+    """Seconds before refused rows are published again (doubling while refusals go on)."""
+    refusal: str = "refused by the broker"
+    """What a refusal most likely means, for the status message."""
+
+    async def run(self, context: SinkContext) -> None:
+        """Hand the connection to the delivery engine."""
+        if context.deliver is None:
+            raise ConnectorError(self.endpoint, "no delivery engine to run the sink",
+                                 ErrorCategory.CONFIG)
+        await context.deliver(self, context)
+
+    @abc.abstractmethod
+    async def connect(self, link: SinkLink) -> None:
+        """Open the connection and prepare publishing (declare, enable confirms); raise
+        ``ConnectorError`` when it cannot. Report outcomes and failures through ``link``
+        from now until ``close``."""
+
+    @abc.abstractmethod
+    def publish(self, rows: Sequence[OutboxRow]) -> None:
+        """Send ``rows`` to the broker, in order, without waiting for its answer; raise
+        ``ConnectorError`` when the connection cannot take them."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection (whatever state it is in)."""
+
+    def ready(self) -> bool:
+        """False while the broker holds publishing back (the sink said why in the status):
+        the engine then leaves the status alone when refusals end."""
+        return True

@@ -36,6 +36,7 @@ import logging
 import math
 import random
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -304,9 +305,9 @@ class PlantSimulator:
             raise OSError(f"cannot listen on {self.host}:{self._requested_port}") from exc
         self._server = server
         try:
-            listener = server.transport
-            assert isinstance(listener, asyncio.Server)
-            self._port = int(listener.sockets[0].getsockname()[1])
+            # asyncio's Server, or uvloop's, which does not derive from it.
+            sockets: Sequence[Any] = getattr(server.transport, "sockets", ())
+            self._port = int(sockets[0].getsockname()[1])
             state = self.model.state
             await self._set(_READ_COILS, 0, [state.pump_command])
             await self._set(_READ_HOLDING_REGISTERS, 0, [_int16(state.setpoint * 10)])

@@ -45,13 +45,14 @@ from typing import Any, TypeVar
 import msgspec
 
 from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
+from bridge.core import aio
 from bridge.core.aio import primary_failure
 from bridge.core.model import Event, Reading, Settlement, Value
 from bridge.core.sink import OutboxRoute, OutboxRow, Sink, SinkContext
 from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
-from bridge.pipeline.delivery import SinkOutbox
+from bridge.pipeline.delivery import SinkOutbox, deliver
 from bridge.pipeline.supervisor import Backoff, source_status, supervise
 from bridge.registry import protocols
 
@@ -819,7 +820,8 @@ async def _serve_sink(spec: SinkWorkerSpec, reader: asyncio.StreamReader,
     try:
         async with asyncio.TaskGroup() as group:
             publishing = group.create_task(
-                supervise(sink, SinkContext(status=status, outbox=outbox), Backoff()),
+                supervise(sink, SinkContext(status=status, outbox=outbox, deliver=deliver),
+                          Backoff()),
                 name=f"{sink.protocol}[{sink.id}].sink")
             reporting = group.create_task(
                 _report(writer, status, sink.details), name=f"{sink.protocol}[{sink.id}].status")
@@ -905,5 +907,5 @@ async def _serve(fd: int) -> None:
 def run_worker(fd: int) -> int:
     """Entry point of ``fieldbridge worker``: serve the daemon on socket ``fd`` until it closes
     the socket or sends SIGTERM."""
-    asyncio.run(_serve(fd))
+    aio.run(_serve(fd))
     return 0

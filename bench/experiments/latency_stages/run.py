@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from bench.harness import Peer, percentile, workdir
 from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, config, mosquitto
@@ -52,9 +51,9 @@ def _hook() -> None:
         STAGES["received -> stored"].extend(now - e.received_at for e in events[:stored])
         return stored
 
-    def timed_publish(self: _Publishing, channel: Any, exchange: str, row: OutboxRow) -> None:
+    def timed_publish(self: _Publishing, exchange: str, row: OutboxRow) -> None:
         STAGES["stored -> published to RabbitMQ"].append(time.time() - row.created)
-        publish(self, channel, exchange, row)
+        publish(self, exchange, row)
 
     Router.submit = timed_submit  # type: ignore[method-assign]
     Store.write = timed_write  # type: ignore[method-assign]

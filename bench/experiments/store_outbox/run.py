@@ -19,10 +19,11 @@ from typing import Any
 import pika.spec
 
 from bridge.core.model import Event, Quality, new_event_id
+from bridge.core.sink import SinkContext, SinkLink
 from bridge.core.status import EndpointStatus
-from bridge.pipeline.delivery import SinkOutbox
+from bridge.pipeline.delivery import SinkOutbox, deliver
 from bridge.pipeline.outbox import Outbox, OutboxLimits
-from bridge.pipeline.store import Retention, Store
+from bridge.pipeline.store import Retention, Store, SyncMode
 from protocols.amqp.sink import AmqpSink, _Publishing
 from protocols.amqp.sink_config import AmqpSinkConfig
 
@@ -35,8 +36,8 @@ class _Frame:
 class _Channel:
     """Confirms what was published, once per loop turn, like a fast broker."""
 
-    def __init__(self, session: _Publishing, published: dict[str, float]) -> None:
-        self.session = session
+    def __init__(self, published: dict[str, float]) -> None:
+        self.session: _Publishing | None = None
         self.published = published
         self.tag = 0
         self.scheduled = False
@@ -51,7 +52,24 @@ class _Channel:
 
     def _confirm(self) -> None:
         self.scheduled = False
+        assert self.session is not None
         self.session.on_confirm(_Frame(self.tag))
+
+
+class _FakeBrokerSink(AmqpSink):
+    """The real AMQP sink's publishing, on a channel that confirms at once."""
+
+    def __init__(self, config: AmqpSinkConfig, channel: _Channel) -> None:
+        super().__init__(config, bridge_id="edge")
+        self.channel = channel
+
+    async def connect(self, link: SinkLink) -> None:
+        session = self._session = _Publishing("fake", step_timeout=5, link=link, sink=self)
+        session.publishing = self.channel
+        self.channel.session = session
+
+    async def close(self) -> None:
+        self._session = None
 
 
 def make_event(index: int) -> Event:
@@ -62,24 +80,24 @@ def make_event(index: int) -> Event:
                  protocol="modbus", bridge="edge", tags={"site": "north"})
 
 
-async def run(total: int, batch: int, rate: float | None, sink_on: bool) -> dict[str, float]:
+async def run(total: int, batch: int, rate: float | None, sink_on: bool,
+              sync: SyncMode) -> dict[str, float]:
     config = AmqpSinkConfig.model_validate({"id": "rabbit", "protocol": "amqp"})
-    sink = AmqpSink(config, bridge_id="edge")
+    published: dict[str, float] = {}
+    sink = _FakeBrokerSink(config, _Channel(published))
     with tempfile.TemporaryDirectory() as directory:
         outbox = Outbox(OutboxLimits(max_events=1_000_000, max_bytes=1 << 30),
                         [sink.route()] if sink_on else [])
-        store = Store(Path(directory) / "fb.db", Retention(max_age=3600, max_rows=1000), outbox)
+        store = Store(Path(directory) / "fb.db", Retention(max_age=3600, max_rows=1000), outbox,
+                      sync=sync)
         store.open()
-        published: dict[str, float] = {}
         written: dict[str, float] = {}
         status = EndpointStatus(name="rabbit", kind="sink", protocol="amqp", endpoint="fake")
         task = None
         if sink_on:
-            sink_outbox = SinkOutbox(store, "rabbit")
-            session = _Publishing("fake", step_timeout=5, wake=sink_outbox.signal, sink=sink,
-                                  status=status)
-            channel = _Channel(session, published)
-            task = asyncio.create_task(sink._publish(session, channel, sink_outbox, status))
+            context = SinkContext(status=status, outbox=SinkOutbox(store, "rabbit"),
+                                  deliver=deliver)
+            task = asyncio.create_task(deliver(sink, context))
         events = [make_event(index) for index in range(total)]
         cpu, wall = time.process_time(), time.perf_counter()
         for start in range(0, total, batch):
@@ -119,12 +137,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rate", type=float, default=None, help="events/s (paced)")
     parser.add_argument("--no-sink", action="store_true")
+    parser.add_argument("--sync", choices=["full", "normal"], default="full",
+                        help="store.sync (default full)")
     parser.add_argument("--writer-checkpoints", action="store_true",
                         help="let the writer checkpoint (SQLite's default), not a thread")
     options = parser.parse_args()
     if options.writer_checkpoints:
         Store.CHECKPOINT_EVERY = None
-    result = asyncio.run(run(options.events, options.batch, options.rate, not options.no_sink))
+    result = asyncio.run(run(options.events, options.batch, options.rate, not options.no_sink,
+                             options.sync))
     print(" ".join(f"{key}={value:,.2f}" for key, value in result.items()))
 
 

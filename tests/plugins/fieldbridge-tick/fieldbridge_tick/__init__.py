@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 from pydantic import Field
 
@@ -21,7 +21,7 @@ from bridge.config.models import (
 from bridge.config.yamlsource import KeyPath
 from bridge.core.mapping import PointProgram
 from bridge.core.model import Event, Reading
-from bridge.core.sink import EventSelector, Sink, SinkContext
+from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, Sink, SinkLink
 from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit
 from bridge.registry import ProtocolSpec
 
@@ -113,36 +113,39 @@ class JsonLinesSinkConfig(SinkBase):
     path: Path = Field(description="The file; relative to the configuration file.")
 
 
-class JsonLinesSink(Sink):
-    """Writes the outbox to a file and confirms what it wrote."""
+class JsonLinesSink(BrokerSink):
+    """Appends the rows the delivery engine hands it to a file, and confirms what it wrote."""
 
     def __init__(self, config: JsonLinesSinkConfig, context: BuildContext) -> None:
         self.path = context.resolve(config.path)
         super().__init__(sink_id=config.id, protocol="jsonl", endpoint=str(self.path),
                          selector=EventSelector.of(config))
+        self.window = 500
+        self._file: TextIO | None = None
+        self._link: SinkLink | None = None
 
     def address(self, event: Event) -> str:
         """Every event goes to the one file."""
         return ""
 
-    async def run(self, context: SinkContext) -> None:
-        """Write what is waiting, in order, then wait for more."""
-        outbox = context.outbox
-        context.status.up()
-        after = 0
-        while True:
-            outbox.signal.clear()
-            rows = outbox.take(after, 500)
-            if rows is None:
-                rows = await outbox.read(after, 500)
-            if not rows:
-                await outbox.signal.wait()
-                continue
-            with self.path.open("a", encoding="utf-8") as file:
-                file.writelines(f"{row.body}\n" for row in rows)
-            await outbox.confirm([row.seq for row in rows])
-            self.meter.add(len(rows))
-            after = rows[-1].seq
+    async def connect(self, link: SinkLink) -> None:
+        """Open the file for appending."""
+        self._link = link
+        self._file = await asyncio.to_thread(self.path.open, "a", encoding="utf-8")
+
+    def publish(self, rows: Sequence[OutboxRow]) -> None:
+        """Write the rows, flush, and confirm them."""
+        assert self._file is not None
+        assert self._link is not None
+        self._file.writelines(f"{row.body}\n" for row in rows)
+        self._file.flush()
+        self._link.confirmed([row.seq for row in rows])
+
+    async def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def build_jsonl(config: SinkBase, context: BuildContext) -> Sink:
