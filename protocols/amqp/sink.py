@@ -260,7 +260,8 @@ class AmqpSink(Sink):
                               wake=outbox.signal, sink=self, status=status)
         try:
             connection = await session.connect(
-                config, self._connection_factory, f"fieldbridge {self.bridge_id} sink {self.id}")
+                config, self._connection_factory, f"fieldbridge {self.bridge_id} sink {self.id}",
+                status=status)
             connection.add_on_connection_blocked_callback(session.on_blocked)
             connection.add_on_connection_unblocked_callback(session.on_unblocked)
             channel = await session.channel()
