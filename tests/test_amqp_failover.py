@@ -6,6 +6,11 @@ publishes to and moves on to another, against two real, independent RabbitMQ nod
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +18,19 @@ import pika
 import pika.exceptions
 import pytest
 import yaml
+from brokers import (
+    AMQP_HOST,
+    AMQP_PORT,
+    SETTLE,
+    BridgeRun,
+    RabbitAdmin,
+    unique,
+    wait_until,
+)
+from helpers import free_port
 
-from bridge.core.status import EndpointStatus
+from bridge.core.model import Event, Quality, new_event_id
+from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConfigError, ConnectorError, ErrorCategory
 from bridge.registry import load_config
 from protocols.amqp import AmqpSinkConfig, AmqpSourceConfig
@@ -183,3 +199,200 @@ async def test_one_node_keeps_the_plain_errors(tmp_path: Path) -> None:
         await connect(sink_config(tmp_path, host="a"), broker, status)
     assert caught.value.reason == "cannot connect: Connection refused"
     assert "node" not in status.details
+
+
+# --- two real nodes --------------------------------------------------------------------------
+
+START_TIMEOUT = 90.0
+"""Seconds a RabbitMQ node may take to start (about ten on a small machine)."""
+
+
+def rabbitmq_command(name: str) -> str | None:
+    """A RabbitMQ script. Debian's /usr/sbin wrappers switch to the `rabbitmq` user (and its
+    home, hence its Erlang cookie) when run as root: the scripts behind them run as the test's
+    own user, with the test's environment."""
+    behind_wrapper = Path("/usr/lib/rabbitmq/bin") / name
+    return str(behind_wrapper) if behind_wrapper.exists() else shutil.which(name)
+
+
+class RabbitNode:
+    """A RabbitMQ node of the test's own, independent of the shared one: its own node name,
+    ports, Erlang cookie, data and logs under ``base``; no plugins."""
+
+    def __init__(self, base: Path) -> None:
+        server, ctl = rabbitmq_command("rabbitmq-server"), rabbitmq_command("rabbitmqctl")
+        if server is None or ctl is None:
+            message = "rabbitmq-server is not installed"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"{message} (CI=true: brokers are required)")
+            pytest.skip(message)
+        self.rabbitmq_server, self.rabbitmqctl = server, ctl
+        self.name = unique("fbtest-") + "@localhost"
+        self.port = free_port()
+        self.pid_file = base / "node.pid"
+        distribution, cli = free_port(), free_port()
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n",
+                                            encoding="utf-8")
+        (base / "rabbitmq-env.conf").write_text("", encoding="utf-8")
+        (base / "enabled_plugins").write_text("[].\n", encoding="utf-8")
+        cookie = base / ".erlang.cookie"
+        cookie.write_text(uuid.uuid4().hex, encoding="ascii")
+        cookie.chmod(0o400)
+        self.environment = {
+            **os.environ,
+            "HOME": str(base),  # the Erlang cookie, for the node and for rabbitmqctl
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(distribution),
+            "RABBITMQ_CTL_DIST_PORT_MIN": str(cli),
+            "RABBITMQ_CTL_DIST_PORT_MAX": str(cli),
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),  # not the system's
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(self.pid_file),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        self.pid: int | None = None
+
+    async def _run(self, *arguments: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *arguments, env=self.environment, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                output, _ = await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            pytest.fail(f"{' '.join(arguments)} took more than {START_TIMEOUT:g}s")
+        if process.returncode != 0:
+            pytest.fail(f"{' '.join(arguments)} exited with {process.returncode}: "
+                        f"{output.decode(errors='replace')[-2000:]}")
+
+    async def ctl(self, *arguments: str) -> None:
+        """Run ``rabbitmqctl`` against this node."""
+        await self._run(self.rabbitmqctl, "-n", self.name, *arguments)
+
+    async def start(self) -> None:
+        """Start the node and wait until it accepts AMQP connections."""
+        await self._run(self.rabbitmq_server, "-detached")
+        await self.ctl("wait", str(self.pid_file), "--timeout", str(int(START_TIMEOUT)))
+
+    async def stop(self) -> None:
+        """Stop the node and its Erlang VM, and wait until the VM process is gone."""
+        if self.pid is None and self.pid_file.exists():
+            self.pid = int(self.pid_file.read_text(encoding="ascii").strip())
+        if self.pid is None:
+            return
+        if self.running():
+            await self.ctl("stop", str(self.pid_file))
+        await wait_until(lambda: not self.running(), within=SETTLE,
+                         what=f"the node's VM (pid {self.pid}) to exit")
+        self.pid = None
+
+    def running(self) -> bool:
+        """Whether the node's VM process is alive (not gone, not a zombie)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text(encoding="ascii")
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+async def private_rabbit(tmp_path: Path) -> AsyncIterator[RabbitNode]:
+    """A second RabbitMQ node, started for the test and stopped after it."""
+    node = RabbitNode(tmp_path / "rabbit-node")
+    try:
+        await node.start()
+        yield node
+    finally:
+        try:
+            await node.stop()
+        finally:
+            shutil.rmtree(node.environment["HOME"], ignore_errors=True)
+
+
+def make_event(point: str, value: float) -> Event:
+    """An event as a source hands it to the router."""
+    now = time.time()
+    return Event(id=new_event_id(), source="plant", point=point, value=value, unit="degC",
+                 quality=Quality.GOOD, ts=now, received_at=now, protocol="modbus",
+                 bridge="edge", tags={})
+
+
+def take_all(port: int, queue: str) -> list[str]:
+    """The message ids of every message in ``queue`` on the node at ``port``, consumed."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters(AMQP_HOST, port))
+    try:
+        channel = connection.channel()
+        ids: list[str] = []
+        while True:
+            method, properties, _ = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return ids
+            ids.append(str(properties.message_id))
+    finally:
+        connection.close()
+
+
+@pytest.mark.broker
+async def test_stopping_the_node_in_use_moves_publishing_to_the_next_with_nothing_lost(
+    tmp_path: Path, rabbit: RabbitAdmin, private_rabbit: RabbitNode
+) -> None:
+    exchange, queue = unique("fbtest.events."), unique("fbtest.failover.")
+    rabbit.exchanges.append(exchange)
+    rabbit.queues.append(queue)
+    first, second = f"127.0.0.1:{private_rabbit.port}", f"{AMQP_HOST}:{AMQP_PORT}"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
+        "api": {"enabled": False},
+        "sinks": [{"id": "rabbit", "protocol": "amqp", "hosts": [first, second], "timeout": 5,
+                   "exchange": {"name": exchange},
+                   "topology": {"queues": [{"name": queue, "type": "quorum"}]}}],
+    }, sort_keys=False), encoding="utf-8")
+    produced: list[Event] = []
+
+    async def produce(bridge: BridgeRun, count: int) -> None:
+        events = [make_event(f"boiler.t{index % 7}", float(len(produced) + index))
+                  for index in range(count)]
+        produced.extend(events)
+        for start in range(0, count, 100):
+            await bridge.runtime.router.submit(events[start:start + 100])
+
+    async with BridgeRun(path) as bridge:
+        status = bridge.sink("rabbit").status
+        await wait_until(lambda: status.state is ConnectionState.UP, what="the sink up")
+        assert status.details["node"] == first
+        await produce(bridge, 300)
+        await bridge.delivered("rabbit", 300)
+
+        # Events are waiting and in flight while the node in use goes down.
+        await produce(bridge, 300)
+        await private_rabbit.ctl("stop_app")
+        await wait_until(lambda: status.details["node"] == second
+                         and status.state is ConnectionState.UP, within=30,
+                         what=f"the sink up on {second} (last error {status.last_error})")
+        await produce(bridge, 300)
+        await bridge.delivered("rabbit", len(produced), within=30)
+        entry = bridge.runtime.sink_entry("rabbit")
+
+    assert entry["details"]["node"] == second
+    assert entry["endpoint"] == f"amqp://guest@{first},{second}/%2F?exchange={exchange}"
+    # The node that failed, and why (the channel or the connection: whichever pika reports
+    # first).
+    assert "closed: 320 CONNECTION_FORCED" in entry["last_error"]
+    assert entry["last_error"].endswith(f"(node {first})")
+    # The nodes are not clustered: each has its own queue, and together they hold every
+    # event at least once (those in flight at the stop may be on both).
+    await private_rabbit.ctl("start_app")
+    on_first = take_all(private_rabbit.port, queue)
+    on_second = take_all(AMQP_PORT, queue)
+    assert {event.id for event in produced} == set(on_first) | set(on_second)
+    assert len(on_first) >= 300
+    assert len(on_second) >= 300
