@@ -91,6 +91,11 @@ class EndpointStatus:
         if self._move(ConnectionState.DOWN):
             logger.warning("%s %s down: %s (%s)", self.kind, self.name, reason, category)
 
+    def note(self, reason: str, category: ErrorCategory) -> None:
+        """An error that does not change the state (a cluster node skipped for another one):
+        shown as the last error and counted, not logged."""
+        self._record(reason, category)
+
     def disabled(self) -> None:
         """Configured but not run."""
         self._move(ConnectionState.DISABLED)

@@ -1,11 +1,18 @@
 """The AMQP connection shared by the source and the sink: pika's asyncio adapter on the
-daemon's event loop with its callbacks turned into futures, and broker replies mapped to error
-categories."""
+daemon's event loop with its callbacks turned into futures, broker replies mapped to error
+categories, and failover between the nodes of a cluster.
+
+With several nodes configured (``hosts`` or ``urls``) a connection is opened to one of them:
+the node after the one used last, then the others in turn, one full round at most. A round in
+which every node failed raises, and the supervisor backs off before the next one. The node in
+use is shown as ``details.node`` of the connector's status; every error names its node.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +25,11 @@ from pika.adapters.utils.connection_workflow import (
     AMQPConnectorPhaseErrorBase,
 )
 
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
-from protocols.amqp.config import AmqpConnectionSettings
+from protocols.amqp.config import AmqpConnectionSettings, BrokerAddress
+
+logger = logging.getLogger(__name__)
 
 OPEN_MARGIN = 5.0
 """Seconds granted beyond ``timeout`` for pika to report the outcome of a connection attempt."""
@@ -65,19 +75,17 @@ class CoalescingConnection(AsyncioConnection):  # type: ignore[misc]
             super()._adapter_emit_data(data)
 
 
-async def connection_parameters(settings: AmqpConnectionSettings, endpoint: str,
-                                name: str) -> pika.ConnectionParameters:
-    """pika's connection parameters; reads TLS files off the event loop."""
-    address = settings.address()
+async def connection_parameters(settings: AmqpConnectionSettings, endpoint: str, name: str,
+                                address: BrokerAddress | None = None,
+                                ssl_context: ssl.SSLContext | None = None,
+                                ) -> pika.ConnectionParameters:
+    """pika's connection parameters for ``address`` (default: the first node); reads TLS files
+    off the event loop unless given the ``ssl_context``."""
+    address = address or settings.address()
     options: dict[str, Any] = {}
     if address.tls:
-        tls = settings.tls
-        try:
-            ssl_context = await asyncio.to_thread(
-                tls.context if tls is not None else ssl.create_default_context)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectorError(endpoint, f"TLS setup failed: {exc}",
-                                 ErrorCategory.CONFIG) from exc
+        if ssl_context is None:
+            ssl_context = await tls_context(settings, endpoint)
         options["ssl_options"] = pika.SSLOptions(ssl_context, address.host)
     if settings.heartbeat is not None:
         options["heartbeat"] = max(1, round(settings.heartbeat))
@@ -93,6 +101,24 @@ async def connection_parameters(settings: AmqpConnectionSettings, endpoint: str,
         client_properties={"connection_name": name},
         **options,
     )
+
+
+async def tls_context(settings: AmqpConnectionSettings, endpoint: str) -> ssl.SSLContext:
+    """The TLS context of ``settings``, its files read off the event loop."""
+    tls = settings.tls
+    try:
+        return await asyncio.to_thread(
+            tls.context if tls is not None else ssl.create_default_context)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectorError(endpoint, f"TLS setup failed: {exc}", ErrorCategory.CONFIG) from exc
+
+
+def rotation(nodes: list[BrokerAddress], last: object) -> list[BrokerAddress]:
+    """The order in which to try ``nodes``: from the one after the node used ``last``
+    (``host:port``), round robin; from the first when none was used."""
+    names = [node.node for node in nodes]
+    start = (names.index(last) + 1) % len(nodes) if last in names else 0
+    return nodes[start:] + nodes[:start]
 
 
 def request(method: Callable[..., Any], *args: Any,
@@ -118,6 +144,15 @@ class AmqpSession:
         self.closed: asyncio.Future[None] = loop.create_future()
         self.failure: asyncio.Future[ConnectorError] = loop.create_future()
         self.connection: Any = None
+        self.node: str | None = None
+        """The node connected to (or being tried), ``host:port``, when there are several."""
+
+    def at_node(self, error: ConnectorError) -> ConnectorError:
+        """``error``, naming the node when there are several."""
+        if self.node is None:
+            return error
+        return ConnectorError(error.endpoint, f"{error.reason} (node {self.node})",
+                              error.category)
 
     def fail(self, error: ConnectorError) -> None:
         """End the session with ``error`` (the first one wins)."""
@@ -125,33 +160,80 @@ class AmqpSession:
             self.failure.set_result(error)
 
     def on_open(self, connection: Any) -> None:
+        if connection is not self.connection:
+            # An attempt given up on that opened after all.
+            with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
+                connection.close()
+            return
         if not self.opened.done():
             self.opened.set_result(None)
 
     def on_open_error(self, connection: Any, error: BaseException) -> None:
+        if connection is not self.connection:
+            return
         if not self.opened.done():
-            self.opened.set_exception(open_error(self.endpoint, error))
+            self.opened.set_exception(self.at_node(open_error(self.endpoint, error)))
         if not self.closed.done():
             self.closed.set_result(None)
 
     def on_close(self, connection: Any, error: BaseException) -> None:
-        self.fail(closed_error(self.endpoint, "connection", error))
+        if connection is not self.connection:
+            return
+        self.fail(self.at_node(closed_error(self.endpoint, "connection", error)))
         if not self.closed.done():
             self.closed.set_result(None)
 
     def on_channel_close(self, channel: Any, error: BaseException) -> None:
-        self.fail(closed_error(self.endpoint, "channel", error))
+        self.fail(self.at_node(closed_error(self.endpoint, "channel", error)))
 
     async def connect(self, settings: AmqpConnectionSettings, factory: ConnectionFactory,
-                      name: str) -> Any:
-        """Open the connection; ``ConnectorError`` when it cannot be opened."""
-        parameters = await connection_parameters(settings, self.endpoint, name)
+                      name: str, *, status: EndpointStatus | None = None) -> Any:
+        """Open the connection, to the next node that accepts it when there are several;
+        ``ConnectorError`` when none does.
+
+        ``status`` remembers the node in use (``details.node``), so that the next connection
+        starts with the node after it, and records the nodes that failed on the way.
+        """
+        nodes = settings.addresses()
+        if len(nodes) == 1:
+            await self._open(settings, factory, name, nodes[0], None)
+            return self.connection
+        last = status.details.get("node") if status is not None else None
+        ssl_context = (await tls_context(settings, self.endpoint)
+                       if any(node.tls for node in nodes) else None)
+        failures: list[ConnectorError] = []
+        for node in rotation(nodes, last):
+            self.node = node.node
+            try:
+                await self._open(settings, factory, name, node, ssl_context)
+            except ConnectorError as exc:
+                failures.append(exc)
+                if status is not None:
+                    status.note(exc.reason, exc.category)
+                continue
+            if status is not None:
+                status.details["node"] = node.node
+            if last is not None and last != node.node:
+                logger.info("%s: connected to node %s (was %s)", name, node.node, last)
+            return self.connection
+        categories = {failure.category for failure in failures}
+        raise ConnectorError(
+            self.endpoint, f"all {len(nodes)} nodes failed: "
+            + "; ".join(failure.reason for failure in failures),
+            categories.pop() if len(categories) == 1 else ErrorCategory.TRANSIENT)
+
+    async def _open(self, settings: AmqpConnectionSettings, factory: ConnectionFactory,
+                    name: str, node: BrokerAddress, ssl_context: ssl.SSLContext | None) -> None:
+        parameters = await connection_parameters(settings, self.endpoint, name, node,
+                                                 ssl_context)
+        loop = asyncio.get_running_loop()
+        self.opened, self.closed = loop.create_future(), loop.create_future()
         self.connection = factory(
             parameters=parameters,
             on_open_callback=self.on_open,
             on_open_error_callback=self.on_open_error,
             on_close_callback=self.on_close,
-            custom_ioloop=asyncio.get_running_loop(),
+            custom_ioloop=loop,
         )
         # pika's stack_timeout ends a slow handshake first and reports it through
         # on_open_error; this margin only guards against a callback that never comes.
@@ -159,9 +241,9 @@ class AmqpSession:
         try:
             await asyncio.wait_for(asyncio.shield(self.opened), limit)
         except TimeoutError:
-            raise ConnectorError(self.endpoint, f"no connection within {limit:g}s",
-                                 ErrorCategory.TRANSIENT) from None
-        return self.connection
+            await self._close_connection()
+            raise self.at_node(ConnectorError(self.endpoint, f"no connection within {limit:g}s",
+                                              ErrorCategory.TRANSIENT)) from None
 
     async def channel(self) -> Any:
         """Open a channel whose loss ends the session."""
@@ -190,12 +272,17 @@ class AmqpSession:
             error = self.failure.result()
             raise ConnectorError(self.endpoint, f"{what}: {error.reason}", error.category)
         if not reply.done() or reply.cancelled():
-            raise ConnectorError(self.endpoint, f"{what}: no answer within {timeout:g}s",
-                                 ErrorCategory.TRANSIENT)
+            raise self.at_node(ConnectorError(
+                self.endpoint, f"{what}: no answer within {timeout:g}s", ErrorCategory.TRANSIENT))
         return reply.result()
 
     async def close(self) -> None:
         """Close the connection and wait, briefly, until the broker confirmed it."""
+        await self._close_connection()
+        self.opened.cancel()
+        self.failure.cancel()
+
+    async def _close_connection(self) -> None:
         connection = self.connection
         if connection is not None and not (connection.is_closed or connection.is_closing):
             with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
@@ -203,8 +290,6 @@ class AmqpSession:
         if connection is not None and not self.closed.done():
             # Cancellation may have brought us here: the wait is short and bounded.
             await asyncio.wait((self.closed,), timeout=CLOSE_TIMEOUT)
-        self.opened.cancel()
-        self.failure.cancel()
 
 
 def _reply(error: BaseException) -> tuple[int | None, str]:

@@ -201,7 +201,8 @@ class AmqpSink(BrokerSink):
         session = self._session = _Publishing(self.endpoint, step_timeout=config.timeout,
                                               link=link, sink=self)
         connection = await session.connect(
-            config, self._connection_factory, f"fieldbridge {self.bridge_id} sink {self.id}")
+            config, self._connection_factory, f"fieldbridge {self.bridge_id} sink {self.id}",
+            status=link.status)
         connection.add_on_connection_blocked_callback(session.on_blocked)
         connection.add_on_connection_unblocked_callback(session.on_unblocked)
         channel = await session.channel()

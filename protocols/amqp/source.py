@@ -118,7 +118,8 @@ class AmqpSource(Source):
         session = _Session(self.id, self.endpoint, dead_letter=config.dead_letter is not None,
                            step_timeout=config.timeout)
         try:
-            await session.connect(config, self._connection_factory, f"fieldbridge {self.id}")
+            await session.connect(config, self._connection_factory, f"fieldbridge {self.id}",
+                                  status=context.status)
             channel = await session.channel()
             channel.add_on_cancel_callback(session.on_cancel)
             await self._declare(session, channel)
