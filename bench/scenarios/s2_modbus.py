@@ -3,10 +3,10 @@
 A pymodbus server (its own process) holds 2,000 holding registers and counts requests; the
 daemon polls the device with a 1 ms interval, i.e. back to back. Measured three times: with
 report-by-exception off (every decoded value an event) and on (only changes; the server
-changes 1,500 registers a second), both with the default ``store.sync: full``, then every value
-stored once more with ``store.sync: normal``, for the cost of ``full`` as a ratio. The baseline is pymodbus alone reading the same blocks
-back to back in its own process. A mapper micro-benchmark (in this process) gives the decode
-ceiling of the mapping code alone.
+changes 1,500 registers a second), both with the default ``store.sync: full``, then every
+value stored once more with ``store.sync: normal``, for the cost of ``full`` as a ratio. The
+baseline is pymodbus alone reading the same blocks back to back in its own process. A mapper
+micro-benchmark (in this process) gives the decode ceiling of the mapping code alone.
 """
 
 from __future__ import annotations
