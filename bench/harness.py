@@ -30,6 +30,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
+DAEMON_CORE = 1
+"""The core a pinned daemon (or a single-threaded peer it is compared with) runs on."""
+LOAD_CORE = 0
+"""The core of everything else in a pinned run: load generators, consumers, the broker the
+bench starts, and the harness itself (its counters)."""
+
+
+# --- pinning ----------------------------------------------------------------------------------
+
+
+def pinning_unavailable() -> str | None:
+    """``None`` when processes can be pinned to DAEMON_CORE and LOAD_CORE, else why not."""
+    if shutil.which("taskset") is None:
+        return "taskset is not installed (util-linux)"
+    allowed = os.sched_getaffinity(0)
+    if not {DAEMON_CORE, LOAD_CORE} <= allowed:
+        return (f"cores {LOAD_CORE} and {DAEMON_CORE} are not both available to the bench "
+                f"(allowed: {sorted(allowed)})")
+    return None
+
+
+def taskset(cpus: int | None) -> list[str]:
+    """The command prefix that pins a process to core ``cpus`` (nothing for ``None``)."""
+    return [] if cpus is None else ["taskset", "-c", str(cpus)]
+
+
+@contextlib.contextmanager
+def pinned(cpus: int | None) -> Iterator[None]:
+    """Run the harness itself (its counters and polling) on core ``cpus`` meanwhile."""
+    if cpus is None:
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
 
 # --- /proc ------------------------------------------------------------------------------------
 
@@ -100,6 +139,11 @@ class CpuMeter:
         self._wall = 0.0
         self.seconds = 0.0
         self.wall = 0.0
+
+    @property
+    def processes(self) -> int:
+        """How many processes of the tree were seen (the process, its workers, helpers)."""
+        return len(self._seen)
 
     def sample(self) -> None:
         """Record the CPU time of every live process of the tree."""
@@ -232,17 +276,19 @@ class Peer:
     """A load generator, server or consumer in its own process (``python -m bench.peers.X``).
 
     The peer prints ``{"ready": ...}`` once it serves, then answers each JSON line written to
-    its stdin with one JSON line; ``stop()`` closes stdin, which ends it.
+    its stdin with one JSON line; ``stop()`` closes stdin, which ends it. ``cpus``: pin it to
+    that core (``taskset``).
     """
 
     def __init__(self, module: str, *args: str, name: str | None = None,
-                 env: Mapping[str, str] | None = None, log_dir: Path | None = None) -> None:
+                 env: Mapping[str, str] | None = None, log_dir: Path | None = None,
+                 cpus: int | None = None) -> None:
         self.name = name or module.rsplit(".", 1)[-1]
         log_dir = log_dir or Path(tempfile.gettempdir())
         self.log_path = log_dir / f"{self.name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [python(), "-m", module, *args], cwd=ROOT, stdin=subprocess.PIPE,
+            [*taskset(cpus), python(), "-m", module, *args], cwd=ROOT, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
             env={**os.environ, **(env or {})})
         self.ready: dict[str, Any] = {}
@@ -339,6 +385,9 @@ class Daemon:
     name: str = "daemon"
     env: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "warning"
+    cpus: int | None = None
+    """Pin the daemon (all its threads, and any child it starts) to this core with
+    ``taskset``; ``None``: wherever the scheduler puts it."""
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     ready_seconds: float = float("nan")
@@ -361,7 +410,8 @@ class Daemon:
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         started = time.monotonic()
         self.process = subprocess.Popen(
-            [python(), "-m", "bridge", "--log-level", self.log_level, "run", "-c", str(path)],
+            [*taskset(self.cpus), python(), "-m", "bridge", "--log-level", self.log_level,
+             "run", "-c", str(path)],
             cwd=ROOT, stdout=log, stderr=log, env={**os.environ, **self.env})
         log.close()
         deadline = started + timeout

@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         + ", ".join(SCENARIOS))
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the py-spy profiles taken where a target is missed")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the one-daemon layouts and their baselines to one core "
+                        "(taskset); on a machine with fewer than 2 cores they are never pinned")
+    parser.add_argument("--messages", type=int, metavar="N",
+                        help="S1's burst size (default 100,000; 30,000 with --quick); "
+                        "the paced runs scale down with --quick only")
     parser.add_argument("--output", type=Path, default=BENCH,
                         help="where RESULTS.md, results.json and results.png go")
     parser.add_argument("--report-only", action="store_true",
@@ -94,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output: Path = arguments.output
     output.mkdir(parents=True, exist_ok=True)
     options = Options(quick=arguments.quick, profile=not arguments.no_profile,
-                      out_dir=output / "profiles")
+                      out_dir=output / "profiles", pin=not arguments.no_pin,
+                      messages=arguments.messages)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"fieldbridge bench on {info['cpu']} ({info['cores']} cores), load "
@@ -108,7 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_results = _merge(output / "results.json", results) if arguments.only else results
     chart = output / "results.png"
     has_chart = write_chart(all_results, chart)
-    command = "python -m bench" + (" --quick" if arguments.quick else "") + "".join(
+    command = "python -m bench" + (" --quick" if arguments.quick else "") + (
+        " --no-pin" if arguments.no_pin else "") + (
+        f" --messages {arguments.messages}" if arguments.messages else "") + "".join(
         f" --only {key}" for key in selected if arguments.only)
     write_json(all_results, info, output / "results.json", command, arguments.quick)
     (output / "RESULTS.md").write_text(markdown(all_results, info, command,

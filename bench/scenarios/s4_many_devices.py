@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import CpuMeter, Daemon, Peer, py_spy_top, tree_peak_rss_mb, workdir
-from bench.results import Figure, Options, ScenarioResult, at_most
+from bench.results import Figure, Options, ScenarioResult, at_most, goal
 from bench.scenarios.fleet import fleet_config
 
 PORTS = 5
@@ -74,17 +74,20 @@ def run(options: Options) -> ScenarioResult:
                     "overruns": after.get("overruns", 0) - before.get("overruns", 0),
                     "rss": tree_peak_rss_mb(daemon.pid),
                 }
-                if options.profile and run_name == "always" and meter.share >= 0.5:
+                if options.profile and run_name == "always" and meter.share >= 0.35:
                     profile = py_spy_top(daemon.pid, options.seconds(10, 4),
                                          options.out_dir / "s4-many-devices.txt")
                     if profile is not None:
                         result.profiles.append(f"profiles/{profile.name}")
     for name, label in (("always", "every reading an event"), ("change", "report by exception")):
         measured = runs[name]
+        cpu_note = (f"{measured['events_per_s']:.0f} events/s, "
+                    f"{measured['polls_per_s']:.0f} polls/s of {measured['polled']} devices")
         result.figures += [
+            goal("S4", f"CPU share, {label}").figure(100 * measured["share"], cpu_note)
+            if name == "always" else
             at_most(f"CPU share, {label}", 100 * measured["share"], "% of a core", 50,
-                    note=f"{measured['events_per_s']:.0f} events/s, "
-                    f"{measured['polls_per_s']:.0f} polls/s of {measured['polled']} devices"),
+                    note=cpu_note),
             Figure(f"poll jitter p50, {label}", measured["jitter"]["p50"], "ms"),
             at_most(f"poll jitter p99, {label}", measured["jitter"]["p99"], "ms", 100),
             Figure(f"peak RSS, {label}", measured["rss"], "MB"),
@@ -108,7 +111,8 @@ def run(options: Options) -> ScenarioResult:
                                    runs["change"]["share"] / raw_share if raw_share else None,
                                    "x"))
     result.chart = {
-        "S4 CPU, always (<50%)": 0.5 / runs["always"]["share"] if runs["always"]["share"] else 0,
+        "S4 CPU, always (<35%)": 0.35 / runs["always"]["share"] if runs["always"]["share"]
+        else 0,
         "S4 CPU, change (<50%)": 0.5 / runs["change"]["share"] if runs["change"]["share"] else 0,
         "S4 jitter p99 (<100 ms)": 100 / max(1e-3, runs["always"]["jitter"]["p99"]),
     }
