@@ -277,3 +277,88 @@ async def test_batches_arriving_within_the_commit_interval_are_committed_togethe
     assert writes == [1, 4]
     assert [event.value for event in store.history("a", newest_first=False)][-4:] == [
         1.0, 2.0, 3.0, 4.0]
+
+
+# --- history in chunks ------------------------------------------------------------------------
+
+
+def crash_on_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close`` drops the connection as a killed process would: nothing is flushed."""
+    monkeypatch.setattr(Store, "_close_writer", lambda self: self._writer.close())
+
+
+async def test_history_reads_join_rows_and_events_still_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.pipeline.store.CHUNK_EVENTS", 4)
+    monkeypatch.setattr(Store, "LATEST_EVERY", 1e12)
+    monkeypatch.setattr(Store, "PRUNE_EVERY", 1e12)
+    store = Store(tmp_path / "fb.db", Retention(max_age=3600, max_rows=100))
+    store.open()
+    try:
+        now = time.time()
+        for value in range(10):  # two full chunks written, two events in memory
+            await store.write([make_event("a.p", value, ts=now + value),
+                               make_event("b.p", -value, ts=now + value)])
+        with sqlite3.connect(store.path) as reader:
+            assert reader.execute("SELECT point, count FROM history ORDER BY id").fetchall() == [
+                ("a.p", 4), ("b.p", 4), ("a.p", 4), ("b.p", 4)]
+        assert store.history_count("a.p") == 10
+        assert [event.value for event in store.history("a.p")] == list(range(9, -1, -1))
+        assert [event.value for event in store.history("a.p", newest_first=False, limit=5)] == [
+            0, 1, 2, 3, 4]
+        assert [event.value for event in store.history("a.p", limit=3)] == [9, 8, 7]
+        assert [event.value for event in store.history(
+            "a.p", since=now + 3, until=now + 8.5)] == [8, 7, 6, 5, 4, 3]
+        await store.prune()  # writes what was in memory
+        assert [event.value for event in store.history("b.p", newest_first=False)] == [
+            -value for value in range(10)]
+    finally:
+        store.close()
+
+
+async def test_history_in_memory_comes_back_from_the_event_log_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.pipeline.store.CHUNK_EVENTS", 3)
+    monkeypatch.setattr(Store, "LATEST_EVERY", 1e12)
+    monkeypatch.setattr(Store, "PRUNE_EVERY", 1e12)
+    path = tmp_path / "fb.db"
+    first = Store(path, Retention(max_age=3600, max_rows=100))
+    first.open()
+    for value in range(7):  # two chunks of a.p written early, one event only in the log
+        await first.write([make_event("a.p", value)])
+    await first.write([make_event("b.p", 1)])
+    crash_on_close(monkeypatch)
+    first.close()
+    monkeypatch.undo()
+    second = Store(path, Retention(max_age=3600, max_rows=100))
+    second.open()
+    try:
+        assert [event.value for event in second.history("a.p", newest_first=False)] == list(
+            range(7))
+        assert second.history_count("a.p") == 7
+        assert [event.value for event in second.history("b.p")] == [1]
+        await second.prune()
+        second.close()
+        second.open()
+        assert second.history_count("a.p") == 7
+    finally:
+        second.close()
+
+
+async def test_retention_by_count_trims_inside_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.pipeline.store.CHUNK_EVENTS", 4)
+    store = Store(tmp_path / "fb.db", Retention(max_age=3600, max_rows=6))
+    store.open()
+    try:
+        for value in range(11):
+            await store.write([make_event("a.p", value)])
+        await store.prune()
+        assert [event.value for event in store.history("a.p", newest_first=False)] == list(
+            range(5, 11))
+        assert store.history_count("a.p") == 6
+    finally:
+        store.close()

@@ -14,12 +14,13 @@ import logging
 import sqlite3
 import threading
 import time
+from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 from bridge.core.model import Event
 from bridge.core.sink import OutboxRow
@@ -42,12 +43,16 @@ CREATE TABLE IF NOT EXISTS latest_mark (
     seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY,
     point TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    ts REAL NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (point, seq)
-) WITHOUT ROWID;
+    last INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    seqs BLOB NOT NULL,
+    tss BLOB NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_point ON history (point, seq);
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY,
     last INTEGER NOT NULL,
@@ -60,17 +65,26 @@ CREATE TABLE IF NOT EXISTS seq_marks (
     seq INTEGER NOT NULL
 );
 """
-"""``history`` is clustered by point: a point's rows sit together in ``seq`` order, and storing
-an event is one B-tree insert. ``batches`` is the event log, one row per stored batch (its
+"""``history`` holds each point's events in chunks: one row per point and flush (every
+``LATEST_EVERY`` seconds, or when the point has ``CHUNK_EVENTS`` waiting), with the events'
+``seq``s and times packed and their JSON one per line, so storing an event costs a share of one
+row, not a row and its index entries. What is not in a chunk yet is in memory and in the event
+log. ``batches`` is the event log, one row per stored batch (its
 first and last ``seq``, when it was stored, how many events and bytes each sink takes, and the
 events' JSON one per line): the sinks' outbox, the replay of event streams and the last values
 not yet in ``latest`` all read it. ``seq_marks`` notes the last ``seq`` at each retention pass,
 so history is pruned by age with ``seq`` ranges."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """``PRAGMA user_version`` of the layout above. Version 1 (no ``user_version``) kept history in a
-rowid table with three indexes and the outbox as one row per event and sink; it is migrated
-when opened."""
+rowid table with three indexes and the outbox as one row per event and sink; version 2 one
+history row per event. Both are migrated when opened."""
+
+CHUNK_EVENTS = 128
+"""A point's events written as one history row at most (sooner at each flush)."""
+PENDING_BYTES = 8 << 20
+"""Event JSON waiting in memory for its history rows, at most: past it every point is
+flushed."""
 
 LOG_BATCH = 5_000
 """Events per log row when an old outbox is migrated."""
@@ -106,6 +120,29 @@ def event_to_json(event: Event) -> str:
 def event_from_json(body: str) -> Event:
     """An event back from its published JSON."""
     return Event.from_json(body)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A point's events not yet in a history row."""
+
+    seqs: list[int] = field(default_factory=list)
+    tss: list[float] = field(default_factory=list)
+    bodies: list[str] = field(default_factory=list)
+
+    def row(self, point: str) -> tuple[str, int, int, int, bytes, bytes, str]:
+        """The history row of these events."""
+        return (point, self.seqs[0], self.seqs[-1], len(self.seqs),
+                array("q", self.seqs).tobytes(), array("d", self.tss).tobytes(),
+                "\n".join(self.bodies))
+
+
+_INSERT_CHUNK = ("INSERT INTO history (point, seq, last, count, seqs, tss, body) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def _unpack(seqs: bytes, tss: bytes, body: str) -> tuple[array[int], array[float], list[str]]:
+    return array("q", seqs), array("d", tss), body.split("\n")
 
 
 @dataclass(slots=True)
@@ -150,7 +187,13 @@ class Store:
         """Last values not yet in the ``latest`` table (on the writer thread)."""
         self._last_latest = 0.0
         self._mark = 0
-        """The ``seq`` up to which the ``latest`` table is complete (on the writer thread)."""
+        """The ``seq`` up to which the ``latest`` table and the history rows are complete (on
+        the writer thread)."""
+        self._pending: dict[str, _Chunk] = {}
+        """Each point's events not yet in a history row; ``_pending_lock`` guards it (readers
+        of the history take a copy)."""
+        self._pending_lock = threading.Lock()
+        self._pending_bytes = 0
         self._next = 1
         """The ``seq`` of the next event stored."""
         self._log: deque[_LogBatch] = deque()
@@ -181,6 +224,12 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
 
     def _open_writer(self) -> None:
+        self._rows.clear()
+        self._log.clear()
+        self._log_bytes = 0
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._latest.clear()
         writer = sqlite3.connect(self.path, isolation_level=None)
         try:
             writer.execute("PRAGMA journal_mode = WAL")
@@ -190,8 +239,11 @@ class Store:
             if self.CHECKPOINT_EVERY is not None:
                 writer.execute(f"PRAGMA wal_autocheckpoint = {self.FALLBACK_CHECKPOINT_PAGES}")
             (version,) = writer.execute("PRAGMA user_version").fetchone()
-            if version < SCHEMA_VERSION and _has_column(writer, "history", "id"):
+            if version < 2 and _has_column(writer, "history", "received_at"):
                 migrate_v1(writer)
+                version = 2
+            if version == 2:
+                migrate_v2(writer)
             elif version > SCHEMA_VERSION:
                 raise StoreError(f"the store {self.path} was written by a newer release "
                                  f"(layout {version}; this release reads {SCHEMA_VERSION})")
@@ -207,14 +259,38 @@ class Store:
             last = max(self._log[-1].last if self._log else 0, self._mark, marked)
             self._next = last + 1
             for point, count in writer.execute(
-                    "SELECT point, COUNT(*) FROM history GROUP BY point"):
+                    "SELECT point, SUM(count) FROM history GROUP BY point"):
                 self._rows[point] = count
+            self._recover_pending(writer)
             if self.outbox is not None:
                 self.outbox.open(writer, last)
         except BaseException:
             writer.close()
             raise
         self._writer = writer
+
+    def _recover_pending(self, writer: sqlite3.Connection) -> None:
+        """The events after the mark that no history row holds (the daemon stopped before
+        writing them), back from the event log."""
+        written: dict[str, int] = {}
+        for row in log_events(writer, self._mark):
+            point = row.event.point
+            if point not in written:
+                (last,) = writer.execute("SELECT COALESCE(MAX(last), 0) FROM history "
+                                         "WHERE point = ?", (point,)).fetchone()
+                written[point] = last
+            if row.seq > written[point]:
+                self._add_pending(point, row.seq, row.event.ts, row.body)
+
+    def _add_pending(self, point: str, seq: int, ts: float, body: str) -> _Chunk:
+        chunk = self._pending.get(point)
+        if chunk is None:
+            chunk = self._pending[point] = _Chunk()
+        chunk.seqs.append(seq)
+        chunk.tss.append(ts)
+        chunk.bodies.append(body)
+        self._pending_bytes += len(body)
+        return chunk
 
     def _checkpoint(self, every: float) -> None:
         """Copy the write-ahead log into the database every ``every`` seconds (PASSIVE: never
@@ -255,6 +331,7 @@ class Store:
                 writer.execute("BEGIN")
                 self._flush_latest(writer, self._latest)
             self._latest.clear()
+            self._committed_flush()
         finally:
             writer.close()
 
@@ -313,22 +390,33 @@ class Store:
         created = time.time()
         now = time.monotonic()
         text = "\n".join(bodies)
-        rows = [(event.point, seq, event.ts, body)
-                for seq, event, body in zip(range(first, last + 1), events, bodies, strict=True)]
-        fresh = {point: (point, ts, body) for point, _, ts, body in rows}
-        flush = now - self._last_latest >= self.LATEST_EVERY
+        fresh: dict[str, tuple[str, float, str]] = {}
+        full: list[str] = []
+        with self._pending_lock:
+            for seq, event, body in zip(range(first, last + 1), events, bodies, strict=True):
+                point = event.point
+                fresh[point] = (point, event.ts, body)
+                if len(self._add_pending(point, seq, event.ts, body).seqs) == CHUNK_EVENTS:
+                    full.append(point)
+        flush = (now - self._last_latest >= self.LATEST_EVERY
+                 or self._pending_bytes >= PENDING_BYTES)
         with writer:
             writer.execute("BEGIN")
             writer.execute("INSERT INTO batches (seq, last, created, sinks, body) "
                            "VALUES (?, ?, ?, ?, ?)",
                            (first, last, created, admission.log_entry(), text))
-            writer.executemany("INSERT INTO history (point, seq, ts, body) VALUES (?, ?, ?, ?)",
-                               rows)
             if outbox is not None:
                 outbox.trim(writer, admission)
             if flush:
                 self._flush_latest(writer, {**self._latest, **fresh}, last)
+            elif full:
+                writer.executemany(_INSERT_CHUNK,
+                                   [self._pending[point].row(point) for point in full])
             self._trim_log(writer, time.time())
+        if flush:
+            self._committed_flush()
+        elif full:
+            self._committed_chunks(full)
         self._next = last + 1
         self._log.append(_LogBatch(first, last, len(text), created))
         self._log_bytes += len(text)
@@ -342,7 +430,6 @@ class Store:
         sinks: frozenset[str] = frozenset()
         if outbox is not None:
             sinks = outbox.committed(admission, first, created, events, bodies)
-        self._rows.update(event.point for event in events)
         self.written += len(events)
         if now - self._last_prune >= self.PRUNE_EVERY:
             self._last_prune = now
@@ -384,14 +471,33 @@ class Store:
         """Write ``values`` (every last value since the previous flush) to the ``latest``
         table, inside the caller's transaction, and move its mark to ``last`` (default: the
         newest stored event)."""
-        if not values:
+        if not values and not self._pending:
             return
+        if self._pending:
+            writer.executemany(_INSERT_CHUNK, [chunk.row(point)
+                                               for point, chunk in self._pending.items()])
         writer.executemany(
             "INSERT INTO latest (point, ts, body) VALUES (?, ?, ?) "
             "ON CONFLICT (point) DO UPDATE SET ts = excluded.ts, body = excluded.body",
             list(values.values()))
         writer.execute("UPDATE latest_mark SET seq = ?",
                        (self._next - 1 if last is None else last,))
+
+    def _committed_flush(self) -> None:
+        """Every pending chunk is in a committed history row now."""
+        with self._pending_lock:
+            for point, chunk in self._pending.items():
+                self._rows[point] += len(chunk.seqs)
+            self._pending.clear()
+            self._pending_bytes = 0
+
+    def _committed_chunks(self, points: Sequence[str]) -> None:
+        """The full chunks of ``points`` are in committed history rows now."""
+        with self._pending_lock:
+            for point in points:
+                chunk = self._pending.pop(point)
+                self._rows[point] += len(chunk.seqs)
+                self._pending_bytes -= sum(len(body) for body in chunk.bodies)
 
     def _prune(self) -> None:
         writer = self._writer
@@ -400,33 +506,61 @@ class Store:
         limit = self.retention.max_rows
         with writer:
             writer.execute("BEGIN")
-            # The log after the mark holds last values the latest table does not have yet.
+            # The log after the mark holds last values and history the tables do not have yet.
+            flushed = bool(self._latest or self._pending)
             self._flush_latest(writer, self._latest)
-            if self._latest:
-                self._mark = self._next - 1
             writer.execute("INSERT OR REPLACE INTO seq_marks (at, seq) VALUES (?, ?)",
                            (now, self._next - 1))
             # By arrival time (the marks): a device clock that is off must not wipe its own
             # history.
             (cutoff,) = writer.execute("SELECT MAX(seq) FROM seq_marks WHERE at < ?",
                                        (now - self.retention.max_age,)).fetchone()
-            points = list(self._rows)
             if cutoff is not None:
-                writer.executemany("DELETE FROM history WHERE point = ? AND seq <= ?",
-                                   [(point, cutoff) for point in points])
                 writer.execute("DELETE FROM seq_marks WHERE seq < ?", (cutoff,))
-            for point, count in list(self._rows.items()):
-                if count <= limit:
-                    continue
-                writer.execute(
-                    "DELETE FROM history WHERE point = ? AND seq <= ("
-                    "SELECT seq FROM history WHERE point = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                    (point, point, limit))
-            self._trim_log(writer, now)
+        if flushed:
+            self._mark = self._next - 1
+            self._committed_flush()
         self._latest.clear()
         self._last_latest = time.monotonic()
-        self._rows = Counter(dict(
-            writer.execute("SELECT point, COUNT(*) FROM history GROUP BY point").fetchall()))
+        with writer:
+            writer.execute("BEGIN")
+            for point in list(self._rows):
+                self._trim_history(writer, point, cutoff, limit)
+            self._trim_log(writer, now)
+
+    def _trim_history(self, writer: sqlite3.Connection, point: str, cutoff: int | None,
+                      limit: int) -> None:
+        """Drop a point's events up to ``seq`` ``cutoff`` and its oldest beyond ``limit``,
+        inside the caller's transaction: whole rows, and the one row that straddles the line
+        rewritten without them."""
+        excess = self._rows[point] - limit
+        if excess <= 0 and cutoff is None:
+            return
+        chunks = writer.execute(
+            "SELECT id, seq, last, count, seqs, tss, body FROM history WHERE point = ? "
+            "ORDER BY seq", (point,))
+        removed = 0
+        for row_id, _, last, count, seqs, tss, body in chunks.fetchall():
+            old = cutoff is not None and last <= cutoff
+            if old or excess - removed >= count:
+                writer.execute("DELETE FROM history WHERE id = ?", (row_id,))
+                removed += count
+                continue
+            numbers, times, bodies = _unpack(seqs, tss, body)
+            drop = max(excess - removed,
+                       sum(1 for seq in numbers if cutoff is not None and seq <= cutoff))
+            if drop > 0:
+                rest = _Chunk(list(numbers[drop:]), list(times[drop:]), bodies[drop:])
+                _, first, new_last, new_count, packed, packed_ts, text = rest.row(point)
+                writer.execute("UPDATE history SET seq = ?, last = ?, count = ?, seqs = ?, "
+                               "tss = ?, body = ? WHERE id = ?",
+                               (first, new_last, new_count, packed, packed_ts, text, row_id))
+                removed += drop
+            break
+        if removed:
+            self._rows[point] -= removed
+            if self._rows[point] <= 0:
+                del self._rows[point]
 
     async def prune(self) -> None:
         """Apply retention now."""
@@ -480,27 +614,60 @@ class Store:
         limit: int = 1000,
         newest_first: bool = True,
     ) -> list[str]:
-        """Like ``history``, as the stored JSON bodies (the API joins them unparsed)."""
-        clauses = ["point = ?"]
-        arguments: list[Any] = [point]
-        if since is not None:
-            clauses.append("ts >= ?")
-            arguments.append(since)
-        if until is not None:
-            clauses.append("ts <= ?")
-            arguments.append(until)
+        """Like ``history``, as the stored JSON bodies (the API joins them unparsed).
+
+        The events still in memory are taken first, then the history rows: an event flushed
+        in between is found in both and counted once.
+        """
+        with self._pending_lock:
+            chunk = self._pending.get(point)
+            fresh = (list(zip(chunk.seqs, chunk.tss, chunk.bodies, strict=True))
+                     if chunk is not None else [])
         order = "DESC" if newest_first else "ASC"
-        arguments.append(limit)
         rows = self._read().execute(
-            f"SELECT body FROM history WHERE {' AND '.join(clauses)} "
-            f"ORDER BY seq {order} LIMIT ?", arguments).fetchall()
-        return [body for (body,) in rows]
+            f"SELECT seqs, tss, body FROM history WHERE point = ? ORDER BY seq {order}",
+            (point,))
+        seen: set[int] = set()
+        found: list[str] = []
+
+        def take(events: Iterable[tuple[int, float, str]]) -> bool:
+            """Add the events that match; whether ``limit`` is reached."""
+            for seq, ts, body in events:
+                if seq in seen or (since is not None and ts < since) or (
+                        until is not None and ts > until):
+                    continue
+                seen.add(seq)
+                found.append(body)
+                if len(found) >= limit:
+                    return True
+            return False
+
+        try:
+            if newest_first and take(reversed(fresh)):
+                return found
+            for seqs, tss, body in rows:
+                events = list(zip(*_unpack(seqs, tss, body), strict=True))
+                if take(reversed(events) if newest_first else events):
+                    return found
+            if not newest_first:
+                take(fresh)
+        finally:
+            rows.close()
+        return found
 
     def history_count(self, point: str) -> int:
-        """How many history rows a point has."""
-        row = self._read().execute("SELECT COUNT(*) FROM history WHERE point = ?",
-                                   (point,)).fetchone()
-        return int(row[0])
+        """How many events of a point the history holds."""
+        with self._pending_lock:
+            chunk = self._pending.get(point)
+            pending = set(chunk.seqs) if chunk is not None else set()
+        (count,) = self._read().execute(
+            "SELECT COALESCE(SUM(count), 0) FROM history WHERE point = ?", (point,)).fetchone()
+        if pending:
+            (last,) = self._read().execute(
+                "SELECT COALESCE(MAX(last), 0) FROM history WHERE point = ?",
+                (point,)).fetchone()
+            pending = {seq for seq in pending if seq > last}
+        return int(count) + len(pending)
 
     def history_seq(self, event_id: str) -> int | None:
         """The position (``seq``) of a stored event in the event log; ``None`` when the log
@@ -539,9 +706,10 @@ def _has_column(connection: sqlite3.Connection, table: str, column: str) -> bool
 
 
 def migrate_v1(writer: sqlite3.Connection) -> None:
-    """Turn a store of layout 1 into layout 2, in one transaction: the history keeps its
-    ``seq``s, last values not yet in ``latest`` are written there, and the outbox rows of each
-    sink become batches of the event log that only that sink takes, after its cursor."""
+    """Turn a store of layout 1 into layout 2 (``migrate_v2`` follows), in one transaction:
+    the history keeps its ``seq``s, last values not yet in ``latest`` are written there, and the
+    outbox rows of each sink become batches of the event log that only that sink takes, after
+    its cursor."""
     logger.info("migrating the store to layout %d", SCHEMA_VERSION)
     with writer:
         writer.execute("BEGIN")
@@ -601,6 +769,40 @@ def migrate_v1(writer: sqlite3.Connection) -> None:
         writer.execute("CREATE TABLE IF NOT EXISTS latest_mark ("
                        "id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)")
         writer.execute("INSERT OR REPLACE INTO latest_mark (id, seq) VALUES (1, ?)", (last,))
+        writer.execute("PRAGMA user_version = 2")
+
+
+def migrate_v2(writer: sqlite3.Connection) -> None:
+    """Turn a store of layout 2 into layout 3, in one transaction: each point's history rows
+    become chunks of up to ``CHUNK_EVENTS`` events."""
+    logger.info("migrating the store's history to layout %d", SCHEMA_VERSION)
+    with writer:
+        writer.execute("BEGIN")
+        writer.execute("ALTER TABLE history RENAME TO history_rows")
+        writer.execute("CREATE TABLE history (id INTEGER PRIMARY KEY, point TEXT NOT NULL, "
+                       "seq INTEGER NOT NULL, last INTEGER NOT NULL, count INTEGER NOT NULL, "
+                       "seqs BLOB NOT NULL, tss BLOB NOT NULL, body TEXT NOT NULL)")
+        writer.execute("CREATE INDEX history_point ON history (point, seq)")
+        rows: list[tuple[str, int, int, int, bytes, bytes, str]] = []
+        chunk = _Chunk()
+        current: str | None = None
+        events = writer.execute("SELECT point, seq, ts, body FROM history_rows "
+                                "ORDER BY point, seq")
+        for point, seq, ts, body in events:
+            if current is not None and (point != current or len(chunk.seqs) >= CHUNK_EVENTS):
+                rows.append(chunk.row(current))
+                chunk = _Chunk()
+                if len(rows) >= 1000:
+                    writer.executemany(_INSERT_CHUNK, rows)
+                    rows.clear()
+            current = point
+            chunk.seqs.append(seq)
+            chunk.tss.append(ts)
+            chunk.bodies.append(body)
+        if current is not None:
+            rows.append(chunk.row(current))
+        writer.executemany(_INSERT_CHUNK, rows)
+        writer.execute("DROP TABLE history_rows")
         writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
