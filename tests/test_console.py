@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from fastapi import APIRouter, Response
 from helpers import free_port
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
@@ -356,9 +357,33 @@ async def test_docs_render_offline(plant: Plant, pages: Pages) -> None:
     assert pages.hosts() == {"127.0.0.1"}, sorted(request.url for request in pages.requests)
 
 
+def first_route(server: ApiServer, endpoint: Callable[..., Any], methods: list[str]) -> None:
+    """Serve ``endpoint`` at ``/v1/discover/{protocol}`` ahead of the API's own route."""
+    stand_in = APIRouter()
+    stand_in.add_api_route("/v1/discover/{protocol}", endpoint, methods=methods)
+    server.app.router.routes[:0] = stand_in.routes
+
+
+def without_discovery(server: ApiServer) -> None:
+    """The API as a bridge without discovery serves it: ``/v1/discover`` answers 404."""
+
+    async def absent(protocol: str) -> Response:
+        return Response(status_code=404)
+
+    first_route(server, absent, ["GET", "POST"])
+
+
 async def test_discovery_says_it_is_not_available_without_the_endpoint(
-    plant: Plant, pages: Pages
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pages: Pages
 ) -> None:
+    plant = await start_plant(tmp_path, monkeypatch, stub=without_discovery)
+    try:
+        await _discovery_not_available(plant, pages)
+    finally:
+        await stop_plant(plant)
+
+
+async def _discovery_not_available(plant: Plant, pages: Pages) -> None:
     page = await pages.open(plant.url)
     await expect(page.locator("#discover-availability")).to_contain_text(
         "Discovery is not available on this bridge")
@@ -383,7 +408,7 @@ def discovery_stub(server: ApiServer, received: list[dict[str, Any]]) -> None:
         received.append({"protocol": protocol, **body})
         return DISCOVERED
 
-    server.app.add_api_route("/v1/discover/{protocol}", discover, methods=["POST"])
+    first_route(server, discover, ["POST"])
 
 
 async def test_discovery_panel_shows_a_result(
