@@ -333,3 +333,41 @@ async def test_metrics_and_inventory_show_the_outbox_while_the_broker_is_away(
     assert "s3cret" not in listed.text
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "not_found"
+
+
+async def test_a_stopped_sink_fills_only_its_own_outbox_and_the_other_keeps_delivering(
+    tmp_path: Path, rabbit: RabbitAdmin
+) -> None:
+    queue = unique("fbtest.working.")
+    exchange = unique("fbtest.events.")
+    rabbit.exchanges.append(exchange)
+    rabbit.queues.append(queue)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
+        "api": {"enabled": False},
+        "outbox": {"max_events": 50, "policy": "block"},
+        "sinks": [
+            # Nothing listens on its port: it never delivers anything.
+            {"id": "stopped", "protocol": "amqp", "host": AMQP_HOST, "port": free_port(),
+             "timeout": 2, "points": ["a.*"]},
+            {"id": SINK, "protocol": "amqp", "host": AMQP_HOST, "port": AMQP_PORT, "timeout": 5,
+             "points": ["b.*"], "exchange": {"name": exchange},
+             "topology": {"queues": [{"name": queue}]}},
+        ],
+    }, sort_keys=False), encoding="utf-8")
+    stuck = [make_event("x", f"a.p{index % 5}", index) for index in range(200)]
+    working = [make_event("y", f"b.p{index % 5}", index) for index in range(200)]
+    async with BridgeRun(config) as bridge:
+        router = bridge.runtime.router
+        for start in range(0, 200, 20):
+            await router.submit(stuck[start:start + 20])
+            await router.submit(working[start:start + 20])
+        await bridge.delivered(SINK, 200)
+        await wait_until(lambda: bridge.depth("stopped") == 50, what="the stopped sink full")
+        # The stopped sink's events wait in the router, in order, for room in its outbox.
+        assert router.pending == 150
+        assert router.counters["outbox_full_waits"] >= 1
+        assert bridge.sink("stopped").status.state is ConnectionState.DOWN
+    received = rabbit.drain(queue, 200)
+    assert [delivery.message_id for delivery in received] == [event.id for event in working]

@@ -7,10 +7,12 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge.core.model import Event, Quality, new_event_id
+from bridge.pipeline.outbox import Admission
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Replay, Retention, Store
 
@@ -251,13 +253,13 @@ async def test_batches_arriving_within_the_commit_interval_are_committed_togethe
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    write = store.write
+    hold = store.hold
 
-    async def counting(events: list[Event], *, force: bool = False) -> int:
+    async def counting(events: list[Event], **options: Any) -> Admission:
         writes.append(len(events))
-        return await write(events, force=force)
+        return await hold(events, **options)
 
-    monkeypatch.setattr(store, "write", counting)
+    monkeypatch.setattr(store, "hold", counting)
     routed = Router(store, commit_interval=0.2)
     stored = asyncio.Event()
     routed.add_listener(lambda events: stored.set())

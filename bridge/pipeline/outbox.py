@@ -29,7 +29,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from bridge.core.model import Event
@@ -96,8 +96,11 @@ class _SinkState:
 class Admission:
     """Which events of one batch the outbox takes, from ``admit`` to ``committed``."""
 
-    taken: int
-    """Events (a prefix of the batch) that may be stored."""
+    taken: list[int]
+    """The indexes of the events that may be stored, in order."""
+    held: list[int] = field(default_factory=list)
+    """The indexes of the events held back: a sink that takes them is full (``block``), or
+    an earlier event of their point is held."""
     routes: list[tuple[int, ...]] = field(default_factory=list)
     """For each taken event, the indexes of the sinks that take it."""
     added: dict[str, list[int]] = field(default_factory=dict)
@@ -161,6 +164,8 @@ class Outbox:
         self.arrivals = {route.sink: 0 for route in self.routes}
         """Counts the batches stored with events for each sink (on the event loop)."""
         self._room = asyncio.Event()
+        self.room_listeners: list[Callable[[], None]] = []
+        """Called on the event loop whenever a sink made room."""
         self._signals = {route.sink: asyncio.Event() for route in self.routes}
 
     # --- on the writer thread ------------------------------------------------------------------
@@ -202,35 +207,42 @@ class Outbox:
                 yield row
 
     def admit(self, events: Sequence[Event], bodies: Sequence[str], *,
-              force: bool = False) -> Admission:
-        """Which prefix of a batch the outbox takes, and which sinks take each event.
+              force: bool = False, held_points: Collection[str] = ()) -> Admission:
+        """Which events of a batch the outbox takes, and which sinks take each event.
 
-        With the ``block`` policy the prefix ends at the first event a sink has no room for,
-        unless ``force``; a sink with an empty outbox always takes one event, however large.
+        With the ``block`` policy (unless ``force``) an event that a full sink takes is held
+        back, and so is every later event of its point and of ``held_points`` (points with
+        events held from earlier batches), so each point's events are stored in order; the
+        other events, for sinks with room, are stored. A sink with an empty outbox always takes
+        one event, however large.
         """
         if not self.routes:
-            return Admission(len(events))
+            return Admission(list(range(len(events))))
         block = not (self.limits.drop_oldest or force)
         states = self._order
         added = [[0, 0] for _ in states]
-        admission = Admission(0)
-        routes = admission.routes
-        for event, body in zip(events, bodies, strict=True):
+        admission = Admission([])
+        taken, held, routes = admission.taken, admission.held, admission.routes
+        holding = set(held_points) if block else set()
+        for position, (event, body) in enumerate(zip(events, bodies, strict=True)):
+            if holding and event.point in holding:
+                held.append(position)
+                continue
             taking = tuple(index for index, state in enumerate(states)
                            if state.route.accepts(event))
-            if not taking:
-                routes.append(taking)
-                continue
-            size = len(body.encode())
-            if block and any(self._full(states[index].depth, added[index], size)
-                             for index in taking):
-                break
-            for index in taking:
-                extra = added[index]
-                extra[0] += 1
-                extra[1] += size
+            if taking:
+                size = len(body.encode())
+                if block and any(self._full(states[index].depth, added[index], size)
+                                 for index in taking):
+                    holding.add(event.point)
+                    held.append(position)
+                    continue
+                for index in taking:
+                    extra = added[index]
+                    extra[0] += 1
+                    extra[1] += size
+            taken.append(position)
             routes.append(taking)
-        admission.taken = len(routes)
         admission.added = {state.route.sink: extra
                            for state, extra in zip(states, added, strict=True) if extra[0]}
         return admission
@@ -441,6 +453,8 @@ class Outbox:
         """A sink's events were confirmed: wake a router waiting for room."""
         self.generation += 1
         self._room.set()
+        for listener in self.room_listeners:
+            listener()
 
     async def wait_for_room(self, generation: int) -> None:
         """Wait until a sink made room after ``generation`` (taken before the write that found

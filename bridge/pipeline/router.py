@@ -3,11 +3,11 @@
 Sources hand in events through ``submit``; when more than ``max_pending`` events wait to be
 stored, ``submit`` waits, so a fast source slows down instead of growing memory. Batches are
 at least ``commit_interval`` apart: under load what arrives meanwhile is stored together. Storing a
-batch writes its history and its outbox rows in one transaction; only then are its upstream
-messages acknowledged, so an acknowledged message's events are always in the outbox. When a
-sink's outbox is full under the ``block`` policy, the router stores what fits and waits for a
-sink to make room: pending events pile up to ``max_pending`` and sources wait in ``submit``.
-"""
+batch writes its history and its event-log row in one transaction; only then are its upstream
+messages acknowledged, so an acknowledged message's events are always in the outbox. Under the
+``block`` policy, events that a full sink takes are held back here, in order, with every later
+event of their points, and tried again once a sink made room; the rest are stored. A source
+whose held events reach ``max_held`` waits in ``submit``; the others go on."""
 
 from __future__ import annotations
 
@@ -40,21 +40,30 @@ class Router:
     """Routes events from sources to the store and to listeners, in order."""
 
     def __init__(self, store: Store, *, max_pending: int = 20_000, max_batch: int = 5_000,
-                 commit_interval: float = 0.0) -> None:
+                 commit_interval: float = 0.0, max_held: int | None = None) -> None:
         self.store = store
         self.max_pending = max_pending
         self.max_batch = max_batch
+        self.max_held = max_held if max_held is not None else max(1, max_pending // 4)
+        """Events of one source held back for full sinks, at most, before the source waits."""
         self.commit_interval = commit_interval
         """Seconds, at least, from the start of one batch's write to the next (group commit)."""
         self.latest: dict[str, Event] = {}
         """The last event of every point, kept in memory for the API."""
         self.counters: Counter[str] = Counter()
         self._queue: deque[_Batch] = deque()
-        self._pending = 0
+        self._queued = 0
+        self._held: deque[_Batch] = deque()
+        """Batches with events a full sink holds back, oldest first."""
+        self._held_points: set[str] = set()
+        self._held_sources: Counter[str] = Counter()
+        self._held_generation = -1
         self._arrived = asyncio.Event()
         self._room = asyncio.Condition()
         self._listeners: list[Listener] = []
         self._closing = False
+        if store.outbox is not None:
+            store.outbox.room_listeners.append(self._arrived.set)
 
     def restore(self) -> None:
         """Load last values from the store (after a restart)."""
@@ -67,21 +76,30 @@ class Router:
 
     @property
     def pending(self) -> int:
-        """Events accepted but not yet stored."""
-        return self._pending
+        """Events accepted but not yet stored (held back ones included)."""
+        return self._queued + sum(self._held_sources.values())
+
+    def _has_room(self, source: str | None) -> bool:
+        return self._queued < self.max_pending and (
+            source is None or self._held_sources[source] < self.max_held)
 
     async def submit(
         self, events: Sequence[Event], settlements: Sequence[Settlement] = ()
     ) -> None:
-        """Queue events for storing; upstream messages are settled, in order, once stored."""
+        """Queue events for storing; upstream messages are settled, in order, once stored.
+
+        Waits while ``max_pending`` events wait to be stored, or while ``max_held`` of this
+        source's events are held back for a full sink (other sources go on).
+        """
         if not events and not settlements:
             return
-        if self._pending >= self.max_pending:
+        source = events[0].source if events else None
+        if not self._has_room(source):
             self.counters["backpressure_waits"] += 1
             async with self._room:
-                await self._room.wait_for(lambda: self._pending < self.max_pending)
+                await self._room.wait_for(lambda: self._has_room(source))
         self._queue.append(_Batch(events, settlements))
-        self._pending += len(events)
+        self._queued += len(events)
         self._arrived.set()
 
     async def run(self) -> None:
@@ -90,7 +108,7 @@ class Router:
         A batch being stored when the router is cancelled is finished first (it is shielded),
         so nothing a source handed in is lost at shutdown.
         """
-        flushing: asyncio.Task[bool] | None = None
+        flushing: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         started = -self.commit_interval
         try:
@@ -99,42 +117,54 @@ class Router:
                 # Group commit: while batches follow each other closely, gather what arrives
                 # for the rest of the interval, so a busy store commits fewer, larger batches.
                 delay = started + self.commit_interval - loop.time()
-                if delay > 0 and self._pending < self.max_batch:
+                if delay > 0 and self._queued < self.max_batch:
                     await asyncio.sleep(delay)
                 started = loop.time()
-                outbox = self.store.outbox
-                generation = outbox.generation if outbox is not None else 0
                 flushing = asyncio.create_task(self._flush(), name="router.flush")
-                if await asyncio.shield(flushing) and outbox is not None:
-                    self.counters["outbox_full_waits"] += 1
-                    await outbox.wait_for_room(generation)
+                await asyncio.shield(flushing)
         finally:
             # Cancelled (shutdown): store what sources already handed in before returning,
             # beyond the outbox's bound if need be (sources are stopped: it cannot grow more).
             self._closing = True
             if flushing is not None:
                 await asyncio.shield(flushing)
-            while self._queue:
+            while self._queue or self._held:
                 await asyncio.shield(self._flush())
 
-    async def _flush(self) -> bool:
-        """Store, settle and announce one batch; whether the outbox was too full for all."""
+    async def _flush(self) -> None:
+        """Store, settle and announce one batch.
+
+        Batches held back for a full sink are tried again first, once a sink made room since;
+        until then, new events of their points are held behind them.
+        """
+        outbox = self.store.outbox
+        generation = outbox.generation if outbox is not None else 0
         batches: list[_Batch] = []
-        events: list[Event] = []
+        retry = bool(self._held) and (self._closing or generation != self._held_generation)
+        if retry:
+            batches.extend(self._held)
+            self._held.clear()
+            self._held_points.clear()
+            self._held_sources.clear()
+        events: list[Event] = [event for batch in batches for event in batch.events]
+        fresh = 0
         while self._queue and len(events) < self.max_batch:
             batch = self._queue.popleft()
             batches.append(batch)
             events.extend(batch.events)
+            fresh += len(batch.events)
         if not self._queue:
             self._arrived.clear()
-        stored = await self.store.write(events, force=self._closing)
-        full = stored < len(events)
-        settlements = self._requeue(batches, stored)
-        del events[stored:]
-        for event in events:
+        self._queued -= fresh
+        admission = await self.store.hold(events, force=self._closing,
+                                          held_points=self._held_points)
+        stored, settlements = self._sort(batches, events, admission.held)
+        if admission.held:
+            self.counters["outbox_full_waits"] += 1
+            self._held_generation = generation
+        for event in stored:
             self.latest[event.point] = event
-        self.counters["events"] += len(events)
-        self._pending -= len(events)
+        self.counters["events"] += len(stored)
         async with self._room:
             self._room.notify_all()
         for ack, reason in settlements:
@@ -149,22 +179,27 @@ class Router:
                 self.counters["settle_errors"] += 1
                 logger.exception("cannot settle an upstream message")
         for listener in list(self._listeners):
-            listener(events)
-        return full
+            listener(stored)
 
-    def _requeue(self, batches: list[_Batch], stored: int) -> list[Settlement]:
-        """Put back what the store did not take; the settlements of the batches it stored.
-
-        A batch stored in part keeps all its settlements until the rest of it is stored too.
-        """
+    def _sort(self, batches: list[_Batch], events: list[Event], held: Sequence[int]
+              ) -> tuple[list[Event], list[Settlement]]:
+        """The stored events, in order, and the settlements of the batches stored whole; a
+        batch with events held back keeps all its settlements until they are stored too."""
+        if not held:
+            return events, [settlement for batch in batches for settlement in batch.settlements]
+        holding = set(held)
+        stored: list[Event] = []
         settlements: list[Settlement] = []
-        left = stored
-        for index, batch in enumerate(batches):
-            if len(batch.events) > left:
-                rest = [_Batch(batch.events[left:], batch.settlements), *batches[index + 1:]]
-                self._queue.extendleft(reversed(rest))
-                self._arrived.set()
-                break
-            left -= len(batch.events)
-            settlements.extend(batch.settlements)
-        return settlements
+        position = 0
+        for batch in batches:
+            kept: list[Event] = []
+            for event in batch.events:
+                (kept if position in holding else stored).append(event)
+                position += 1
+            if kept:
+                self._held.append(_Batch(kept, batch.settlements))
+                self._held_points.update(event.point for event in kept)
+                self._held_sources.update(event.source for event in kept)
+            else:
+                settlements.extend(batch.settlements)
+        return stored, settlements

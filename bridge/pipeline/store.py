@@ -16,7 +16,7 @@ import threading
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,19 +340,26 @@ class Store:
         row of the event log, which is also every sink's outbox.
 
         Returns how many events were stored: all of them, except under the outbox's ``block``
-        policy when a sink's outbox is full, where it is the prefix that fit (``force``, at
-        shutdown, stores them all).
+        policy when a sink's outbox is full (``hold`` tells which; ``force``, at shutdown,
+        stores them all).
         """
+        return len((await self.hold(events, force=force)).taken)
+
+    async def hold(self, events: Sequence[Event], *, force: bool = False,
+                   held_points: Collection[str] = ()) -> Admission:
+        """Like ``write``: which events were stored (``taken``) and which held back
+        (``held``: a sink that takes them is full, or an earlier event of their point, or of
+        ``held_points``, was held)."""
         if not events:
-            return 0
+            return Admission([])
         if self._executor is None:
             raise StoreError("store is not open")
         loop = asyncio.get_running_loop()
-        count, sinks = await loop.run_in_executor(self._executor, self._write, list(events),
-                                                  force)
+        admission, sinks = await loop.run_in_executor(
+            self._executor, self._write, list(events), force, held_points)
         if sinks and self.outbox is not None:
             self.outbox.stored(sinks)
-        return count
+        return admission
 
     def run_on_writer(
         self,
@@ -374,17 +381,19 @@ class Store:
             return None
         return self.outbox.oldest(self._read(), sink)
 
-    def _write(self, events: list[Event], force: bool) -> tuple[int, frozenset[str]]:
+    def _write(self, events: list[Event], force: bool, held_points: Collection[str] = ()
+               ) -> tuple[Admission, frozenset[str]]:
         writer = self._writer
         assert writer is not None
         bodies = [event_to_json(event) for event in events]
         outbox = self.outbox
-        admission = (outbox.admit(events, bodies, force=force) if outbox is not None
-                     else Admission(len(events)))
-        del events[admission.taken:]
-        del bodies[admission.taken:]
+        admission = (outbox.admit(events, bodies, force=force, held_points=held_points)
+                     if outbox is not None else Admission(list(range(len(events)))))
+        if admission.held:
+            events = [events[index] for index in admission.taken]
+            bodies = [bodies[index] for index in admission.taken]
         if not events:
-            return 0, frozenset()
+            return admission, frozenset()
         first = self._next
         last = first + len(events) - 1
         created = time.time()
@@ -434,7 +443,7 @@ class Store:
         if now - self._last_prune >= self.PRUNE_EVERY:
             self._last_prune = now
             self._prune()
-        return len(events), sinks
+        return admission, sinks
 
     def _trim_log(self, writer: sqlite3.Connection, now: float) -> None:
         """Delete the oldest batches of the event log that no sink needs any more, that the
