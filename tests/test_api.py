@@ -602,7 +602,7 @@ def test_the_time_pattern_documents_the_forms_parse_time_reads() -> None:
                  "2023-11-14T22:13:20.250", "2023-11-14 22:13"):
         assert pattern.fullmatch(text), text
         parse_time(text, now)
-    for text in ("", "soon", "-1y", "nan", "yesterday", " now"):
+    for text in ("", "soon", "-1y", "nan", "yesterday", " now", "2023-13-01", "2023-11-14T24:00"):
         assert not pattern.fullmatch(text), text
 
 

@@ -120,8 +120,9 @@ Identified = Depends(identify)
 
 TIME_PATTERN = (
     r"^(now|-[0-9]+(\.[0-9]+)?(ms|s|m|h|d)?|[0-9]+(\.[0-9]+)?"
-    r"|[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}(:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?)?"
-    r"([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?)?)$")
+    r"|[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"([Tt ]([01][0-9]|2[0-3])(:[0-5][0-9](:[0-5][0-9]([.,][0-9]+)?)?)?"
+    r"([Zz]|[+-]([01][0-9]|2[0-3])(:?[0-5][0-9])?)?)?)$")
 """The forms of a time parameter (``since``, ``until``) as the OpenAPI documents them:
 ``now``, a relative time (``-15m``), POSIX seconds, or ISO 8601. ``parse_time`` reads them
 and answers a value it cannot read with a 422 that names the forms."""
