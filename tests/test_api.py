@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from bridge import __version__
 from bridge.api import server as api_server
 from bridge.api.app import create_app
-from bridge.api.context import parse_time
+from bridge.api.context import TIME_PATTERN, parse_time
 from bridge.api.models import History, PointPage, PointValue, SourceList, SourceModel
 from bridge.api.server import ApiServer, api_services
 from bridge.config.models import PointBase, ReportSpec, ResolvedPoint
@@ -540,6 +540,109 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()
+
+
+# Conformance notes of the "Hardening" issue, one test each (tests/test_schemathesis.py runs
+# schemathesis itself against the daemon).
+
+
+async def test_a_405_allows_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    # /v1/points/{point_id} has a route for GET and another for PUT: before, Allow: GET.
+    response = await client.options("/v1/points/boiler.setpoint")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, PUT"
+    assert error_of(response)["hint"] == "use GET, PUT"
+    assert (await client.delete("/v1/points/boiler.setpoint")).headers["allow"] == "GET, PUT"
+
+
+async def test_a_body_that_is_not_utf8_is_the_documented_422(client: httpx.AsyncClient) -> None:
+    # Before: an undocumented 400, "There was an error parsing the body".
+    response = await client.put("/v1/points/boiler.setpoint", content=b"\xff\x64\xff",
+                                headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["code"] == "invalid_request"
+    assert error["details"][0]["location"] == "body"
+
+
+@pytest.mark.parametrize(("url", "location"), [
+    ("/v1/points?tag=", "query.tag"),
+    ("/v1/points/boiler.supply_temp/history?since=", "query.since"),
+    ("/v1/points/boiler.supply_temp/history?until=", "query.until"),
+])
+async def test_an_empty_filter_is_a_422_the_openapi_foretells(
+    client: httpx.AsyncClient, url: str, location: str
+) -> None:
+    response = await client.get(url)
+    assert response.status_code == 422
+    assert error_of(response)["details"][0]["location"] == location
+    # The document says so: a generated client never sends the empty value.
+    document = (await client.get("/openapi.json")).json()
+    path = url.partition("?")[0].replace("boiler.supply_temp", "{point_id}")
+    name = location.removeprefix("query.")
+    parameter = next(parameter for parameter in document["paths"][path]["get"]["parameters"]
+                     if parameter["name"] == name)
+    string = parameter["schema"]["anyOf"][0]
+    pattern = re.compile(string["items"]["pattern"] if "items" in string else string["pattern"])
+    assert not pattern.search("")
+
+
+async def test_a_tag_filter_named_false_is_a_tag_name(client: httpx.AsyncClient) -> None:
+    # tag=false asks for points that have a tag named "false": none here, and not an error.
+    response = await client.get("/v1/points?tag=false")
+    assert response.status_code == 200
+    assert response.json()["items"] == []
+
+
+def test_the_time_pattern_documents_the_forms_parse_time_reads() -> None:
+    pattern = re.compile(TIME_PATTERN)
+    now = 1_700_000_000.0
+    for text in ("now", "-15m", "-500ms", "-7d", "-90", "1699999000", "1699999000.5",
+                 "2023-11-14", "2023-11-14T22:13:20Z", "2023-11-14T23:13:20+01:00",
+                 "2023-11-14T22:13:20.250", "2023-11-14 22:13"):
+        assert pattern.fullmatch(text), text
+        parse_time(text, now)
+    for text in ("", "soon", "-1y", "nan", "yesterday", " now", "2023-13-01", "2023-11-14T24:00"):
+        assert not pattern.fullmatch(text), text
+
+
+async def test_errors_of_streams_and_metrics_are_documented_as_json(
+    client: httpx.AsyncClient
+) -> None:
+    # A streaming response class documented its 422 as text/event-stream, which it is not.
+    document = (await client.get("/openapi.json")).json()
+    for path in ("/v1/events/stream", "/v1/status/stream", "/metrics"):
+        responses = document["paths"][path]["get"]["responses"]
+        for status in ("401", "403", "422"):
+            assert set(responses[status]["content"]) == {"application/json"}, (path, status)
+    for path in ("/v1/events/stream", "/v1/status/stream"):
+        assert set(document["paths"][path]["get"]["responses"]["200"]["content"]) == {
+            "text/event-stream"}
+    response = await client.get("/v1/events/stream?tag==x")
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/json"
+
+
+async def test_each_stream_message_kind_has_its_schema(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+
+    def kinds(path: str) -> dict[str, Any]:
+        content = document["paths"][path]["get"]["responses"]["200"]["content"]
+        return {kind["properties"]["event"]["const"]: kind["properties"]["data"]
+                for kind in content["text/event-stream"]["itemSchema"]["oneOf"]}
+
+    events = kinds("/v1/events/stream")
+    assert set(events) == {"event", "warning", "error"}
+    assert events["event"]["contentSchema"] == {"$ref": "#/components/schemas/EventModel"}
+    notice = events["warning"]["contentSchema"]
+    # The unknown_last_event_id warning, as the stream sends it, fits its schema.
+    assert set(notice["required"]) == {"code", "message", "hint"}
+    assert notice["properties"]["last_event_id"]["anyOf"] == [{"type": "string"},
+                                                              {"type": "null"}]
+    status = kinds("/v1/status/stream")
+    assert set(status) == {"status"}
+    assert status["status"]["contentSchema"]["properties"]["sinks"]["items"] == {
+        "$ref": "#/components/schemas/SinkModel"}
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from fastapi import APIRouter, Response
+from discovery_helpers import CONSOLE_BODIES
+from fastapi.responses import JSONResponse
 from helpers import free_port
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
@@ -27,7 +28,7 @@ from bridge.api.server import ApiServer
 from bridge.config.models import ApiKey, Config
 from bridge.demo.run import PORT_VARIABLE, demo_config_path, load_demo_config
 from bridge.demo.simulator import PlantSimulator
-from bridge.registry import load_config
+from bridge.registry import discoverable, load_config
 from bridge.runtime import Runtime, RuntimeFacade
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -357,37 +358,35 @@ async def test_docs_render_offline(plant: Plant, pages: Pages) -> None:
     assert pages.hosts() == {"127.0.0.1"}, sorted(request.url for request in pages.requests)
 
 
-def first_route(server: ApiServer, endpoint: Callable[..., Any], methods: list[str]) -> None:
-    """Serve ``endpoint`` at ``/v1/discover/{protocol}`` ahead of the API's own route."""
-    stand_in = APIRouter()
-    stand_in.add_api_route("/v1/discover/{protocol}", endpoint, methods=methods)
-    server.app.router.routes[:0] = stand_in.routes
+def first_route(server: ApiServer, path: str, endpoint: Callable[..., Any],
+                methods: list[str]) -> None:
+    """Serve ``endpoint`` at ``path`` ahead of the API's own routes."""
+    server.app.add_api_route(path, endpoint, methods=methods, include_in_schema=False)
+    routes = server.app.router.routes
+    routes.insert(0, routes.pop())
 
 
-def without_discovery(server: ApiServer) -> None:
-    """The API as a bridge without discovery serves it: ``/v1/discover`` answers 404."""
+def no_discovery(server: ApiServer) -> None:
+    """The API of a bridge older than discovery: ``/v1/discover/...`` is not a route."""
 
-    async def absent(protocol: str) -> Response:
-        return Response(status_code=404)
+    async def absent(protocol: str) -> JSONResponse:
+        return JSONResponse({"error": {"code": "not_found", "message": "no route"}},
+                            status_code=404)
 
-    first_route(server, absent, ["GET", "POST"])
+    first_route(server, "/v1/discover/{protocol}", absent, ["GET", "POST"])
 
 
 async def test_discovery_says_it_is_not_available_without_the_endpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pages: Pages
 ) -> None:
-    plant = await start_plant(tmp_path, monkeypatch, stub=without_discovery)
+    plant = await start_plant(tmp_path, monkeypatch, stub=no_discovery)
     try:
-        await _discovery_not_available(plant, pages)
+        page = await pages.open(plant.url)
+        await expect(page.locator("#discover-availability")).to_contain_text(
+            "Discovery is not available on this bridge")
+        await expect(page.locator("#discover-run")).to_be_disabled()
     finally:
         await stop_plant(plant)
-
-
-async def _discovery_not_available(plant: Plant, pages: Pages) -> None:
-    page = await pages.open(plant.url)
-    await expect(page.locator("#discover-availability")).to_contain_text(
-        "Discovery is not available on this bridge")
-    await expect(page.locator("#discover-run")).to_be_disabled()
 
 
 DISCOVERED = {
@@ -402,13 +401,16 @@ DISCOVERED = {
 
 def discovery_stub(server: ApiServer, received: list[dict[str, Any]]) -> None:
     """A stand-in for ``POST /v1/discover/{protocol}`` that answers as its contract says and
-    keeps what it was asked in ``received``."""
+    keeps what it was asked in ``received``: a body the protocol's request model refuses
+    fails the test."""
 
     async def discover(protocol: str, body: dict[str, Any]) -> dict[str, Any]:
         received.append({"protocol": protocol, **body})
-        return DISCOVERED
+        discoverable()[protocol].request_model.model_validate(body)
+        return {**DISCOVERED, "protocol": protocol,
+                "yaml": str(DISCOVERED["yaml"]).replace("modbus", protocol)}
 
-    first_route(server, discover, ["POST"])
+    first_route(server, "/v1/discover/{protocol}", discover, ["POST"])
 
 
 async def test_discovery_panel_shows_a_result(
@@ -429,9 +431,18 @@ async def test_discovery_panel_shows_a_result(
         await expect(page.locator("#discover-warnings")).to_contain_text("unit 2 did not answer")
         await expect(page.locator("#discover-warnings")).to_contain_text("partial")
         await expect(page.locator("#discover-yaml")).to_contain_text("protocol: modbus")
-        assert received == [{"protocol": "modbus", "host": "127.0.0.1", "port": 502,
-                             "units": [1, 2], "tables": ["holding", "input", "coils",
-                                                         "discrete"], "range": "0-99"}]
+        # The other protocols' forms, with their default values.
+        for protocol, field_name, target in (("opcua", "url", "opc.tcp://127.0.0.1:4840/"),
+                                             ("mqtt", "host", "127.0.0.1")):
+            await page.select_option("#discover-protocol", protocol)
+            await page.locator(f'fieldset[data-protocol="{protocol}"] [name="{field_name}"]'
+                               ).fill(target)
+            await page.click("#discover-run")
+            await expect(page.locator("#discover-yaml")).to_contain_text(
+                f"protocol: {protocol}")
+        # Exactly the fields of each protocol's request model, in the forms it takes.
+        assert received == [{"protocol": protocol, **CONSOLE_BODIES[protocol]}
+                            for protocol in ("modbus", "opcua", "mqtt")]
     finally:
         await stop_plant(plant)
 

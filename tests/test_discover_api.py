@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from brokers import MQTT_HOST, MQTT_PORT, require_broker, unique
+from discovery_helpers import CONSOLE_BODIES
 from helpers import free_port
 from modbus_servers import ModbusTestServer, device
 
@@ -100,6 +101,23 @@ async def test_an_unreachable_endpoint_is_a_structured_error(api: httpx.AsyncCli
     error = response.json()["error"]
     assert error["code"] == "endpoint_unavailable"
     assert "refused" in error["message"].lower()
+
+
+@pytest.mark.parametrize("protocol", sorted(CONSOLE_BODIES))
+async def test_the_route_takes_the_bodies_the_console_sends(
+    api: httpx.AsyncClient, protocol: str
+) -> None:
+    # The console once sent Modbus unit ids and tables as lists, which the route refused.
+    body = dict(CONSOLE_BODIES[protocol])
+    # Nothing listens there: the discovery gets as far as connecting.
+    port = free_port()
+    if "url" in body:
+        body["url"] = f"opc.tcp://127.0.0.1:{port}/"
+    else:
+        body["port"] = port
+    response = await api.post(f"/v1/discover/{protocol}", json=body)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "endpoint_unavailable"
 
 
 @pytest.mark.broker

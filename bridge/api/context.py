@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, cast
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client.registry import CollectorRegistry
+from pydantic import WithJsonSchema
 
 from bridge.api.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
 from bridge.api.stream import EventHub, StreamSettings
@@ -117,6 +118,33 @@ Identified = Depends(identify)
 """The dependency that refuses a request without a known key (any scope)."""
 
 
+TIME_PATTERN = (
+    r"^(now|-[0-9]+(\.[0-9]+)?(ms|s|m|h|d)?|[0-9]+(\.[0-9]+)?"
+    r"|[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"([Tt ]([01][0-9]|2[0-3])(:[0-5][0-9](:[0-5][0-9]([.,][0-9]+)?)?)?"
+    r"([Zz]|[+-]([01][0-9]|2[0-3])(:?[0-5][0-9])?)?)?)$")
+"""The forms of a time parameter (``since``, ``until``) as the OpenAPI documents them:
+``now``, a relative time (``-15m``), POSIX seconds, or ISO 8601. ``parse_time`` reads them
+and answers a value it cannot read with a 422 that names the forms."""
+
+TimeQuery = Annotated[
+    Annotated[str, WithJsonSchema({"type": "string", "pattern": TIME_PATTERN})] | None,
+    Query(description="ISO 8601 (`2025-01-31T12:00:00Z`; naive means UTC), POSIX seconds, "
+          "`now`, or relative to now (`-15m`, `-1h`, `-7d`)."),
+]
+"""A time query parameter, read with ``time_parameter``."""
+
+TAG_PATTERN = r"^[^=]"
+"""A tag filter names its tag first (``key`` or ``key=value``); ``tag_filters`` answers one
+that does not with a 422."""
+
+TagQuery = Annotated[
+    list[Annotated[str, WithJsonSchema({"type": "string", "pattern": TAG_PATTERN})]] | None,
+    Query(description="`key=value` (or `key` for any value); repeat to require several."),
+]
+"""The ``tag`` query parameter, read with ``tag_filters``."""
+
+
 def parse_time(text: str, now: float) -> float:
     """ISO 8601 (naive means UTC), POSIX seconds, ``now``, or relative like ``-1h``/``-90s``."""
     text = text.strip()
@@ -150,7 +178,7 @@ def time_parameter(name: str, text: str | None, now: float) -> float | None:
 
 def tag_filters(tags: Sequence[str]) -> tuple[TagFilter, ...]:
     """The ``tag`` query parameters (``key=value`` or ``key``); a structured 422 for one
-    without a name."""
+    without a name (``TAG_PATTERN``)."""
     filters = []
     for text in tags:
         key, equals, value = text.partition("=")

@@ -3,6 +3,8 @@ that turn every error into the structured ``{"error": {code, message, hint}}`` b
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -11,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from bridge.api.models import ErrorBody, ErrorResponse
 from bridge.errors import EXCERPT_CHARS, ApiError, excerpt
@@ -63,18 +66,48 @@ _HTTP_CODES = {
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     error = cast(StarletteHTTPException, exc)
+    if error.status_code == 400 and isinstance(error.__cause__, UnicodeDecodeError):
+        # FastAPI's one 400: a JSON body that is not UTF-8. Any other body that is not JSON
+        # is a 422 (``json_invalid``); this one is answered the same way.
+        return error_response(422, ErrorBody(
+            code="invalid_request", message="body: the body is not UTF-8 JSON",
+            hint="send the body as JSON in UTF-8; /docs describes each route's body",
+            details=[{"location": "body", "message": "expected UTF-8 JSON"}]))
     code = _HTTP_CODES.get(error.status_code, "http_error")
     message = str(error.detail)
     hint = None
+    headers = dict(error.headers or {})
     if error.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
         hint = "see /docs (or /openapi.json) for the routes this API serves"
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
-        allow = (error.headers or {}).get("Allow")
+        allow = _allowed_methods(request) or headers.get("Allow")
+        if allow:
+            headers["Allow"] = allow
         hint = f"use {allow}" if allow else None
     return error_response(error.status_code, ErrorBody(code=code, message=message, hint=hint),
-                          error.headers)
+                          headers or None)
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """The methods the OpenAPI documents at the request's path (``Allow``); ``None`` for a
+    path it does not document. Starlette would name only those of the first route there,
+    and ``/v1/points/{point_id}`` has one route for ``GET`` and another for ``PUT``."""
+    path = request.url.path
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if _path_pattern(template).fullmatch(path):
+            return ", ".join(method.upper() for method in operations if method in _METHODS)
+    return None
+
+
+_METHODS = frozenset({"get", "head", "post", "put", "patch", "delete", "options", "trace"})
+
+
+@functools.cache
+def _path_pattern(template: str) -> re.Pattern[str]:
+    pattern, _, _ = compile_path(template)
+    return pattern
 
 
 async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:

@@ -220,6 +220,45 @@ class WriteResult(BaseModel):
                             json_schema_extra=ISO_TIME)
 
 
+class StreamNotice(BaseModel):
+    """The data of an event stream's ``warning`` or ``error`` message."""
+
+    code: str = Field(description="Stable machine-readable code, e.g. `slow_consumer`.")
+    message: str = Field(description="What happened, for a person.")
+    hint: str = Field(description="What to do about it.")
+    last_event_id: str | None = Field(
+        default=None, description="The event to resume after (`Last-Event-ID`); null when "
+        "the stream sent none yet.")
+
+
+def event_stream_content(**messages: dict[str, Any]) -> dict[str, Any]:
+    """The ``text/event-stream`` content of a streaming route's 200: each message is one item
+    (OpenAPI 3.2 ``itemSchema``, as FastAPI documents its own streams) whose ``event`` names
+    its kind and whose ``data`` is JSON of the schema given for that kind."""
+    kinds = [{
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": schema},
+        },
+    } for name, schema in messages.items()]
+    return {"text/event-stream": {"itemSchema": {"oneOf": kinds}}}
+
+
+def component(model: type[BaseModel]) -> dict[str, str]:
+    """A reference to ``model`` in the OpenAPI components (a model some route returns)."""
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def inline(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON Schema of a flat ``model`` (no nested models), to inline in the OpenAPI."""
+    return model.model_json_schema()
+
+
 # What routes document besides their 200 (the handlers raise ``ApiError`` for these).
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -757,19 +757,15 @@
     }
   }
 
-  function list(text) {
-    return text.split(/[\s,]+/).filter(Boolean);
+  // "1, 2 5 - 7" as "1,2,5-7": the comma-separated list a discovery request takes.
+  function commaList(text) {
+    return text.replace(/\s*-\s*/g, "-").split(/[\s,]+/).filter(Boolean).join(",");
   }
 
-  function units(text) {
-    const result = [];
-    for (const part of list(text)) {
-      const [first, last] = part.split("-").map(Number);
-      for (let unit = first; unit <= (Number.isNaN(last) || last === undefined ? first : last); unit++) result.push(unit);
-    }
-    return result;
-  }
-
+  // The body of POST /v1/discover/{protocol}: the fields of the protocol's request model
+  // (ModbusDiscoverRequest, OpcuaDiscoverRequest, MqttDiscoverRequest), as
+  // `fieldbridge discover <protocol>` takes them: unit ids, tables and the address range
+  // of a Modbus scan are strings ("1-3,7", "holding,input", "0-99").
   function discoveryParameters(protocol) {
     const fieldset = document.querySelector(`#discover-form fieldset[data-protocol="${protocol}"]`);
     const value = (name) => fieldset.querySelector(`[name="${name}"]`).value.trim();
@@ -780,8 +776,15 @@
       return body;
     }
     if (protocol === "modbus") {
-      return {host: value("host"), port: number("port"), units: units(value("units")),
-              tables: list(value("tables")), range: value("range")};
+      const body = {host: value("host"), port: number("port")};
+      // Left empty, the request's defaults apply: unit 1, every table, addresses 0-999.
+      const units = commaList(value("units"));
+      const tables = commaList(value("tables"));
+      const range = value("range").replace(/\s+/g, "");
+      if (units) body.units = units;
+      if (tables) body.tables = tables;
+      if (range) body.range = range;
+      return body;
     }
     return {host: value("host"), port: number("port"), filter: value("filter"), seconds: number("seconds")};
   }

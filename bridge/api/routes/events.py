@@ -8,8 +8,16 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
 from bridge.api.auth import Principal
-from bridge.api.context import Authorized, Context, store_problem, tag_filters
-from bridge.api.models import ERROR_RESPONSES, ErrorResponse
+from bridge.api.context import Authorized, Context, TagQuery, store_problem, tag_filters
+from bridge.api.models import (
+    ERROR_RESPONSES,
+    ErrorResponse,
+    EventModel,
+    StreamNotice,
+    component,
+    event_stream_content,
+    inline,
+)
 from bridge.api.sse import EventStreamResponse, Resume
 from bridge.api.stream import EventFilter
 from bridge.errors import ApiError, StoreError
@@ -18,11 +26,15 @@ router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERROR_RESP
                    tags=["events"])
 
 
-@router.get("/events/stream", response_class=EventStreamResponse, status_code=200, responses={
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# ``response_class=Response``: the 200 is documented as the stream it is, and the errors as
+# the JSON they are (a streaming response class would document them as a stream).
+@router.get("/events/stream", response_class=Response, status_code=200, responses={
+    200: {"content": event_stream_content(event=component(EventModel),
+                                          warning=inline(StreamNotice),
+                                          error=inline(StreamNotice)),
           "description": "Server-Sent Events: `event: event` messages, each with `id:` the "
           "event id and `data:` the normalized event JSON; `event: warning` and "
-          "`event: error` messages carry `{code, message, hint}`."},
+          "`event: error` messages carry `{code, message, hint, last_event_id}`."},
     503: {"model": ErrorResponse, "description": "The server is stopping, or the store "
           "cannot be read to resume."}})
 async def event_stream(
@@ -32,9 +44,7 @@ async def event_stream(
     source: Annotated[str | None, Query(description="Only events of this source.")] = None,
     prefix: Annotated[str | None, Query(
         description="Only points whose id starts with this.")] = None,
-    tag: Annotated[list[str] | None, Query(
-        description="`key=value` (or `key` for any value); repeat to require several.",
-    )] = None,
+    tag: TagQuery = None,
     quality: Annotated[list[Literal["good", "uncertain", "bad"]] | None, Query(
         description="Only these qualities; repeatable.")] = None,
     last_event_id: Annotated[str | None, Query(

@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client.exposition import generate_latest
 
 from bridge import __version__
@@ -56,7 +56,9 @@ async def ready(context: Context) -> Any:
     return JSONResponse(Readiness.model_validate(body).model_dump(mode="json"), status_code=503)
 
 
-@monitoring.get("/metrics", response_class=PlainTextResponse, responses={
+# ``response_class=Response``: the 200 is documented in the exposition format alone, and the
+# errors as the JSON they are.
+@monitoring.get("/metrics", response_class=Response, responses={
     200: {"content": {CONTENT_TYPE: {}},
           "description": "Prometheus text exposition format 0.0.4."}})
 async def prometheus_metrics(context: Context) -> PlainTextResponse:

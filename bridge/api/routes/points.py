@@ -25,6 +25,8 @@ from bridge.api.context import (
     Authorized,
     Context,
     PointId,
+    TagQuery,
+    TimeQuery,
     store_problem,
     tag_filters,
     time_parameter,
@@ -65,9 +67,7 @@ async def list_points(
     context: Context,
     source: Annotated[str | None, Query(description="Only points of this source.")] = None,
     device: Annotated[str | None, Query(description="Only points of this device.")] = None,
-    tag: Annotated[list[str] | None, Query(
-        description="`key=value` (or `key` for any value); repeat to require several.",
-    )] = None,
+    tag: TagQuery = None,
     prefix: Annotated[str | None, Query(description="Only ids starting with this.")] = None,
     quality: Annotated[list[Literal["good", "uncertain", "bad", "none"]] | None, Query(
         description="Only these qualities (`none`: no data yet); repeatable.")] = None,
@@ -98,10 +98,8 @@ async def get_point(context: Context, point_id: PointId) -> JsonBody:
 async def point_history(
     context: Context,
     point_id: PointId,
-    since: Annotated[str | None, Query(
-        description="Oldest time: ISO 8601, POSIX seconds, `now` or relative (`-1h`).")] = None,
-    until: Annotated[str | None, Query(
-        description="Newest time, in the same forms as `since`.")] = None,
+    since: TimeQuery = None,
+    until: TimeQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1000,
     order: Annotated[Literal["asc", "desc"], Query(
         description="`desc`: newest first (the default); `asc`: oldest first.")] = "desc",

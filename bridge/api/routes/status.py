@@ -24,7 +24,14 @@ from starlette.types import Receive, Scope, Send
 from bridge.api.auth import Principal
 from bridge.api.context import ApiContext, Authorized, Context, Identified
 from bridge.api.handlers import JsonBody
-from bridge.api.models import ERROR_RESPONSES, ErrorResponse
+from bridge.api.models import (
+    ERROR_RESPONSES,
+    ErrorResponse,
+    SinkModel,
+    SourceModel,
+    component,
+    event_stream_content,
+)
 from bridge.api.stream import KEEP_ALIVE, StreamSettings, message
 from bridge.errors import ApiError
 
@@ -56,7 +63,11 @@ async def whoami(context: Context, principal: Annotated[Principal, Identified]) 
 
 @router.get("/status/stream", response_class=Response, status_code=200, tags=["sources"],
             dependencies=[Authorized], responses={
-                200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                200: {"content": event_stream_content(status={
+                          "type": "object", "required": ["sources", "sinks"],
+                          "properties": {
+                              "sources": {"type": "array", "items": component(SourceModel)},
+                              "sinks": {"type": "array", "items": component(SinkModel)}}}),
                       "description": "Server-Sent Events: `event: status` messages whose "
                       "`data:` is `{\"sources\": [...], \"sinks\": [...]}`, each entry as "
                       "`/v1/sources` and `/v1/sinks` give it."},
