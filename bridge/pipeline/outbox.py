@@ -163,6 +163,8 @@ class Outbox:
         """Counts the times a sink made room (on the event loop)."""
         self.arrivals = {route.sink: 0 for route in self.routes}
         """Counts the batches stored with events for each sink (on the event loop)."""
+        self._moved: set[str] = set()
+        """Sinks whose cursor moved since it was last written (on the writer thread)."""
         self._room = asyncio.Event()
         self.room_listeners: list[Callable[[], None]] = []
         """Called on the event loop whenever a sink made room."""
@@ -387,14 +389,26 @@ class Outbox:
         depth.events -= removed
         depth.bytes -= freed
         if cursor != state.cursor:
-            with writer:
-                writer.execute("BEGIN")
-                self._move(writer, state, cursor)
+            # Written with the next stored batch (``save``): a cursor that lags on disk only
+            # means confirmed events are published again after a crash.
+            self._moved.add(state.route.sink)
+            self._move_in_memory(state, cursor)
         return removed
+
+    def save(self, writer: sqlite3.Connection) -> None:
+        """Write the cursors moved since the last call, inside the caller's transaction."""
+        if self._moved:
+            writer.executemany("UPDATE cursors SET seq = ? WHERE sink = ?",
+                               [(self._sinks[sink].cursor, sink) for sink in self._moved])
+            self._moved.clear()
 
     def _move(self, writer: sqlite3.Connection, state: _SinkState, cursor: int) -> None:
         """Move a sink's cursor forward to ``cursor``, inside the caller's transaction."""
         writer.execute("UPDATE cursors SET seq = ? WHERE sink = ?", (cursor, state.route.sink))
+        self._move_in_memory(state, cursor)
+
+    @staticmethod
+    def _move_in_memory(state: _SinkState, cursor: int) -> None:
         state.cursor = cursor
         with state.lock:
             passed = state.passed

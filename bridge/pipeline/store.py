@@ -330,6 +330,8 @@ class Store:
             with writer:
                 writer.execute("BEGIN")
                 self._flush_latest(writer, self._latest)
+                if self.outbox is not None:
+                    self.outbox.save(writer)
             self._latest.clear()
             self._committed_flush()
         finally:
@@ -416,6 +418,7 @@ class Store:
                            (first, last, created, admission.log_entry(), text))
             if outbox is not None:
                 outbox.trim(writer, admission)
+                outbox.save(writer)
             if flush:
                 self._flush_latest(writer, {**self._latest, **fresh}, last)
             elif full:
@@ -535,6 +538,8 @@ class Store:
             writer.execute("BEGIN")
             for point in list(self._rows):
                 self._trim_history(writer, point, cutoff, limit)
+            if self.outbox is not None:
+                self.outbox.save(writer)
             self._trim_log(writer, now)
 
     def _trim_history(self, writer: sqlite3.Connection, point: str, cutoff: int | None,
