@@ -155,9 +155,12 @@ class Router:
             fresh += len(batch.events)
         if not self._queue:
             self._arrived.clear()
-        self._queued -= fresh
-        admission = await self.store.hold(events, force=self._closing,
-                                          held_points=self._held_points)
+        # Still pending while being stored: they leave the count once the write returns.
+        try:
+            admission = await self.store.hold(events, force=self._closing,
+                                              held_points=self._held_points)
+        finally:
+            self._queued -= fresh
         stored, settlements = self._sort(batches, events, admission.held)
         if admission.held:
             self.counters["outbox_full_waits"] += 1
