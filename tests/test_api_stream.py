@@ -384,17 +384,17 @@ async def test_an_event_committed_before_the_replay_but_fanned_out_after_it_come
     first, late, last = make_event("boiler.first"), make_event("boiler.late"), make_event("x")
     await bridge.feed([first])
     committed, release = asyncio.Event(), asyncio.Event()
-    write = store.write
+    hold = store.hold
 
-    async def write_then_hold(events: Sequence[Event], **options: Any) -> Any:
-        stored = await write(events, **options)
+    async def store_then_wait(events: Sequence[Event], **options: Any) -> Any:
+        stored = await hold(events, **options)
         if events[0].id == late.id:
             # Stored, but the router has not handed the batch to its listeners yet.
             committed.set()
             await release.wait()
         return stored
 
-    monkeypatch.setattr(store, "write", write_then_hold)
+    monkeypatch.setattr(store, "hold", store_then_wait)
     await bridge.runtime.router.submit([late])
     async with asyncio.timeout(SETTLE):
         await committed.wait()
