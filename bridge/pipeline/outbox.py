@@ -402,6 +402,11 @@ class Outbox:
                                [(self._sinks[sink].cursor, sink) for sink in self._moved])
             self._moved.clear()
 
+    def unsaved(self) -> None:
+        """The transaction that was to write the moved cursors failed: write every cursor with
+        the next one."""
+        self._moved.update(self._sinks)
+
     def _move(self, writer: sqlite3.Connection, state: _SinkState, cursor: int) -> None:
         """Move a sink's cursor forward to ``cursor``, inside the caller's transaction."""
         writer.execute("UPDATE cursors SET seq = ? WHERE sink = ?", (cursor, state.route.sink))
