@@ -14,9 +14,9 @@ Three modes:
   daemon acknowledges after its store commit.
 - **QoS 1, 8,000 msg/s asked** (the rate the issue measured at), acknowledged the same way.
   The table shows the rate the publisher reached: a paho QoS 1 publisher may not reach it on
-  a busy core. The stock broker keeps at most 20 QoS 1 messages in flight to a 3.1.1 client
-  and queues 1,000 more: a candidate that does not turn that window round fast enough loses
-  messages at the broker.
+  a busy core. The stock broker holds about 1,000 unacknowledged QoS 1 messages for a
+  subscriber (``max_queued_messages``) and drops what comes beyond ("Outgoing messages are
+  being dropped" in its log): a candidate that falls that far behind loses messages there.
 
 A QoS 1 burst is not a mode: it measures the broker's queue overflowing more than the
 client, and the publisher's speed decides how much.
@@ -209,8 +209,9 @@ def report(runs: list[Run], options: argparse.Namespace, info: dict[str, object]
         "",
         "Each candidate subscribes alone, pinned to core 1 (`taskset -c 1`), decoding each "
         "message with `json.loads`; the paho publisher and the driver run on core 0, the "
-        "stock Mosquitto on 127.0.0.1:1883 (default configuration, MQTT 3.1.1, so at most 20 "
-        "QoS 1 messages in flight to a subscriber) unpinned. CPU is the subscriber's user + "
+        "stock Mosquitto on 127.0.0.1:1883 (default configuration, MQTT 3.1.1; about 1,000 "
+        "messages held for a subscriber that falls behind, the rest dropped) unpinned. CPU "
+        "is the subscriber's user + "
         "system time (`getrusage`, every thread) per message read. Median (range) over the "
         "rounds; a gain is the reference's CPU per message over the candidate's, in the "
         "same round (aiomqtt on uvloop is what the daemon runs today). Measured while "

@@ -2,8 +2,7 @@
 with ``json.loads`` and counts, and reports the CPU it used.
 
 ``--client aiomqtt|gmqtt``, ``--loop asyncio|uvloop``, ``--qos 0|1``; MQTT 3.1.1 for both
-clients (the MQTT source's default), so the broker's own in-flight window (Mosquitto's
-``max_inflight_messages``, 20 by default) applies to both alike.
+clients (the MQTT source's default), so the broker treats both alike.
 
 At QoS 1 each message is acknowledged only after a simulated commit, as the daemon
 acknowledges after its store commit: messages are gathered into batches (a batch ends when
