@@ -32,7 +32,7 @@ Each round runs every candidate once, in turn (the order reversed every other ro
 gain of a candidate is aiomqtt-on-asyncio's CPU per message divided by the candidate's, both
 from the same round. Reported: the median and range over the rounds.
 
-Run: ``.venv/bin/python -m bench.experiments.mqtt_clients.run`` (about 8 minutes); the table
+Run: ``.venv/bin/python -m bench.experiments.mqtt_clients.run`` (about 9 minutes); the table
 is printed and written to ``results.md`` beside this file, which ``python -m bench
 --report-only`` puts into ``bench/RESULTS.md``; every run's figures are kept in ``runs.json``
 (``--report-only`` renders ``results.md`` from them again).
