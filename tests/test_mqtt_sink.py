@@ -19,7 +19,6 @@ from typing import Any
 import aiomqtt
 import pytest
 import pytest_asyncio
-import yaml
 from brokers import (
     MQTT_HOST,
     MQTT_PORT,
@@ -29,17 +28,18 @@ from brokers import (
     assert_no_tasks_left,
     require_broker,
     unique,
+    wait_on,
     wait_until,
+    write_sink_config,
 )
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from test_amqp_sink import feed, make_event
-from test_worker import WITHIN, assert_gone
+from test_worker import WITHIN, assert_gone, sink_worker_up
 
 from bridge.core.model import Event
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError
-from bridge.pipeline.worker import SinkWorker
 from protocols.mqtt.sink import _Connection
 
 pytestmark = pytest.mark.broker
@@ -64,14 +64,8 @@ class Subscriber:
     async def wait_for(self, predicate: Callable[[], bool], what: str,
                        within: float = SETTLE) -> None:
         """Wait until ``predicate()`` holds after some message; fail after ``within`` s."""
-        try:
-            async with asyncio.timeout(within):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; "
-                        f"{len(self.messages)} messages")
+        await wait_on(self._changed, predicate, within,
+                      lambda: f"{what}; {len(self.messages)} messages")
 
     async def count(self, count: int, within: float = SETTLE) -> list[aiomqtt.Message]:
         """The first ``count`` messages, once they are there."""
@@ -114,15 +108,9 @@ async def no_tasks_left() -> AsyncIterator[None]:
 
 
 def write_bridge_config(tmp_path: Path, sink: dict[str, Any], **top: Any) -> Path:
-    """A configuration with no sources and one MQTT sink on the local broker."""
-    document = {"bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
-                "api": {"enabled": False},
-                "sinks": [{"id": SINK, "protocol": "mqtt", "host": MQTT_HOST, "port": MQTT_PORT,
-                           "timeout": 5, **sink}],
-                **top}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
+    """A configuration with one MQTT sink on the local broker (and no sources unless given)."""
+    return write_sink_config(tmp_path, {"id": SINK, "protocol": "mqtt", "host": MQTT_HOST,
+                                        "port": MQTT_PORT, "timeout": 5, **sink}, **top)
 
 
 def events_of(points: Sequence[str], count: int, source: str = "plant") -> list[Event]:
@@ -287,11 +275,7 @@ async def test_a_sink_worker_publishes_the_outbox(tmp_path: Path, prefix: str) -
     config = write_bridge_config(tmp_path, {"workers": 1, "topic": prefix + "/{point}"})
     events = events_of([f"boiler.t{index}" for index in range(3)], 300)
     async with subscribed(prefix + "/#") as subscriber, BridgeRun(config) as bridge:
-        running = bridge.sink(SINK)
-        assert isinstance(running.sink, SinkWorker)
-        await wait_until(lambda: running.status.state is ConnectionState.UP, WITHIN,
-                         f"the sink worker up ({running.status.last_error})")
-        pid = running.sink.pid
+        pid = await sink_worker_up(bridge, SINK)
         await feed(bridge, events)
         await bridge.delivered(SINK, len(events), within=WITHIN)
         await subscriber.count(len(events))

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from test_amqp_sink_config import event
 
 from bridge.config.models import Config
-from bridge.core.model import Event, Quality
 from bridge.core.source import BuildContext
 from bridge.errors import ConfigError, ConnectorUnavailableError
 from bridge.registry import load_config
@@ -37,16 +37,6 @@ def sink_config(tmp_path: Path, **options: Any) -> MqttSinkConfig:
     (sink,) = load(tmp_path, options).sinks
     assert isinstance(sink, MqttSinkConfig)
     return sink
-
-
-def event(point: str = "boiler.t", **fields: Any) -> Event:
-    """An event to address."""
-    values: dict[str, Any] = {"id": "i", "source": "plant", "point": point, "value": 1.0,
-                              "unit": "degC", "quality": Quality.GOOD, "ts": 1.0,
-                              "received_at": 1.0, "protocol": "mqtt", "bridge": "edge",
-                              "tags": {}}
-    values.update(fields)
-    return Event(**values)
 
 
 def build(config: MqttSinkConfig, bridge_id: str = "edge-1") -> MqttSink:
@@ -142,7 +132,7 @@ ERRORS = [
     ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "topic": "x/{point}"},
      "topic", "Sparkplug B publishes on its own topics"),
     ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "retain": True},
-     "retain", "not retained"),
+     "retain", "`retain` is for `format: json`"),
     ({"tls": {"key": "/k.pem"}}, "tls", "go with `cert`"),
     ({"sources": ["nowhere"]}, "sources[0]", "no source has the id 'nowhere'"),
     ({"clean_session": True}, "clean_session", "unknown key"),

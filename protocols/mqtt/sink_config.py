@@ -13,6 +13,8 @@ from bridge.core.payload import Template
 from bridge.core.sink import check_address_template
 from protocols.mqtt.config import MqttConnectionSettings, QoS
 
+_FORMAT_OF = {"retain": "json", "commands": "sparkplug_b"}
+"""Switches that only one format has (Sparkplug B messages are never retained)."""
 SPARKPLUG_ID_FORBIDDEN = ("+", "#", "/")
 """Characters a Sparkplug B group, edge node or device id may not hold: it is one topic level."""
 
@@ -86,11 +88,12 @@ class MqttSinkConfig(MqttConnectionSettings, SinkBase):
             raise ValueError("topics starting with `$` are the broker's ($SYS, $share)")
         return value
 
-    @field_validator("retain")
+    @field_validator("retain", "commands")
     @classmethod
-    def _retain(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("format") == "sparkplug_b":
-            raise ValueError("Sparkplug B messages are not retained: remove `retain`")
+    def _one_format(cls, value: bool, info: ValidationInfo) -> bool:
+        only = _FORMAT_OF[str(info.field_name)]
+        if value and info.data.get("format", only) != only:
+            raise ValueError(f"`{info.field_name}` is for `format: {only}`")
         return value
 
     @field_validator("group_id", "edge_node_id", mode="after")
@@ -103,13 +106,6 @@ class MqttSinkConfig(MqttConnectionSettings, SinkBase):
             raise ValueError(f"`{info.field_name}` is for `format: sparkplug_b`")
         if value is not None and any(char in value for char in SPARKPLUG_ID_FORBIDDEN):
             raise ValueError("a Sparkplug B id is one topic level: no `+`, `#` or `/`")
-        return value
-
-    @field_validator("commands")
-    @classmethod
-    def _commands(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("format") == "json":
-            raise ValueError("`commands` is for `format: sparkplug_b`")
         return value
 
     def pipeline(self, receive_maximum: int | None = None) -> int:
