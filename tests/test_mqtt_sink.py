@@ -38,9 +38,12 @@ from test_amqp_sink import feed, make_event
 from test_worker import WITHIN, assert_gone, sink_worker_up
 
 from bridge.core.model import Event
+from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError
-from protocols.mqtt.sink import _Connection
+from protocols import mqtt as mqtt_connector
+from protocols.mqtt import MqttSink, MqttSinkConfig
+from protocols.mqtt.sink import OutgoingMessage, _Connection
 
 pytestmark = pytest.mark.broker
 
@@ -284,6 +287,81 @@ async def test_a_sink_worker_publishes_the_outbox(tmp_path: Path, prefix: str) -
     assert entry["details"]["worker_pid"] == pid != os.getpid()
     assert pid is not None
     assert_gone([pid])
+
+
+class EdgeSink(MqttSink):
+    """A subclass as another format would write one: a will, a birth on every connect, a
+    command topic, many rows in one message, and a death before a clean disconnect."""
+
+    def __init__(self, config: MqttSinkConfig, *, bridge_id: str) -> None:
+        super().__init__(config, bridge_id=bridge_id)
+        self.base = config.topic.partition("/{")[0]
+        self.commands: list[bytes] = []
+
+    def will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(f"{self.base}/state", b"lost", qos=1)
+
+    def subscriptions(self) -> Sequence[tuple[str, int]]:
+        return [(f"{self.base}/command", 1)]
+
+    async def on_connected(self) -> None:
+        await self.client.publish(f"{self.base}/state", b"born", qos=1)
+
+    def messages(self, rows: Sequence[OutboxRow]) -> list[OutgoingMessage]:
+        payload = json.dumps([json.loads(row.body)["id"] for row in rows]).encode()
+        return [OutgoingMessage(f"{self.base}/batch", payload, 1,
+                                seqs=tuple(row.seq for row in rows))]
+
+    async def on_command(self, message: aiomqtt.Message) -> None:
+        assert isinstance(message.payload, bytes)
+        self.commands.append(message.payload)
+
+    async def on_closing(self) -> None:
+        self.send(OutgoingMessage(f"{self.base}/state", b"stopping", 0))
+        await self.client.publish(f"{self.base}/state", b"dead", qos=1)
+
+
+@pytest.mark.usefixtures("no_tasks_left")
+async def test_a_subclass_has_its_will_birth_commands_batches_and_death(
+    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mqtt_connector, "MqttSink", EdgeSink)
+    events = events_of(["a", "b"], 40)
+
+    def states() -> list[bytes]:
+        return [message.payload for message in subscriber.messages  # type: ignore[misc]
+                if message.topic.value == f"{prefix}/state"]
+
+    def batched() -> list[str]:
+        return [each for message in subscriber.messages if message.topic.value == f"{prefix}/batch"
+                for each in json.loads(message.payload)]  # type: ignore[arg-type]
+
+    async with TcpProxy(MQTT_HOST, MQTT_PORT) as proxy:
+        config = write_bridge_config(tmp_path, {"port": proxy.port, "topic": prefix + "/{point}"})
+        async with subscribed(prefix + "/#") as subscriber:
+            async with BridgeRun(config) as bridge:
+                sink = bridge.sink(SINK).sink
+                assert isinstance(sink, EdgeSink)
+                await subscriber.wait_for(lambda: states() == [b"born"], "the birth")
+                await feed(bridge, events[:20])
+                await bridge.delivered(SINK, 20)
+                # The broker publishes the will when the connection breaks; a birth follows.
+                proxy.cut()
+                await subscriber.wait_for(lambda: states() == [b"born", b"lost", b"born"],
+                                          "the will, then a new birth")
+                await feed(bridge, events[20:])
+                await bridge.delivered(SINK, len(events))
+                async with aiomqtt.Client(MQTT_HOST, MQTT_PORT) as commander:
+                    await commander.publish(f"{prefix}/command", b"go", qos=1)
+                    await wait_until(lambda: sink.commands == [b"go"], what="the command")
+            await subscriber.wait_for(lambda: states()[-2:] == [b"stopping", b"dead"],
+                                      "the death before the disconnect")
+    assert b"lost" not in states()[3:]  # a clean disconnect suppresses the will
+    assert set(batched()) == {event.id for event in events}
+    # Rows went out several to a message, each row confirmed with its message.
+    batches = [message for message in subscriber.messages
+               if message.topic.value == f"{prefix}/batch"]
+    assert len(batches) < len(events)
 
 
 class CountingLink:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -18,6 +18,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.mqtt.config import MqttBrokerSettings
+
+ClientFactory = Callable[..., aiomqtt.Client]
+"""Creates the client from keyword arguments; tests pass a fake."""
 
 _AUTH_CODES = frozenset({4, 5, 0x86, 0x87, 0x8C})
 """3.1.1 bad user name or password / not authorized; 5: the same, and bad auth method."""

@@ -37,9 +37,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bridge.core.model import Event
 from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, SinkLink, compile_address
 from bridge.errors import ConnectorError, ErrorCategory
-from protocols.mqtt.connection import client_arguments, connector_error, subscribe
+from protocols.mqtt.connection import (
+    ClientFactory,
+    client_arguments,
+    connector_error,
+    subscribe,
+)
 from protocols.mqtt.sink_config import MqttSinkConfig
-from protocols.mqtt.source import PROTOCOL, ClientFactory
+from protocols.mqtt.source import PROTOCOL
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +190,10 @@ class MqttSink(BrokerSink):
 
     def send(self, message: OutgoingMessage) -> None:
         """Publish ``message`` without waiting: its ``seqs`` are confirmed or refused through
-        the link when paho reports it published. Messages go out in the order they are sent.
-        Raises ``ConnectorError`` when the connection cannot take it."""
+        the link when paho reports it published. Messages go out in the order they are sent
+        (a QoS 0 message does not wait behind QoS 1/2 messages that paho holds back beyond its
+        in-flight limit; the engine's rows never are). Raises ``ConnectorError`` when the
+        connection cannot take it."""
         connection = self._connection
         client = self.client
         assert connection is not None
@@ -242,12 +249,12 @@ class MqttSink(BrokerSink):
             filters = self.subscriptions()
             if filters:
                 await subscribe(client, filters, config)
+            receiver = connection.receiver = asyncio.create_task(
+                self._receive(client, link), name=f"{PROTOCOL}[{self.id}].receive")
+            receiver.add_done_callback(lambda _: self._receiver_ended(receiver, link))
+            await self.on_connected()
         except aiomqtt.MqttError as exc:
             raise connector_error(self.endpoint, exc) from exc
-        receiver = connection.receiver = asyncio.create_task(
-            self._receive(client, link), name=f"{PROTOCOL}[{self.id}].receive")
-        receiver.add_done_callback(lambda _: self._receiver_ended(receiver, link))
-        await self.on_connected()
 
     def publish(self, rows: Sequence[OutboxRow]) -> None:
         """Publish ``rows`` in order, as ``messages`` makes them."""
@@ -260,13 +267,13 @@ class MqttSink(BrokerSink):
         if connection is None:
             return
         try:
-            receiver = connection.receiver
-            if receiver is not None:
-                receiver.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await receiver
-            client = connection.client
             try:
+                receiver = connection.receiver
+                if receiver is not None:
+                    receiver.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await receiver  # raises what broke on_command, for the supervisor
+                client = connection.client
                 if client is not None and client._client.is_connected():
                     await self.on_closing()
             finally:

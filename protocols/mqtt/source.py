@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +22,18 @@ from bridge.core.payload import MessageMapper
 from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.mqtt.config import MqttSourceConfig
-from protocols.mqtt.connection import client_arguments, connector_error, subscribe
+from protocols.mqtt.connection import (
+    ClientFactory,
+    client_arguments,
+    connector_error,
+    subscribe,
+)
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "mqtt"
 MAX_BATCH = 500
 """At most this many messages are handed on together."""
-
-ClientFactory = Callable[..., aiomqtt.Client]
-"""Creates the client from keyword arguments; tests pass a fake."""
-
 
 
 @dataclass(frozen=True, slots=True)
