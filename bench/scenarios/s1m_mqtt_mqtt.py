@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import (
-    DAEMON_CORE,
-    LOAD_CORE,
-    Daemon,
-    Peer,
-    pinned,
-    pinning_unavailable,
-    port_open,
-    workdir,
-)
+from bench.harness import Daemon, Peer, pinned, workdir
 from bench.results import (
     S1_BURST,
     Figure,
@@ -37,13 +27,14 @@ from bench.results import (
     format_value,
 )
 from bench.scenarios.s1_mqtt_rabbitmq import (
-    MESSAGES,
     STOCK,
     _lost_percent,
     _per_10k,
     _rate,
     burst,
+    burst_setting,
     mosquitto,
+    no_broker,
     source,
 )
 
@@ -78,13 +69,12 @@ def run(options: Options) -> ScenarioResult:
     """Run S1M."""
     result = ScenarioResult("S1M", "MQTT -> MQTT sink on the same stock broker")
     started = time.monotonic()
-    if not port_open("127.0.0.1", 1883) and shutil.which("mosquitto") is None:
-        result.status, result.reason = "skipped", "no MQTT broker: apt-get install mosquitto"
+    if no_broker(result):
         return result
-    count = options.messages or (30_000 if options.quick else MESSAGES)
-    unpinned_because = "--no-pin" if not options.pin else pinning_unavailable()
-    core = None if unpinned_because else DAEMON_CORE
-    load_core = None if unpinned_because else LOAD_CORE
+    count, unpinned_because, core, load_core = burst_setting(options)
+    if unpinned_because:
+        result.notes.append(f"**Not pinned** ({unpinned_because}): the daemon ran wherever "
+                            "the scheduler put it.")
     with workdir("s1m") as directory, pinned(load_core), contextlib.ExitStack() as stack:
         port = stack.enter_context(mosquitto(directory, STOCK, load_core))
         if port is None:
