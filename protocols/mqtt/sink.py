@@ -220,9 +220,11 @@ class MqttSink(BrokerSink):
         arguments = await client_arguments(config, client_id=self.client_id,
                                            keepalive=config.keepalive, logger=logger)
         arguments["will"] = self.will()
-        # The engine keeps at most `window` rows unconfirmed; the queue has as much again for
-        # a subclass's own messages, so a full one is a bug reported, not memory growing.
-        arguments["max_inflight_messages"] = config.pipeline()
+        # The engine's window is the in-flight bound. paho's own (0: none) would scan every
+        # unacknowledged message on each acknowledgement, O(window) per event; its queue has
+        # room for the window and as much again for a subclass's own messages, so a full one
+        # is a bug reported, not memory growing.
+        arguments["max_inflight_messages"] = 0
         arguments["max_queued_outgoing_messages"] = 2 * config.pipeline()
         client = self._client_factory(**arguments)
         forward = cast(Callable[..., None], client._client.on_publish)  # aiomqtt's own
