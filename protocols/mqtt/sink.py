@@ -190,10 +190,8 @@ class MqttSink(BrokerSink):
 
     def send(self, message: OutgoingMessage) -> None:
         """Publish ``message`` without waiting: its ``seqs`` are confirmed or refused through
-        the link when paho reports it published. Messages go out in the order they are sent
-        (a QoS 0 message does not wait behind QoS 1/2 messages that paho holds back beyond its
-        in-flight limit; the engine's rows never are). Raises ``ConnectorError`` when the
-        connection cannot take it."""
+        the link when paho reports it published. Messages go out in the order they are sent.
+        Raises ``ConnectorError`` when the connection cannot take it."""
         connection = self._connection
         client = self.client
         assert connection is not None
