@@ -209,22 +209,28 @@ class RabbitAdmin:
             pika.BasicProperties(headers=headers, timestamp=timestamp))
 
     def ready(self, queue: str) -> int:
-        """Messages ready in ``queue`` (not counting delivered, unacknowledged ones)."""
+        """Messages ready in ``queue`` (not counting delivered, unacknowledged ones); 0 while
+        nobody has declared it yet."""
+        frame = self._inspect(queue)
+        return int(frame.method.message_count) if frame is not None else 0
+
+    def _inspect(self, queue: str) -> Any:
+        """The passive declare of ``queue``; ``None`` when it does not exist (yet)."""
         channel = self.connection.channel()
         try:
-            frame = channel.queue_declare(queue, passive=True)
-            return int(frame.method.message_count)
+            return channel.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            return None
         finally:
-            channel.close()
+            if channel.is_open:
+                channel.close()
 
     def consumers(self, queue: str) -> int:
-        """Consumers of ``queue``."""
-        channel = self.connection.channel()
-        try:
-            frame = channel.queue_declare(queue, passive=True)
-            return int(frame.method.consumer_count)
-        finally:
-            channel.close()
+        """Consumers of ``queue``; 0 while nobody has declared it yet."""
+        frame = self._inspect(queue)
+        return int(frame.method.consumer_count) if frame is not None else 0
 
     def get(self, queue: str) -> tuple[Any, bytes] | None:
         """Take one message from ``queue``."""
