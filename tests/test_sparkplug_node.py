@@ -165,7 +165,7 @@ def test_ddata_carries_changes_by_alias_with_their_quality(node: EdgeNode) -> No
         event("boiler.temp", None, quality=Quality.BAD, ts=NOW + 1),
         event("boiler.on", False, quality=Quality.UNCERTAIN),
     ], POINTS)
-    assert update.absorbed == ()
+    assert update.absorbed == {}
     [boiler_data, pump_data] = update.publications
     assert boiler_data.events == (0, 2, 3)
     assert pump_data.events == (1,)
@@ -202,7 +202,7 @@ def test_a_point_seen_after_the_birth_makes_its_device_born_again(node: EdgeNode
     update = node.update([event("boiler.raw", 7), event("sensors.t1", 21.5, source="mqtt")],
                          POINTS)
     [reborn] = update.publications
-    assert update.absorbed == (1,)  # device `mqtt` was never born: its source is not up
+    assert update.absorbed == {"mqtt": [1]}  # never born: its source is not up
     assert reborn.message.type is MessageType.DBIRTH
     assert reborn.events == (0,)
     metrics = metrics_by_name(decode(reborn.message))
@@ -240,7 +240,7 @@ def test_a_device_going_down_gets_a_ddeath_and_its_recovery_a_fresh_dbirth(
     update = node.update([event("boiler.temp", None, quality=Quality.BAD),
                           event("boiler.temp", 70.0)], POINTS)
     assert update.publications == []
-    assert update.absorbed == (0, 1)
+    assert update.absorbed == {"boiler": [0, 1]}
     [birth] = node.set_alive({"pump", "boiler"})
     assert birth.type is MessageType.DBIRTH
     payload = decode(birth)

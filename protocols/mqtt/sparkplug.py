@@ -108,11 +108,11 @@ class Publication:
 @dataclass(frozen=True, slots=True)
 class Update:
     """What a batch of events gives: the messages that carry them, in publishing order, and
-    the events no message carries (their device is not born: the next birth has their
+    the events no message carries, by device (it is not born: its next birth has their
     values)."""
 
     publications: list[Publication]
-    absorbed: tuple[int, ...]
+    absorbed: dict[str, list[int]]
 
 
 class CommandError(ValueError):
@@ -289,6 +289,12 @@ class EdgeNode:
             metric.datatype = datatype
         return False
 
+    def has_values(self, device_id: str) -> bool:
+        """Whether any metric of the device has had a value."""
+        device = self.devices.get(device_id)
+        return device is not None and any(metric.quality is not None
+                                          for metric in device.metrics.values())
+
     # --- the session ----------------------------------------------------------------------
 
     def next_session(self) -> Message:
@@ -366,7 +372,7 @@ class EdgeNode:
         datatype. Events of devices that are not born only update the metrics."""
         carried: dict[str, list[int]] = {}
         reborn: set[str] = set()
-        absorbed: list[int] = []
+        absorbed: dict[str, list[int]] = {}
         for position, event in enumerate(events):
             point = points.get(event.point)
             device_id = device_of(point) if point is not None else event.source
@@ -383,7 +389,7 @@ class EdgeNode:
             if device.born and metric is not None:
                 carried.setdefault(device_id, []).append(position)
             else:
-                absorbed.append(position)
+                absorbed.setdefault(device_id, []).append(position)
         publications = []
         for device_id, positions in carried.items():
             device = self.devices[device_id]
@@ -392,7 +398,7 @@ class EdgeNode:
             else:
                 message = self._device_data(device, [events[position] for position in positions])
             publications.append(Publication(message, tuple(positions)))
-        return Update(publications, tuple(absorbed))
+        return Update(publications, absorbed)
 
     def _device_data(self, device: Device, events: Iterable[Event]) -> Message:
         payload = Payload(timestamp=milliseconds(self.clock()), seq=self._next_seq())
