@@ -788,12 +788,18 @@ class SinkBridge:
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
+        self._points: tuple[Mapping[str, ResolvedPoint], Mapping[str, PointInfo]] = ({}, {})
 
     def points(self) -> Mapping[str, PointInfo]:
-        """The configured points, by id."""
-        return {point_id: PointInfo(point_id, point.source, point.device, point.spec.unit,
+        """The configured points, by id: the same mapping until a reload changes them."""
+        # A reload replaces the runtime's points dict: its identity tells a change.
+        configured = self._runtime.points
+        if self._points[0] is not configured:
+            self._points = (configured, {
+                point_id: PointInfo(point_id, point.source, point.device, point.spec.unit,
                                     point.spec.writable, point.spec.value_type())
-                for point_id, point in self._runtime.points.items()}
+                for point_id, point in configured.items()})
+        return self._points[1]
 
     def latest(self) -> Mapping[str, Event]:
         """The latest stored event of every point that has one, by point id."""

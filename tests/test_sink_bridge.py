@@ -45,6 +45,15 @@ def test_points_carry_device_unit_writability_and_value_type(runtime: Runtime) -
             source, device, unit, writable, value_type), point_id
 
 
+def test_points_are_the_same_mapping_until_a_reload_replaces_them(runtime: Runtime) -> None:
+    bridge = SinkBridge(runtime)
+    first = bridge.points()
+    assert bridge.points() is first
+    runtime.points = dict(runtime.points)  # what a reload does
+    assert bridge.points() is not first
+    assert bridge.points() == first
+
+
 def test_only_enabled_sources_are_shown(runtime: Runtime) -> None:
     # The demo's OPC-UA source is configured but disabled.
     assert set(SinkBridge(runtime).sources()) == {"plant"}
