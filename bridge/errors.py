@@ -134,6 +134,11 @@ class StoreError(BridgeError):
     """The store cannot be opened, read or written."""
 
 
+class StoreFullError(StoreError):
+    """The store cannot write now: its disk is full, below the ``store.min_free`` reserve, or
+    failing. Nothing of the batch was stored; the same write may succeed later."""
+
+
 EXCERPT_CHARS = 80
 """How much of a refused value a message quotes."""
 

@@ -33,6 +33,7 @@ from bridge.errors import (
     ErrorCategory,
     NotWritableError,
     StoreError,
+    StoreFullError,
     WriteError,
     excerpt,
     shorten,
@@ -120,9 +121,11 @@ class Runtime:
             OutboxLimits(outbox.max_events, outbox.max_bytes, outbox.policy == "drop_oldest"),
             [running.sink.route() for running in self.sinks.values() if running.enabled])
         self.store = Store(config.store_path, Retention(
-            max_age=config.store.history_max_age, max_rows=config.store.history_max_rows),
+            max_age=config.store.history_max_age, max_rows=config.store.history_max_rows,
+            max_bytes=config.store.history_max_bytes),
             self.outbox, sync=config.store.sync,
-            replay=Replay(config.store.replay_max_bytes, config.store.replay_max_age))
+            replay=Replay(config.store.replay_max_bytes, config.store.replay_max_age),
+            min_free=config.store.min_free)
         self.router = Router(self.store, commit_interval=config.store.commit_interval)
         self.points: dict[str, ResolvedPoint] = config.point_index()
         self.sources: dict[str, RunningSource] = {}
@@ -308,11 +311,16 @@ class Runtime:
 
         Each service starts, in order, before the task group (a busy port is a plain error,
         raised as the service raises it) and stops, in reverse order, after every task has
-        ended. Raises ``StoreError`` if the store cannot be opened.
+        ended. Raises ``StoreError`` if the store cannot be opened; when its disk is full, the
+        services start and the store is tried again until it opens.
         """
-        self.store.open()
         try:
-            self.router.restore()
+            self.store.open()
+        except StoreFullError as exc:
+            logger.error("%s; the API starts, the sources wait until the store opens", exc)
+        try:
+            if self.store.is_open:
+                self.router.restore()
             async with contextlib.AsyncExitStack() as running:
                 for build in services:
                     service = build(self._facade)
@@ -320,10 +328,35 @@ class Runtime:
                     running.push_async_callback(self._stop_service, service)
                     if service.port is not None:
                         self.ports[service.name] = service.port
+                if not self.store.is_open:
+                    if not await self._wait_for_store():
+                        return
+                    self.router.restore()
                 async with asyncio.TaskGroup() as group:
                     await self._serve(group)
         finally:
             self.store.close()
+
+    async def _wait_for_store(self) -> bool:
+        """Try to open the store, with backoff, until it opens (``True``) or the runtime is
+        asked to stop (``False``). Meanwhile systemd is told why start-up takes long."""
+        delay = 0.25
+        while True:
+            notify(f"STATUS=store: {self.store.problem}; waiting for disk space",
+                   f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1_000_000)}", "WATCHDOG=1")
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except TimeoutError:
+                pass
+            else:
+                return False
+            try:
+                await asyncio.to_thread(self.store.open)
+            except StoreFullError:
+                delay = min(delay * 2, 5.0)
+                continue
+            logger.warning("the store opened: %s", self.store.path)
+            return True
 
     async def _stop_service(self, service: Service) -> None:
         self.ports.pop(service.name, None)
@@ -490,6 +523,8 @@ class ReadinessFacts:
     """Every source is started."""
     store_problem: str | None
     """Why the store cannot be read; ``None`` when it can."""
+    store_paused: str | None
+    """Why the store cannot write now (``disk full: ...``): the sources wait."""
     source_states: dict[str, str]
     """The connection state of every source, by id."""
 
@@ -665,18 +700,27 @@ class RuntimeFacade:
             problem = str(exc)
         states = {source_id: running.status.state.value
                   for source_id, running in self._runtime.sources.items()}
-        return ReadinessFacts(self.started, problem, states)
+        store = self._runtime.store
+        paused = store.problem
+        if paused is None and store.is_open:
+            # Idle, the store may not have noticed yet that its disk filled up.
+            paused = store.space_problem()
+        if paused is not None and not store.is_open:
+            problem = None  # it cannot be opened for that same reason
+        return ReadinessFacts(self.started, problem, paused, states)
 
     def sources(self) -> list[dict[str, Any]]:
         """Every configured source's inventory entry: state, last error, counters, devices,
         whether it is enabled and how many configured points it serves."""
         counts = self._point_counts()
-        return [self._source_entry(running, counts)
+        paused = self._runtime.store.problem
+        return [self._source_entry(running, counts, paused)
                 for running in self._runtime.sources.values()]
 
     def source(self, source_id: str) -> dict[str, Any]:
         """One source's inventory entry; ``KeyError`` for an unknown source."""
-        return self._source_entry(self._runtime.sources[source_id], self._point_counts())
+        return self._source_entry(self._runtime.sources[source_id], self._point_counts(),
+                                  self._runtime.store.problem)
 
     def source_enabled(self, source_id: str) -> bool:
         """Whether ``source_id`` is a configured, enabled source."""
@@ -702,11 +746,13 @@ class RuntimeFacade:
 
     @staticmethod
     def _source_entry(
-        running: RunningSource, counts: Counter[tuple[str, str | None]]
+        running: RunningSource, counts: Counter[tuple[str, str | None]], paused: str | None
     ) -> dict[str, Any]:
         entry = running.status.to_dict()
         source_id = entry["id"]
         entry["enabled"] = running.enabled
+        if paused is not None:
+            entry["paused"] = f"store: {paused}"
         entry["points"] = sum(count for (source, _), count in counts.items()
                               if source == source_id)
         if "devices" in entry:

@@ -11,12 +11,16 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from helpers import WAIT
+
+_T = TypeVar("_T")
 
 MIB = 1024 * 1024
 
@@ -78,6 +82,22 @@ class Daemon:
         self._changed.set()
         return True
 
+    async def poll(self, check: Callable[[], Awaitable[_T]], what: str,
+                   within: float = 60.0) -> _T:
+        """Call ``check()`` (which asks the daemon's API) until it returns something truthy,
+        and return that; fail when the daemon exits or after ``within`` seconds. For states
+        that only the API shows: there is nothing to await."""
+        deadline = time.monotonic() + within
+        while True:
+            assert self.process.returncode is None, f"the daemon exited: {''.join(self.log)}"
+            result = await check()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: "
+                                     f"{''.join(self.log[-20:])}")
+            await asyncio.sleep(0.05)
+
     async def drain(self) -> None:
         """Read the log into ``log`` until the daemon closes it (run as a task)."""
         self._draining = True
@@ -86,10 +106,12 @@ class Daemon:
 
 
 @asynccontextmanager
-async def running_daemon(config: Path, *, log_level: str = "info") -> AsyncIterator[Daemon]:
+async def running_daemon(config: Path, *, log_level: str = "info",
+                         ready: bool = True) -> AsyncIterator[Daemon]:
     """Start ``fieldbridge run -c config`` (its API on port 0) and stop it with SIGTERM.
 
-    The log is read by a task of this context: ``Daemon.until`` waits for a line.
+    The log is read by a task of this context: ``Daemon.until`` waits for a line. With
+    ``ready=False`` it is handed over once the API listens, before the daemon is ready.
     """
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "--log-level", log_level, "run", "-c", str(config),
@@ -101,7 +123,8 @@ async def running_daemon(config: Path, *, log_level: str = "info") -> AsyncItera
         match = re.search(r"API listening on (\S+)", line)
         assert match is not None
         daemon.url = match.group(1)
-        await daemon.until("ready")
+        if ready:
+            await daemon.until("ready")
         reader = asyncio.create_task(daemon.drain(), name="daemon-log")
         try:
             yield daemon

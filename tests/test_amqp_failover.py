@@ -255,6 +255,7 @@ class RabbitNode:
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_PID_FILE": str(self.pid_file),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),  # the node's, not in the checkout
         }
         self.pid: int | None = None
 

@@ -11,7 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
+import paho.mqtt.client as paho
 import pytest
+import yaml
+from brokers import MQTT_HOST, MQTT_PORT, require_broker, unique
+from daemon import MIB, running_daemon
 from test_payload import config_error, mapper_for, reading
 
 from bridge.core.model import Quality
@@ -92,3 +97,55 @@ def test_declared_types_and_register_types_do_not_mix(tmp_path: Path) -> None:
         tmp_path, [{"name": "t", "topic": "s/t", "type": "float32"}])
     assert "`type: number` is for json and text payloads" in config_error(
         tmp_path, [{"name": "t", "topic": "s/t", "format": "binary", "type": "number"}])
+
+
+async def test_the_daemon_turns_a_10_mb_mqtt_string_into_a_small_bad_event(
+    tmp_path: Path
+) -> None:
+    """The whole path: the daemon receives the message, stores and serves a `bad` event
+    without the value, and its resident memory stays bounded (``/proc``)."""
+    require_broker("Mosquitto", MQTT_HOST, MQTT_PORT)
+    topic = unique("fbtest/big/")
+    config = tmp_path / "fieldbridge.yaml"
+    config.write_text(yaml.safe_dump({
+        "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "sources": [{"id": "plant", "protocol": "mqtt", "host": MQTT_HOST, "port": MQTT_PORT,
+                     "client_id": unique("fbtest-big-"), "qos": 1,
+                     "points": [{"name": "v", "topic": topic, "path": "v"}]}],
+    }), encoding="utf-8")
+    publisher = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=unique("fbtest-pub-"))
+    publisher.connect(MQTT_HOST, MQTT_PORT)
+    publisher.loop_start()
+    try:
+        async with running_daemon(config) as daemon, httpx.AsyncClient(
+                base_url=daemon.url, timeout=5) as api:
+            async def value() -> Any:
+                response = await api.get("/v1/points/v")
+                return response.json() if response.status_code == 200 else None
+
+            # Ready does not wait for the SUBACK: publish a small value until it arrives.
+            async def small() -> bool:
+                publisher.publish(topic, json.dumps({"v": "small"}), qos=1)
+                return bool((await value() or {}).get("value") == "small")
+
+            await daemon.poll(small, "the subscription")
+            before = daemon.memory()["VmHWM"]
+            publisher.publish(topic, json.dumps({"v": "x" * 10_000_000}), qos=1)
+            async def bad() -> Any:
+                point = await value()
+                return point if point["quality"] == "bad" else None
+
+            point = await daemon.poll(bad, "the bad event")
+            assert point["value"] is None
+            assert point["reason"] == ("a string of 10,000,000 bytes is larger than "
+                                       "max_value_bytes (65,536)")
+            history = (await api.get("/v1/points/v/history")).text
+            assert len(history) < 10_000
+            grown = daemon.memory()["VmHWM"] - before
+            # The payload (10 MB), its decoded string (10 MB) and the client's buffers: the
+            # value is never copied into events, the store or the API.
+            assert grown < 80 * MIB, f"VmHWM grew by {grown / MIB:.0f} MiB"
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()

@@ -71,30 +71,39 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`.")
 
 
-async def authorize(
-    request: Request,
-    context: Context,
+async def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
-) -> Principal:
+) -> str | None:
+    """The key a request presents: a bearer token, else an ``X-API-Key`` header."""
+    return bearer.credentials if bearer is not None else api_key
+
+
+PresentedKey = Annotated[str | None, Depends(presented_key)]
+"""The key of the request (both schemes are documented in the OpenAPI)."""
+
+
+async def authorize(request: Request, context: Context, presented: PresentedKey) -> Principal:
     """The caller, if its key has the scope the request needs: ``read`` to read (GET),
     ``write`` for anything else; ``admin`` has both."""
     scope = Scope.READ if request.method in ("GET", "HEAD") else Scope.WRITE
-    presented = bearer.credentials if bearer is not None else api_key
     try:
         return context.keys.authorize(presented, scope)
     except AuthError as exc:
         raise _refused(request, exc) from None
 
 
-async def identify(
-    request: Request,
-    context: Context,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    api_key: Annotated[str | None, Depends(_api_key)],
-) -> Principal:
+async def authorize_admin(request: Request, context: Context,
+                          presented: PresentedKey) -> Principal:
+    """The caller, if its key has the ``admin`` scope."""
+    try:
+        return context.keys.authorize(presented, Scope.ADMIN)
+    except AuthError as exc:
+        raise _refused(request, exc) from None
+
+
+async def identify(request: Request, context: Context, presented: PresentedKey) -> Principal:
     """The caller, if its key is known, whatever its scopes (``GET /v1/whoami``)."""
-    presented = bearer.credentials if bearer is not None else api_key
     try:
         return context.keys.identify(presented)
     except AuthError as exc:

@@ -122,6 +122,10 @@ class SourceModel(EndpointModel):
     """A configured source, with its devices."""
 
     enabled: bool
+    paused: str | None = Field(
+        default=None, description="Why the source's events wait, when the bridge holds them "
+        "back: `store: disk full: ...` while the store cannot write (nothing is acknowledged "
+        "upstream meanwhile).")
 
 
 class SourceList(BaseModel):

@@ -279,6 +279,16 @@ class StoreSection(StrictModel):
         default=7 * 86400.0, description="Drop history older than this.")
     history_max_rows: int = Field(
         default=10_000, ge=0, description="Keep at most this many history rows per point.")
+    history_max_bytes: ByteSize | None = Field(
+        default=None, ge=0, description="Keep at most this much event JSON in the history of "
+        "all points together (a number or a size such as `512MiB`); the oldest is pruned "
+        "first, whatever its point. Unset: bounded by rows and age only. Setting it makes "
+        "start-up read the whole history once to size it.")
+    min_free: ByteSize = Field(
+        default=ByteSize(64 << 20), ge=0, description="Disk space the store leaves free (free "
+        "pages inside its file count): below it the store stops writing, sources wait and "
+        "nothing is acknowledged upstream until space returns; `/health/ready` and "
+        "`/v1/sources` say so. 0: write until the disk is full (that is handled the same way).")
     sync: Literal["full", "normal"] = Field(
         default="full", description="`full`: every commit is on disk (fsync) before any "
         "upstream acknowledgement (MQTT QoS 1/2, AMQP), so a power cut loses nothing that was "

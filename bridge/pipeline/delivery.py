@@ -60,15 +60,14 @@ class SinkOutbox:
         """Record rows the broker confirmed (the sink's cursor moves as far as its rows are
         confirmed in order), then wake a blocked router.
 
-        A future of how many rows were still waiting (a dropped row may be confirmed late).
+        A future of how many rows were still waiting (a dropped row may be confirmed late),
+        already done: confirming is bookkeeping in memory, on the loop, with no hand-off to
+        the store's thread (the cursor is written with the next stored batch).
         """
-        done = self.store.run_on_writer(self.outbox.confirm, self.sink, list(seqs))
-        done.add_done_callback(self._made_room)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done.set_result(self.outbox.confirm(self.sink, seqs))
+        self.outbox.made_room()
         return done
-
-    def _made_room(self, done: asyncio.Future[int]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self.outbox.made_room()
 
 
 MIN_READ = 256
@@ -171,9 +170,10 @@ async def deliver(sink: BrokerSink, context: SinkContext) -> None:
 
     Rows are published in ``seq`` order with at most ``sink.window`` of them unconfirmed.
     One loop drives everything: rows stored while it keeps up are taken from memory
-    (``outbox.take``); other outbox reads, and the recording of confirmations, run on the
-    store's thread as futures while publishing goes on, and every completion (a read, a
-    recording, a broker's answer, rows stored) sets ``outbox.signal`` to wake it. A refusal
+    (``outbox.take``); other outbox reads run on the store's thread, and the recording of
+    confirmations in a worker process's daemon, as futures while publishing goes on, and
+    every completion (a read, a recording, a broker's answer, rows stored) sets
+    ``outbox.signal`` to wake it. A refusal
     stops new publishing until what is in flight settled, waits ``sink.retry`` (doubling
     while refusals go on) and starts again from the oldest row left. A lost connection ends
     it; the next one starts from the oldest row too, so what was in flight is published again

@@ -73,8 +73,9 @@ class OutboxDepth:
 class _SinkState:
     """One configured sink's place in the log.
 
-    ``lock`` guards ``feed``, ``feed_after``, ``passed`` and ``confirmed``: the writer thread
-    and the event loop both use them. ``cursor`` and ``depth`` belong to the writer thread.
+    ``lock`` guards ``feed``, ``feed_after``, ``passed``, ``confirmed``, and changes to
+    ``cursor`` and ``depth``: the writer thread stores and reads, the event loop takes rows
+    and records confirmations.
     """
 
     route: OutboxRoute
@@ -164,6 +165,7 @@ class Outbox:
         self.arrivals = {route.sink: 0 for route in self.routes}
         """Counts the batches stored with events for each sink (on the event loop)."""
         self._moved: set[str] = set()
+        self._moved_lock = threading.Lock()
         """Sinks whose cursor moved since it was last written (on the writer thread)."""
         self._room = asyncio.Event()
         self.room_listeners: list[Callable[[], None]] = []
@@ -283,9 +285,10 @@ class Outbox:
                 continue
             self._move(writer, state, cursor)
             # Events of this batch may be among those dropped: its counts are added later.
-            depth.events -= dropped
-            depth.bytes -= freed
-            depth.dropped += dropped
+            with state.lock:
+                depth.events -= dropped
+                depth.bytes -= freed
+                depth.dropped += dropped
             admission.dropped[sink] = cursor
 
     def committed(self, admission: Admission, first: int, created: float,
@@ -295,9 +298,10 @@ class Outbox:
         if not admission.added:
             return frozenset()
         for sink, (count, size) in admission.added.items():
-            depth = self._sinks[sink].depth
-            depth.events += count
-            depth.bytes += size
+            state = self._sinks[sink]
+            with state.lock:
+                state.depth.events += count
+                state.depth.bytes += size
         rows: dict[int, list[OutboxRow]] = {}
         following = {index for index, state in enumerate(self._order)
                      if state.feed_after is not None}
@@ -338,8 +342,8 @@ class Outbox:
         """
         state = self._sinks[sink]
         route = state.route
-        start = max(after, state.cursor)
         with state.lock:
+            start = max(after, state.cursor)
             if after <= state.cursor:
                 state.passed.clear()
             confirmed = set(state.confirmed)
@@ -361,14 +365,19 @@ class Outbox:
                 state.feed_after = rows[-1].seq if rows else start
         return rows
 
-    def confirm(self, writer: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> int:
+    def confirm(self, sink: str, seqs: Sequence[int]) -> int:
         """The broker confirmed these events of ``sink``: move its cursor as far as its events
         are confirmed in order. Returns how many were still waiting (an event dropped while in
-        flight may be confirmed late)."""
+        flight may be confirmed late).
+
+        Memory only, on the caller's thread: the cursor is written with the next stored batch
+        (``save``); one that lags on disk only means confirmed events are published again
+        after a crash.
+        """
         state = self._sinks[sink]
         removed = freed = 0
-        cursor = state.cursor
         with state.lock:
+            cursor = state.cursor
             passed = state.passed
             confirmed = state.confirmed
             for seq in seqs:
@@ -385,36 +394,45 @@ class Outbox:
                 del passed[seq]
                 confirmed.discard(seq)
                 cursor = seq
-        depth = state.depth
-        depth.events -= removed
-        depth.bytes -= freed
-        if cursor != state.cursor:
-            # Written with the next stored batch (``save``): a cursor that lags on disk only
-            # means confirmed events are published again after a crash.
-            self._moved.add(state.route.sink)
-            self._move_in_memory(state, cursor)
+            state.depth.events -= removed
+            state.depth.bytes -= freed
+            if cursor != state.cursor:
+                self._move_locked(state, cursor)
+                with self._moved_lock:
+                    self._moved.add(state.route.sink)
         return removed
 
     def save(self, writer: sqlite3.Connection) -> None:
         """Write the cursors moved since the last call, inside the caller's transaction."""
-        if self._moved:
+        with self._moved_lock:
+            moved, self._moved = self._moved, set()
+        if moved:
             writer.executemany("UPDATE cursors SET seq = ? WHERE sink = ?",
-                               [(self._sinks[sink].cursor, sink) for sink in self._moved])
-            self._moved.clear()
+                               [(self._sinks[sink].cursor, sink) for sink in moved])
+
+    def unsaved(self) -> None:
+        """The transaction that was to write the moved cursors failed: write every cursor with
+        the next one."""
+        with self._moved_lock:
+            self._moved.update(self._sinks)
 
     def _move(self, writer: sqlite3.Connection, state: _SinkState, cursor: int) -> None:
         """Move a sink's cursor forward to ``cursor``, inside the caller's transaction."""
         writer.execute("UPDATE cursors SET seq = ? WHERE sink = ?", (cursor, state.route.sink))
         self._move_in_memory(state, cursor)
 
-    @staticmethod
-    def _move_in_memory(state: _SinkState, cursor: int) -> None:
-        state.cursor = cursor
+    @classmethod
+    def _move_in_memory(cls, state: _SinkState, cursor: int) -> None:
         with state.lock:
-            passed = state.passed
-            while passed and next(iter(passed)) <= cursor:
-                passed.popitem(last=False)
-            state.confirmed = {seq for seq in state.confirmed if seq > cursor}
+            cls._move_locked(state, cursor)
+
+    @staticmethod
+    def _move_locked(state: _SinkState, cursor: int) -> None:
+        state.cursor = cursor
+        passed = state.passed
+        while passed and next(iter(passed)) <= cursor:
+            passed.popitem(last=False)
+        state.confirmed = {seq for seq in state.confirmed if seq > cursor}
 
     def needed(self) -> int:
         """The lowest cursor of the configured sinks: the log after it must be kept."""

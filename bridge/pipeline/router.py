@@ -7,17 +7,21 @@ batch writes its history and its event-log row in one transaction; only then are
 messages acknowledged, so an acknowledged message's events are always in the outbox. Under the
 ``block`` policy, events that a full sink takes are held back here, in order, with every later
 event of their points, and tried again once a sink made room; the rest are stored. A source
-whose held events reach ``max_held`` waits in ``submit``; the others go on."""
+whose held events reach ``max_held`` waits in ``submit``; the others go on. When the store
+cannot write (its disk is full), the batch is tried again with backoff until it can, and the
+sources wait in ``submit`` meanwhile: nothing is acknowledged upstream that is not stored."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.core.model import Acknowledger, Event
+from bridge.errors import StoreFullError
 from bridge.pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -25,6 +29,11 @@ logger = logging.getLogger(__name__)
 Listener = Callable[[Sequence[Event]], None]
 """Called on the event loop with each stored batch; must not block."""
 
+
+RETRY_FIRST = 0.25
+"""Seconds before a batch the store could not write is tried again (doubling)."""
+RETRY_MAX = 5.0
+"""Seconds between tries at most, so writing resumes soon after space returns."""
 
 Settlement = tuple[Acknowledger, str | None]
 """An upstream message to settle once the batch is stored: accept it, or reject it with a reason."""
@@ -62,6 +71,8 @@ class Router:
         self._room = asyncio.Condition()
         self._listeners: list[Listener] = []
         self._closing = False
+        self._stopping = asyncio.Event()
+        """Set at shutdown: a batch waiting for the store to have room gives up."""
         if store.outbox is not None:
             store.outbox.room_listeners.append(self._arrived.set)
 
@@ -106,9 +117,10 @@ class Router:
         """Store queued events until cancelled; then store what is left.
 
         A batch being stored when the router is cancelled is finished first (it is shielded),
-        so nothing a source handed in is lost at shutdown.
+        so nothing a source handed in is lost at shutdown, unless the store cannot write then:
+        what is left is given up, unacknowledged upstream.
         """
-        flushing: asyncio.Task[None] | None = None
+        flushing: asyncio.Task[bool] | None = None
         loop = asyncio.get_running_loop()
         started = -self.commit_interval
         try:
@@ -126,16 +138,23 @@ class Router:
             # Cancelled (shutdown): store what sources already handed in before returning,
             # beyond the outbox's bound if need be (sources are stopped: it cannot grow more).
             self._closing = True
-            if flushing is not None:
-                await asyncio.shield(flushing)
-            while self._queue or self._held:
-                await asyncio.shield(self._flush())
+            self._stopping.set()
+            writing = await asyncio.shield(flushing) if flushing is not None else True
+            while writing and (self._queue or self._held):
+                writing = await asyncio.shield(self._flush())
+            if not writing:
+                self._abandon([*self._held, *self._queue])
+                self._held.clear()
+                self._queue.clear()
+                self._queued = 0
 
-    async def _flush(self) -> None:
-        """Store, settle and announce one batch.
+    async def _flush(self) -> bool:
+        """Store, settle and announce one batch; ``False`` when the store could not write it
+        and the router stops (the batch is back in the queue, unsettled).
 
         Batches held back for a full sink are tried again first, once a sink made room since;
-        until then, new events of their points are held behind them.
+        until then, new events of their points are held behind them. While the store cannot
+        write, the batch is tried again with backoff.
         """
         outbox = self.store.outbox
         generation = outbox.generation if outbox is not None else 0
@@ -156,11 +175,30 @@ class Router:
         if not self._queue:
             self._arrived.clear()
         # Still pending while being stored: they leave the count once the write returns.
-        try:
-            admission = await self.store.hold(events, force=self._closing,
-                                              held_points=self._held_points)
-        finally:
-            self._queued -= fresh
+        delay = RETRY_FIRST
+        while True:
+            try:
+                admission = await self.store.hold(events, force=self._closing,
+                                                  held_points=self._held_points)
+                break
+            except StoreFullError as exc:
+                if delay == RETRY_FIRST:
+                    self.counters["store_full_waits"] += 1
+                    logger.error("%s; sources wait and nothing is acknowledged upstream until "
+                                 "it can write again", exc)
+                if self._stopping.is_set():
+                    self._queued -= fresh
+                    self._abandon(batches)
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, RETRY_MAX)
+            except BaseException:
+                self._queued -= fresh
+                raise
+        self._queued -= fresh
+        if delay != RETRY_FIRST:
+            logger.warning("the store writes again")
         stored, settlements = self._sort(batches, events, admission.held)
         if admission.held:
             self.counters["outbox_full_waits"] += 1
@@ -183,6 +221,16 @@ class Router:
                 logger.exception("cannot settle an upstream message")
         for listener in list(self._listeners):
             listener(stored)
+        return True
+
+    def _abandon(self, batches: Sequence[_Batch]) -> None:
+        """At shutdown, with the store unable to write: give up on ``batches``, unsettled (an
+        upstream that redelivers, as MQTT QoS 1/2 and AMQP do, sends them again)."""
+        count = sum(len(batch.events) for batch in batches)
+        if count:
+            self.counters["not_stored"] += count
+            logger.error("%d events not stored at shutdown: %s; their upstream messages are "
+                         "not acknowledged", count, self.store.problem or "the store cannot write")
 
     def _sort(self, batches: list[_Batch], events: list[Event], held: Sequence[int]
               ) -> tuple[list[Event], list[Settlement]]:

@@ -9,8 +9,10 @@ them run while a write is in progress.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -24,7 +26,7 @@ from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 from bridge.core.model import Event
 from bridge.core.sink import OutboxRow
-from bridge.errors import StoreError
+from bridge.errors import StoreError, StoreFullError
 from bridge.pipeline.outbox import Admission, Outbox, log_events
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,9 @@ flushed."""
 LOG_BATCH = 5_000
 """Events per log row when an old outbox is migrated."""
 
+SPACE_EVERY = 1.0
+"""Seconds between two looks at the free space, while it is well above the reserve."""
+
 SyncMode = Literal["full", "normal"]
 
 
@@ -100,6 +105,33 @@ class Retention:
     """Seconds; older rows are pruned."""
     max_rows: int
     """Per point; the oldest rows beyond it are pruned."""
+    max_bytes: int | None = None
+    """Event JSON of all points together; the oldest history beyond it is pruned."""
+
+
+def disk_problem(exc: BaseException) -> str | None:
+    """Why a write failed when the disk is to blame (full, over quota or failing), as the
+    status reports it; ``None`` for any other failure."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+            return "disk full"
+        if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+            return f"disk error: {exc}"
+        return None
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full"
+    if isinstance(exc, OSError) and exc.errno == errno.EIO:
+        return f"disk error: {exc.strerror}"
+    return None
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -169,7 +201,8 @@ class Store:
     checkpoint thread fall behind."""
 
     def __init__(self, path: Path, retention: Retention, outbox: Outbox | None = None, *,
-                 sync: SyncMode = "full", replay: Replay | None = None) -> None:
+                 sync: SyncMode = "full", replay: Replay | None = None,
+                 min_free: int = 64 << 20) -> None:
         self.path = path
         self.retention = retention
         self.outbox = outbox
@@ -178,6 +211,16 @@ class Store:
         """``full``: every commit is on disk (fsync) before ``write`` returns, so before any
         upstream acknowledgement; ``normal``: a power cut may undo the last commits."""
         self.replay = replay or Replay()
+        self.min_free = min_free
+        """Bytes of the disk kept free: below it the store refuses batches (``StoreFullError``)
+        before SQLite runs out of room mid-transaction."""
+        self.problem: str | None = None
+        """Why the store cannot write now (``disk full: ...``); ``None`` while it can."""
+        self._space_at = -SPACE_EVERY
+        self._free = 0
+        self._history_bytes = 0
+        """Characters of event JSON in history rows, not counting the newlines between them
+        (on the writer thread)."""
         self._executor: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -221,7 +264,12 @@ class Store:
                 self._checkpointing.start()
         except (OSError, sqlite3.Error) as exc:
             self.close()
+            problem = disk_problem(exc)
+            if problem is not None:
+                self.problem = problem
+                raise StoreFullError(f"cannot open store {self.path}: {problem}") from exc
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self.problem = None
 
     def _open_writer(self) -> None:
         self._rows.clear()
@@ -258,9 +306,13 @@ class Store:
             (marked,) = writer.execute("SELECT COALESCE(MAX(seq), 0) FROM seq_marks").fetchone()
             last = max(self._log[-1].last if self._log else 0, self._mark, marked)
             self._next = last + 1
-            for point, count in writer.execute(
-                    "SELECT point, SUM(count) FROM history GROUP BY point"):
+            # The size of the history reads every row whole: only when it is bounded.
+            sizes = "SUM(length(body) - count + 1)" if self.retention.max_bytes is not None else "0"
+            self._history_bytes = 0
+            for point, count, size in writer.execute(
+                    f"SELECT point, SUM(count), {sizes} FROM history GROUP BY point"):
                 self._rows[point] = count
+                self._history_bytes += size
             self._recover_pending(writer)
             if self.outbox is not None:
                 self.outbox.open(writer, last)
@@ -334,6 +386,13 @@ class Store:
                     self.outbox.save(writer)
             self._latest.clear()
             self._committed_flush()
+        except sqlite3.Error as exc:
+            problem = disk_problem(exc)
+            if problem is None:
+                raise
+            # Everything flushed here is in the event log too: the next start recovers it.
+            logger.warning("store: %s at close; the last values and history are recovered "
+                           "from the event log at the next start", problem)
         finally:
             writer.close()
 
@@ -385,6 +444,72 @@ class Store:
 
     def _write(self, events: list[Event], force: bool, held_points: Collection[str] = ()
                ) -> tuple[Admission, frozenset[str]]:
+        """Store a batch, or raise ``StoreFullError`` with nothing of it stored (in the file or in
+        memory) when the disk cannot take it."""
+        self._check_space()
+        first = self._next
+        try:
+            result = self._write_batch(events, force, held_points)
+        except (sqlite3.Error, OSError) as exc:
+            problem = disk_problem(exc)
+            if problem is None:
+                raise
+            self._undo(first)
+            self.problem = problem
+            raise StoreFullError(f"cannot write to the store {self.path}: {problem}") from exc
+        self.problem = None
+        return result
+
+    def _check_space(self) -> None:
+        """Raise ``StoreFullError`` when less than ``min_free`` bytes are left for the store
+        (on the writer thread)."""
+        if self.min_free <= 0:
+            return
+        if (time.monotonic() - self._space_at < SPACE_EVERY
+                and self._free >= 2 * self.min_free):
+            return
+        problem = self.space_problem(self._writer)
+        if problem is not None:
+            self.problem = problem
+            raise StoreFullError(f"the store pauses: {problem}")
+
+    def space_problem(self, connection: sqlite3.Connection | None = None) -> str | None:
+        """Whether the store is below its ``min_free`` reserve now: free space on its disk,
+        and free pages inside the file that SQLite reuses first; ``None`` when it is not."""
+        if self.min_free <= 0:
+            return None
+        stat = os.statvfs(self.path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        connection = connection or self._reader
+        if free < 2 * self.min_free and connection is not None:
+            (pages,) = connection.execute("PRAGMA freelist_count").fetchone()
+            (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+            free += pages * page_size
+        # Also read by the writer: the next batch looks again when space is short.
+        self._free = free
+        self._space_at = time.monotonic()
+        if free >= self.min_free:
+            return None
+        return (f"disk full: {_size(free)} free for {self.path.parent}, below "
+                f"store.min_free ({_size(self.min_free)})")
+
+    def _undo(self, first: int) -> None:
+        """Forget a batch from ``seq`` ``first`` whose transaction failed: its events in the
+        pending chunks, and the cursors the outbox moved with it (written again next time)."""
+        with self._pending_lock:
+            for point in list(self._pending):
+                chunk = self._pending[point]
+                while chunk.seqs and chunk.seqs[-1] >= first:
+                    chunk.seqs.pop()
+                    chunk.tss.pop()
+                    self._pending_bytes -= len(chunk.bodies.pop())
+                if not chunk.seqs:
+                    del self._pending[point]
+        if self.outbox is not None:
+            self.outbox.unsaved()
+
+    def _write_batch(self, events: list[Event], force: bool, held_points: Collection[str]
+                     ) -> tuple[Admission, frozenset[str]]:
         writer = self._writer
         assert writer is not None
         bodies = [event_to_json(event) for event in events]
@@ -445,7 +570,14 @@ class Store:
         self.written += len(events)
         if now - self._last_prune >= self.PRUNE_EVERY:
             self._last_prune = now
-            self._prune()
+            try:
+                self._prune()
+            except sqlite3.Error as exc:
+                # The batch is stored; retention is tried again at the next pass.
+                problem = disk_problem(exc)
+                if problem is None:
+                    raise
+                logger.warning("store: retention pass failed: %s", problem)
         return admission, sinks
 
     def _trim_log(self, writer: sqlite3.Connection, now: float) -> None:
@@ -500,6 +632,7 @@ class Store:
         with self._pending_lock:
             for point, chunk in self._pending.items():
                 self._rows[point] += len(chunk.seqs)
+            self._history_bytes += self._pending_bytes
             self._pending.clear()
             self._pending_bytes = 0
 
@@ -509,7 +642,9 @@ class Store:
             for point in points:
                 chunk = self._pending.pop(point)
                 self._rows[point] += len(chunk.seqs)
-                self._pending_bytes -= sum(len(body) for body in chunk.bodies)
+                size = sum(len(body) for body in chunk.bodies)
+                self._pending_bytes -= size
+                self._history_bytes += size
 
     def _prune(self) -> None:
         writer = self._writer
@@ -538,6 +673,8 @@ class Store:
             writer.execute("BEGIN")
             for point in list(self._rows):
                 self._trim_history(writer, point, cutoff, limit)
+            if self.retention.max_bytes is not None:
+                self._trim_bytes(writer, self.retention.max_bytes)
             if self.outbox is not None:
                 self.outbox.save(writer)
             self._trim_log(writer, now)
@@ -559,6 +696,7 @@ class Store:
             if old or excess - removed >= count:
                 writer.execute("DELETE FROM history WHERE id = ?", (row_id,))
                 removed += count
+                self._history_bytes -= len(body) - count + 1
                 continue
             numbers, times, bodies = _unpack(seqs, tss, body)
             drop = max(excess - removed,
@@ -570,11 +708,34 @@ class Store:
                                "tss = ?, body = ? WHERE id = ?",
                                (first, new_last, new_count, packed, packed_ts, text, row_id))
                 removed += drop
+                self._history_bytes -= len(body) - len(text) - drop
             break
+        self._forget_rows(point, removed)
+
+    def _forget_rows(self, point: str, removed: int) -> None:
         if removed:
             self._rows[point] -= removed
             if self._rows[point] <= 0:
                 del self._rows[point]
+
+    def _trim_bytes(self, writer: sqlite3.Connection, limit: int) -> None:
+        """Drop the oldest history rows, of any point, while the history holds more than
+        ``limit`` bytes of event JSON; inside the caller's transaction."""
+        excess = self._history_bytes - limit
+        if excess <= 0:
+            return
+        doomed: list[tuple[int]] = []
+        oldest = writer.execute(
+            "SELECT id, point, count, length(body) - count + 1 FROM history ORDER BY id")
+        for row_id, point, count, size in oldest:
+            if excess <= 0:
+                break
+            doomed.append((row_id,))
+            self._forget_rows(point, count)
+            self._history_bytes -= size
+            excess -= size
+        oldest.close()
+        writer.executemany("DELETE FROM history WHERE id = ?", doomed)
 
     async def prune(self) -> None:
         """Apply retention now."""

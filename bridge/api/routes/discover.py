@@ -13,11 +13,10 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request
-from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field, ValidationError
 
-from bridge.api.auth import AuthError, AuthFailure, Principal, Scope
-from bridge.api.context import Context, _api_key, _bearer
+from bridge.api.auth import Principal
+from bridge.api.context import Context, authorize_admin
 from bridge.api.handlers import JsonBody
 from bridge.api.models import ERROR_RESPONSES, ErrorResponse
 from bridge.core.discovery import Budget, DiscoveryContext
@@ -56,23 +55,6 @@ class DiscoveryResponse(BaseModel):
     partial: bool = Field(description="Part of the endpoint was not covered (an error, or a "
                           "time or size bound); the warnings say why.")
     warnings: list[str]
-
-
-async def authorize_admin(
-    context: Context,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    api_key: Annotated[str | None, Depends(_api_key)],
-) -> Principal:
-    """The caller, if its key has the ``admin`` scope."""
-    presented = bearer.credentials if bearer is not None else api_key
-    try:
-        return context.keys.authorize(presented, Scope.ADMIN)
-    except AuthError as exc:
-        unauthenticated = exc.failure is AuthFailure.UNAUTHENTICATED
-        raise ApiError(
-            401 if unauthenticated else 403, exc.failure.value, exc.message, exc.hint,
-            headers={"WWW-Authenticate": 'Bearer realm="fieldbridge"'} if unauthenticated
-            else None) from None
 
 
 Admin = Depends(authorize_admin)

@@ -30,7 +30,8 @@ async def live(context: Context) -> dict[str, Any]:
 @health.get("/ready", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "Not ready; see `reasons`."}})
 async def ready(context: Context) -> Any:
-    """200 once every source is started and the store can be read; 503 with reasons before.
+    """200 once every source is started and the store can be read and written; 503 with
+    reasons otherwise (the store's disk full, say).
 
     A source being down does not make the bridge unready (it still serves the last values);
     the per-source states are listed so a probe or a person can see it.
@@ -41,6 +42,8 @@ async def ready(context: Context) -> Any:
         reasons.append("starting: the sources are not all started yet")
     if facts.store_problem is not None:
         reasons.append(f"the store cannot be read: {facts.store_problem}")
+    if facts.store_paused is not None:
+        reasons.append(f"store: {facts.store_paused}; sources wait until it can write again")
     body: dict[str, Any] = {
         "status": "not_ready" if reasons else "ready",
         "reasons": reasons,
@@ -51,7 +54,9 @@ async def ready(context: Context) -> Any:
         return body
     body["error"] = ErrorBody(
         code="not_ready", message="; ".join(reasons),
-        hint="wait for startup to finish; if it does not, check the daemon log").model_dump(
+        hint=("free space on the store's disk (store.min_free is the reserve kept); the "
+              "bridge resumes by itself" if facts.store_paused is not None else
+              "wait for startup to finish; if it does not, check the daemon log")).model_dump(
         exclude_none=True)
     return JSONResponse(Readiness.model_validate(body).model_dump(mode="json"), status_code=503)
 
