@@ -8,6 +8,7 @@ processes and talk to the harness through one JSON line per request on stdin/std
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -333,14 +334,21 @@ class Peer:
         return self._line()
 
     def wait_result(self, timeout: float) -> dict[str, Any]:
-        """For peers that run one job and print a result: wait for it."""
-        deadline = time.monotonic() + timeout
+        """For peers that run one job and print a result: wait for it, at most ``timeout``
+        seconds. A peer that has not answered by then is hung: it is stopped, and
+        ``PeerError`` says so, with its Python stacks when py-spy can take them."""
         assert self.process.stdout is not None
         os.set_blocking(self.process.stdout.fileno(), True)
-        while True:
-            if self.process.poll() is not None and time.monotonic() > deadline:
-                raise PeerError(f"{self.name} exited: {self.tail()}")
-            return self._line()
+        with concurrent.futures.ThreadPoolExecutor(1, f"{self.name}-result") as reader:
+            line = reader.submit(self._line)
+            try:
+                return line.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                stacks = py_spy_dump(self.pid)
+                self.process.kill()
+                self.process.wait()
+                raise PeerError(f"{self.name} gave no result within {timeout:g} s and was "
+                                f"stopped; see {self.log_path}{stacks}") from None
 
     def stop(self) -> None:
         """Close stdin (the peer ends itself), then make sure it is gone."""
@@ -510,6 +518,21 @@ def py_spy_available() -> bool:
     """Whether py-spy can be run (it is in the bench extra)."""
     return shutil.which("py-spy", path=str(Path(python()).parent)) is not None or bool(
         shutil.which("py-spy"))
+
+
+def py_spy_dump(pid: int) -> str:
+    """The Python stacks of ``pid`` (``py-spy dump``), as text to append to a message; empty
+    when py-spy cannot attach."""
+    binary = shutil.which("py-spy", path=str(Path(python()).parent)) or shutil.which("py-spy")
+    if binary is None:
+        return ""
+    try:
+        dump = subprocess.run([binary, "dump", "--pid", str(pid)], capture_output=True,
+                              text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return ""
+    text = dump.stdout.strip()
+    return f"; its stacks (py-spy dump):\n{text}" if text else ""
 
 
 def py_spy_top(pid: int, seconds: float, out: Path) -> Path | None:

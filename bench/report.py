@@ -177,6 +177,10 @@ def markdown(results: Sequence[ScenarioResult], info: dict[str, Any], command: s
     analysis = output / "analysis.md"
     if analysis.exists():
         out += [analysis.read_text().rstrip(), ""]
+    # Experiments that write a table of their own (results.md beside their code) appear
+    # after the analysis, as their last run left them.
+    for table in sorted((output / "experiments").glob("*/results.md")):
+        out += [table.read_text().rstrip(), ""]
     for result in results:
         out += [f"## {result.key}: {result.title}", ""]
         if result.status != "ok":

@@ -16,6 +16,7 @@ from bench.results import Options, ScenarioResult
 
 SCENARIOS: dict[str, tuple[str, str]] = {
     "S1": ("bench.scenarios.s1_mqtt_rabbitmq", "MQTT → RabbitMQ"),
+    "S1M": ("bench.scenarios.s1m_mqtt_mqtt", "MQTT → MQTT sink"),
     "S2": ("bench.scenarios.s2_modbus", "Modbus polling"),
     "S3": ("bench.scenarios.s3_opcua", "OPC-UA subscription"),
     "S4": ("bench.scenarios.s4_many_devices", "many Modbus devices"),

@@ -76,6 +76,29 @@ async def wait_until(predicate: Callable[[], bool], within: float = SETTLE,
         await asyncio.sleep(0.01)
 
 
+async def wait_on(changed: asyncio.Event, predicate: Callable[[], bool], within: float,
+                  what: Callable[[], str]) -> None:
+    """Wait until ``predicate()`` holds, checked whenever ``changed`` is set; fail after
+    ``within`` s, saying what was awaited (and what there is) with ``what()``."""
+    try:
+        async with asyncio.timeout(within):
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+    except TimeoutError:
+        pytest.fail(f"timed out after {within:g}s waiting for {what()}")
+
+
+def write_sink_config(tmp_path: Path, sink: dict[str, Any], **top: Any) -> Path:
+    """Write a configuration with one sink (bridge ``edge``, its state under ``tmp_path``, no
+    API) and return its path; ``top`` adds top-level sections (``sources``, ``outbox``)."""
+    document = {"bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
+                "api": {"enabled": False}, "sinks": [sink], **top}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
 async def assert_no_tasks_left() -> None:
     """Fail if tasks other than the test's own are still running.
 
@@ -322,14 +345,8 @@ class RecordingRouter:
     async def wait_for(self, predicate: Callable[[], bool], within: float = SETTLE,
                        what: str = "events") -> None:
         """Wait until ``predicate()`` holds after some publish; fail after ``within`` s."""
-        try:
-            async with asyncio.timeout(within):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}; got "
-                        f"{[(event.point, event.value) for event in self.events]}")
+        await wait_on(self._changed, predicate, within, lambda: (
+            f"{what}; got {[(event.point, event.value) for event in self.events]}"))
 
     async def wait_events(self, count: int, within: float = SETTLE) -> list[Event]:
         """The first ``count`` events, once they are there."""

@@ -26,6 +26,7 @@ from brokers import (
     assert_no_tasks_left,
     unique,
     wait_until,
+    write_sink_config,
 )
 from helpers import free_port
 
@@ -58,14 +59,8 @@ def write_bridge_config(tmp_path: Path, rabbit: RabbitAdmin, sink: dict[str, Any
     topology = sink.get("topology", {})
     rabbit.queues.extend(queue["name"] for queue in topology.get("queues", []))
     rabbit.exchanges.extend(other["name"] for other in topology.get("exchanges", []))
-    document = {"bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
-                "api": {"enabled": False},
-                "sinks": [{"id": SINK, "protocol": "amqp", "host": AMQP_HOST, "port": AMQP_PORT,
-                           "timeout": 5, **sink}],
-                **top}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
+    return write_sink_config(tmp_path, {"id": SINK, "protocol": "amqp", "host": AMQP_HOST,
+                                        "port": AMQP_PORT, "timeout": 5, **sink}, **top)
 
 
 async def feed(bridge: BridgeRun, events: Sequence[Event], batch: int = 100) -> None:

@@ -20,7 +20,7 @@ from bridge.core.status import EndpointStatus
 from bridge.errors import ConfigError, ConnectorError, ErrorCategory
 from bridge.registry import load_config
 from protocols.mqtt import SPEC, MqttAcknowledger, MqttSource, MqttSourceConfig
-from protocols.mqtt.source import _connector_error
+from protocols.mqtt.connection import connector_error
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "mappings" / "mqtt-example.yaml"
 
@@ -106,7 +106,7 @@ def test_persistent_session_gets_a_stable_client_id(tmp_path: Path) -> None:
     (MqttError("Operation timed out"), ErrorCategory.TRANSIENT),
 ])
 def test_error_categories(error: MqttError, category: ErrorCategory) -> None:
-    converted = _connector_error("mqtt://h:1883", error)
+    converted = connector_error("mqtt://h:1883", error)
     assert converted.category is category
     assert converted.endpoint == "mqtt://h:1883"
 

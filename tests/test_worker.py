@@ -113,6 +113,15 @@ async def workers_up(status: EndpointStatus, count: int) -> None:
                      f"{count} workers up (state {status.state}, {status.last_error})")
 
 
+async def sink_worker_up(bridge: BridgeRun, sink: str) -> int | None:
+    """Wait until the sink, run by a worker process, is connected; the worker's pid."""
+    running = bridge.sink(sink)
+    assert isinstance(running.sink, SinkWorker)
+    await wait_until(lambda: running.status.state is ConnectionState.UP, WITHIN,
+                     f"the sink worker up ({running.status.last_error})")
+    return running.sink.pid
+
+
 def assert_gone(pids: list[int]) -> None:
     """Every process in ``pids`` has exited and was reaped."""
     for pid in pids:
@@ -253,11 +262,7 @@ async def test_a_sink_worker_delivers_the_outbox_in_order_and_reports_its_figure
         "queues": [{"name": queue}]}})
     events = [make_event("plant", f"boiler.t{index % 7}", float(index)) for index in range(600)]
     async with BridgeRun(config) as bridge:
-        running = bridge.sink(SINK)
-        assert isinstance(running.sink, SinkWorker)
-        await wait_until(lambda: running.status.state is ConnectionState.UP, WITHIN,
-                         f"the sink worker up ({running.status.last_error})")
-        pid = running.sink.pid
+        pid = await sink_worker_up(bridge, SINK)
         await feed(bridge, events)
         await bridge.delivered(SINK, len(events), within=WITHIN)
         entry = bridge.runtime.sink_entry(SINK)

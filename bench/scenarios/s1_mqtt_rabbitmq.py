@@ -413,20 +413,34 @@ def pika_baselines(directory: Path, count: int, options: Options, load_core: int
     ]
 
 
-def run(options: Options) -> ScenarioResult:
-    """Run S1."""
-    result = ScenarioResult("S1", "MQTT -> RabbitMQ, 100,000 messages, two events each")
-    started = time.monotonic()
-    if not port_open("127.0.0.1", 1883) and shutil.which("mosquitto") is None:
-        result.status, result.reason = "skipped", "no MQTT broker: apt-get install mosquitto"
-        return result
-    missing_sink = sink_available()
-    rabbit = port_open("127.0.0.1", 5672)
-    with_sink = missing_sink is None and rabbit
+def no_broker(result: ScenarioResult) -> bool:
+    """Whether there is no MQTT broker to run on (``result`` then says it was skipped)."""
+    if port_open("127.0.0.1", 1883) or shutil.which("mosquitto") is not None:
+        return False
+    result.status, result.reason = "skipped", "no MQTT broker: apt-get install mosquitto"
+    return True
+
+
+def burst_setting(options: Options) -> tuple[int, str | None, int | None, int | None]:
+    """The burst's size, and where it runs: why not pinned (``None``: pinned), the daemon's
+    core and the load's core (``None``: wherever the scheduler puts them)."""
     count = options.messages or (30_000 if options.quick else MESSAGES)
     unpinned_because = "--no-pin" if not options.pin else pinning_unavailable()
     core = None if unpinned_because else DAEMON_CORE
     load_core = None if unpinned_because else LOAD_CORE
+    return count, unpinned_because, core, load_core
+
+
+def run(options: Options) -> ScenarioResult:
+    """Run S1."""
+    result = ScenarioResult("S1", "MQTT -> RabbitMQ, 100,000 messages, two events each")
+    started = time.monotonic()
+    if no_broker(result):
+        return result
+    missing_sink = sink_available()
+    rabbit = port_open("127.0.0.1", 5672)
+    with_sink = missing_sink is None and rabbit
+    count, unpinned_because, core, load_core = burst_setting(options)
     if unpinned_because:
         result.notes.append(f"**Not pinned** ({unpinned_because}): the layouts named "
                             "\"pinned\" ran wherever the scheduler put them.")

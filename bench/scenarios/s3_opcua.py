@@ -21,6 +21,7 @@ from bench.harness import (
     CpuMeter,
     Daemon,
     Peer,
+    PeerError,
     py_spy_top,
     tree_peak_rss_mb,
     wait_until,
@@ -118,14 +119,19 @@ def run(options: Options) -> ScenarioResult:
                                           str(VARIABLES), "--rate", str(RATE),
                                           log_dir=directory) as server:
         url = server.wait_ready()["url"]
+        # The peer bounds its own run (--deadline) and reports a lost connection as an error;
+        # the harness's wait is longer still, for a peer that hangs all the same.
         with Peer("bench.peers.opcua_raw_client", "--url", url, "--variables", str(VARIABLES),
-                  "--seconds", str(seconds), log_dir=directory) as raw:
+                  "--seconds", str(seconds), "--deadline", str(seconds + 40),
+                  log_dir=directory) as raw:
             raw.wait_ready()
             server.ask("reset")
             meter = CpuMeter(raw.pid).start()
             baseline = raw.wait_result(timeout=seconds + 60)
             meter.stop()
             produced = server.ask("stats")
+        if "error" in baseline:
+            raise PeerError(f"opcua_raw_client: {baseline['error']}")
         raw_rate = baseline["notifications"] / baseline["seconds"]
         result.baselines += [
             Figure("asyncua alone: notifications/s", raw_rate, "notif/s",

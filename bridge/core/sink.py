@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from bridge.config.models import SinkBase, ValueType
 from bridge.core.model import Event, Value
+from bridge.core.payload import Template
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
 
@@ -43,6 +44,49 @@ class EventSelector:
         if self.sources and event.source not in self.sources:
             return False
         return self.pattern is None or self.pattern.match(event.point) is not None
+
+
+ADDRESS_FIELDS: dict[str, Callable[[Event], str]] = {
+    "source": lambda event: event.source,
+    "point": lambda event: event.point,
+    "protocol": lambda event: event.protocol,
+    "quality": lambda event: event.quality.value,
+    "bridge": lambda event: event.bridge,
+    "unit": lambda event: event.unit or "",
+}
+"""The event fields an address template (a routing key, a topic) may name, besides
+``{tags.NAME}`` (empty when the event has no such tag, as ``{unit}`` without a unit)."""
+
+
+def check_address_template(text: str) -> str:
+    """``text`` when it is a valid address template; ``ValueError`` for an unbalanced brace or
+    a placeholder that is not an event field."""
+    for name in Template.parse(text).names:
+        if name not in ADDRESS_FIELDS and not name.startswith("tags."):
+            known = ", ".join(f"{{{known}}}" for known in ADDRESS_FIELDS)
+            raise ValueError(f"placeholder {{{name}}} is not known; use {known} or {{tags.NAME}}")
+    return text
+
+
+def compile_address(text: str, escape: Callable[[str], str]) -> Callable[[Event], str]:
+    """The address of an event from a template such as ``{source}.{point}``: each placeholder
+    is the event's field passed through ``escape`` (which keeps it one level of the address);
+    the text around the placeholders is kept as written."""
+    template = Template.parse(text)
+    getters = [(name, _tag(name.removeprefix("tags.")) if name.startswith("tags.")
+                else ADDRESS_FIELDS[name]) for name in template.names]
+
+    def address(event: Event) -> str:
+        return template.expand({name: escape(get(event)) for name, get in getters})
+
+    return address
+
+
+def _tag(name: str) -> Callable[[Event], str]:
+    def value(event: Event) -> str:
+        return event.tags.get(name, "")
+
+    return value
 
 
 class OutboxView(Protocol):

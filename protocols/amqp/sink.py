@@ -20,8 +20,7 @@ import pika.exceptions
 import pika.spec
 
 from bridge.core.model import Event
-from bridge.core.payload import Template
-from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, SinkLink
+from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, SinkLink, compile_address
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.amqp.connection import (
@@ -38,15 +37,6 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPE = "application/json"
 MAX_KEY_BYTES = 255
 
-_FIELDS: dict[str, Callable[[Event], str]] = {
-    "source": lambda event: event.source,
-    "point": lambda event: event.point,
-    "protocol": lambda event: event.protocol,
-    "quality": lambda event: event.quality.value,
-    "bridge": lambda event: event.bridge,
-    "unit": lambda event: event.unit or "",
-}
-
 
 def escape_word(value: str) -> str:
     """``value`` as exactly one routing-key word: ``%``, ``.``, ``*`` and ``#`` percent-encoded
@@ -60,25 +50,16 @@ def compile_routing_key(text: str) -> Callable[[Event], str]:
     Each placeholder becomes one word (``escape_word``); a key longer than AMQP's 255 bytes
     is cut there.
     """
-    template = Template.parse(text)
-    getters = [(name, _tag(name.removeprefix("tags.")) if name.startswith("tags.")
-                else _FIELDS[name]) for name in template.names]
+    address = compile_address(text, escape_word)
 
     def routing_key(event: Event) -> str:
-        key = template.expand({name: escape_word(get(event)) for name, get in getters})
+        key = address(event)
         encoded = key.encode()
         if len(encoded) > MAX_KEY_BYTES:
             key = encoded[:MAX_KEY_BYTES].decode("utf-8", errors="ignore")
         return key
 
     return routing_key
-
-
-def _tag(name: str) -> Callable[[Event], str]:
-    def value(event: Event) -> str:
-        return event.tags.get(name, "")
-
-    return value
 
 
 class _Publishing(AmqpSession):

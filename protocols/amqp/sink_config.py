@@ -9,13 +9,10 @@ from urllib.parse import quote
 from pydantic import ByteSize, Field, field_validator, model_validator
 
 from bridge.config.models import Duration, PlainText, SinkBase, StrictModel
-from bridge.core.payload import Template
+from bridge.core.sink import check_address_template
 from protocols.amqp.config import AmqpConnectionSettings, ArgumentValue
 
 ExchangeType = Literal["topic", "direct", "fanout", "headers"]
-
-ROUTING_KEY_VARIABLES = ("source", "point", "protocol", "quality", "bridge", "unit")
-"""Placeholders of the routing-key template, besides ``{tags.NAME}``."""
 
 _TYPED_ARGUMENTS = {
     "x-queue-type": "type",
@@ -207,13 +204,7 @@ class AmqpSinkConfig(AmqpConnectionSettings, SinkBase):
     @field_validator("routing_key")
     @classmethod
     def _template(cls, value: str) -> str:
-        template = Template.parse(value)
-        for name in template.names:
-            if name not in ROUTING_KEY_VARIABLES and not name.startswith("tags."):
-                known = ", ".join(f"{{{known}}}" for known in ROUTING_KEY_VARIABLES)
-                raise ValueError(f"placeholder {{{name}}} is not known; use {known} or "
-                                 "{tags.NAME}")
-        return value
+        return check_address_template(value)
 
     def endpoint(self) -> str:
         """``amqp://user@host:port/vhost?exchange=name`` without the password."""

@@ -1,21 +1,26 @@
 """The MQTT connector: subscribes to topic filters and maps JSON, text, number and binary
-payloads to points (see README.md)."""
+payloads to points; publishes the outbox to a broker (see README.md)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.config.models import ResolvedPoint, SourceBase
+from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
 from bridge.config.yamlsource import KeyPath
 from bridge.core.payload import resolve_points
+from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
+from bridge.errors import ConnectorUnavailableError
 from bridge.registry import ProtocolSpec
 from protocols.mqtt import discover
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
 from protocols.mqtt.mapping import compile_mapper
+from protocols.mqtt.sink import MqttSink
+from protocols.mqtt.sink_config import MqttSinkConfig
 from protocols.mqtt.source import PROTOCOL, MqttAcknowledger, MqttSource
 
-__all__ = ["SPEC", "MqttAcknowledger", "MqttPoint", "MqttSource", "MqttSourceConfig", "build"]
+__all__ = ["SPEC", "MqttAcknowledger", "MqttPoint", "MqttSink", "MqttSinkConfig", "MqttSource",
+           "MqttSourceConfig", "build", "build_sink"]
 
 
 def _mqtt_source(source: SourceBase) -> MqttSourceConfig:
@@ -41,6 +46,15 @@ def build(source: SourceBase, points: Sequence[ResolvedPoint],
                                         share_group=share_group), mapper=mapper)
 
 
+def build_sink(sink: SinkBase, context: BuildContext) -> Sink:
+    """Create the sink for its ``format``."""
+    if not isinstance(sink, MqttSinkConfig):
+        raise TypeError(f"sink {sink.id} is not an MQTT sink")
+    if sink.format != "json":
+        raise ConnectorUnavailableError(PROTOCOL, f"sink with `format: {sink.format}`")
+    return MqttSink(sink, bridge_id=context.bridge_id)
+
+
 def _points(source: SourceBase, path: KeyPath) -> list[ResolvedPoint]:
     return resolve_points(_mqtt_source(source), path)
 
@@ -50,6 +64,8 @@ SPEC = ProtocolSpec(
     source_model=MqttSourceConfig,
     build=build,
     source_points=_points,
+    sink_model=MqttSinkConfig,
+    build_sink=build_sink,
     shared_workers=True,
     discovery=discover.SPEC,
 )

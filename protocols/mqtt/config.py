@@ -1,13 +1,14 @@
-"""Configuration of MQTT sources: broker connection, session, and topic points."""
+"""Configuration of MQTT connections (shared by the source, the sink and discovery), and of
+sources: session and topic points."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from bridge.config.models import Duration, PlainText
+from bridge.config.models import Duration, PlainText, StrictModel
 from bridge.core.payload import (
     MQTT_TOPIC,
     AddressPattern,
@@ -50,47 +51,23 @@ class MqttPoint(MessagePoint):
         return AddressPattern.parse(self.topic, MQTT_TOPIC)
 
 
-class MqttSourceConfig(MessageSourceBase):
-    """A connection to an MQTT broker and the points its topics carry."""
+class MqttBrokerSettings(StrictModel):
+    """Where an MQTT broker is and how to log in: what a source, a sink and a discovery share."""
 
-    protocol: Literal["mqtt"]
     host: PlainText = Field(min_length=1, description="Broker host name or address.")
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Broker port; default 1883, 8883 with TLS.")
     mqtt_version: Annotated[Literal["3.1.1", "5"], BeforeValidator(_version_text)] = Field(
         default="3.1.1", description="MQTT protocol version: `3.1.1` or `5`.")
-    client_id: PlainText | None = Field(
-        default=None, min_length=1, max_length=65535,
-        description="Client identifier. Default: random with a clean session, else "
-        "`fieldbridge-<bridge id>-<source id>` (a persistent session needs a stable id).")
-    clean_session: bool = Field(
-        default=False, description="Start a new session on every connect. The default, a "
-        "persistent session, has the broker keep QoS 1/2 messages that arrive while the "
-        "bridge is away or that it has not acknowledged yet.")
-    session_expiry: Duration = Field(
-        default=86400.0, description="MQTT 5 only: how long the broker keeps a persistent "
-        "session after a disconnect.")
     username: PlainText | None = Field(default=None, description="User name, if the broker asks.")
     password: SecretStr | None = Field(default=None, description="Password; use ${ENV} or "
                                        "${file:...}.")
     tls: ClientTls | None = Field(default=None, description="Connect with TLS.")
-    keepalive: int = Field(default=60, ge=5, le=65535, description="Keepalive, in seconds.")
     timeout: Duration = Field(
         default=10.0, gt=0, description="How long connecting and subscribing may take.")
-    qos: QoS = Field(
-        default=1, description="QoS of the subscriptions. 1 and 2: a message is acknowledged "
-        "only once its events are stored.")
-    share_group: PlainText | None = Field(
-        default=None, min_length=1, pattern=r"^[^/+#]+$",
-        description="Subscribe as a member of this shared-subscription group "
-        "(`$share/<group>/<filter>`, MQTT 5, and 3.1.1 on Mosquitto, EMQX and HiveMQ): the "
-        "broker spreads the messages over the group's members, other bridges or this "
-        "source's worker processes. Default with `workers` above 1: "
-        "`fieldbridge-<bridge id>-<source id>`.")
-    points: Sequence[MqttPoint] = Field(min_length=1, description="The points to read.")
 
     @model_validator(mode="after")
-    def _password_needs_user(self) -> MqttSourceConfig:
+    def _password_needs_user(self) -> Self:
         if self.password is not None and self.username is None:
             raise ValueError("`password` needs `username`")
         return self
@@ -107,6 +84,41 @@ class MqttSourceConfig(MessageSourceBase):
         scheme = "mqtts" if self.tls is not None else "mqtt"
         user = f"{self.username}@" if self.username else ""
         return f"{scheme}://{user}{self.host}:{self.port_number}"
+
+
+class MqttConnectionSettings(MqttBrokerSettings):
+    """The connection of a source or a sink: the broker, and who the bridge is to it."""
+
+    client_id: PlainText | None = Field(
+        default=None, min_length=1, max_length=65535,
+        description="Client identifier. Default: `fieldbridge-<bridge id>-<source id>` for a "
+        "source with a persistent session (random with a clean session), "
+        "`fieldbridge-<bridge id>-sink-<sink id>` for a sink.")
+    keepalive: int = Field(default=60, ge=5, le=65535, description="Keepalive, in seconds.")
+
+
+class MqttSourceConfig(MqttConnectionSettings, MessageSourceBase):
+    """A connection to an MQTT broker and the points its topics carry."""
+
+    protocol: Literal["mqtt"]
+    clean_session: bool = Field(
+        default=False, description="Start a new session on every connect. The default, a "
+        "persistent session, has the broker keep QoS 1/2 messages that arrive while the "
+        "bridge is away or that it has not acknowledged yet.")
+    session_expiry: Duration = Field(
+        default=86400.0, description="MQTT 5 only: how long the broker keeps a persistent "
+        "session after a disconnect.")
+    qos: QoS = Field(
+        default=1, description="QoS of the subscriptions. 1 and 2: a message is acknowledged "
+        "only once its events are stored.")
+    share_group: PlainText | None = Field(
+        default=None, min_length=1, pattern=r"^[^/+#]+$",
+        description="Subscribe as a member of this shared-subscription group "
+        "(`$share/<group>/<filter>`, MQTT 5, and 3.1.1 on Mosquitto, EMQX and HiveMQ): the "
+        "broker spreads the messages over the group's members, other bridges or this "
+        "source's worker processes. Default with `workers` above 1: "
+        "`fieldbridge-<bridge id>-<source id>`.")
+    points: Sequence[MqttPoint] = Field(min_length=1, description="The points to read.")
 
     def subscriptions(self, share_group: str | None = None) -> dict[str, int]:
         """Each topic filter to subscribe to, with the highest QoS a point asks of it; as a

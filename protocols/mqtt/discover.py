@@ -14,14 +14,13 @@ import asyncio
 import json
 import logging
 import re
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiomqtt
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from bridge.config.models import Duration, Identifier
 from bridge.core.discovery import (
@@ -35,9 +34,10 @@ from bridge.core.discovery import (
     sanitize_name,
     secret_reference,
 )
-from bridge.core.payload import MQTT_TOPIC, AddressPattern, ClientTls
-from bridge.errors import ConnectorError, ErrorCategory
-from protocols.mqtt.source import PROTOCOL, _connector_error
+from bridge.core.payload import MQTT_TOPIC, AddressPattern
+from protocols.mqtt.config import MqttBrokerSettings
+from protocols.mqtt.connection import client_arguments, connector_error, subscribe
+from protocols.mqtt.source import PROTOCOL
 
 logger = logging.getLogger(__name__)
 
@@ -47,26 +47,15 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LeafType = Literal["number", "bool", "string"]
 
 
-class MqttDiscoverRequest(DiscoveryRequest):
+class MqttDiscoverRequest(MqttBrokerSettings, DiscoveryRequest):
     """What to sample, and how to connect: the source's own connection settings."""
 
-    host: str = Field(min_length=1, description="Broker host name or address.")
-    port: int | None = Field(
-        default=None, ge=1, le=65535, description="Broker port; default 1883, 8883 with TLS.")
     filter: str = Field(default="#", description="Topic filter to sample, e.g. `sensors/#`.")
     seconds: Duration = Field(default=10.0, gt=0, le=3600,
                               description="How long to sample.")
     messages: int | None = Field(
         default=None, ge=1, description="Stop once this many messages arrived (before "
         "`seconds` when there are many).")
-    mqtt_version: Literal["3.1.1", "5"] = Field(
-        default="3.1.1", description="MQTT protocol version: `3.1.1` or `5`.")
-    username: str | None = Field(default=None, description="User name, if the broker asks.")
-    password: SecretStr | None = Field(
-        default=None, description="Password (the generated file refers to ${MQTT_PASSWORD}).")
-    tls: ClientTls | None = Field(default=None, description="Connect with TLS.")
-    timeout: Duration = Field(default=10.0, gt=0, description="How long connecting and "
-                              "subscribing may take.")
     source_id: Identifier = Field(default="mqtt", description="The id of the generated "
                                   "source.")
 
@@ -77,25 +66,6 @@ class MqttDiscoverRequest(DiscoveryRequest):
             raise ValueError("a plain topic filter: `+` and `#` wildcards, no {names}")
         AddressPattern.parse(value, MQTT_TOPIC)
         return value
-
-    @model_validator(mode="after")
-    def _password_needs_user(self) -> MqttDiscoverRequest:
-        if self.password is not None and self.username is None:
-            raise ValueError("`password` needs `username`")
-        return self
-
-    @property
-    def port_number(self) -> int:
-        """The port, defaulted by TLS."""
-        if self.port is not None:
-            return self.port
-        return 8883 if self.tls is not None else 1883
-
-    def endpoint(self) -> str:
-        """``mqtt://user@host:port`` without the password."""
-        scheme = "mqtts" if self.tls is not None else "mqtt"
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port_number}"
 
 
 def _target(text: str) -> dict[str, Any]:
@@ -217,26 +187,8 @@ class _Group:
 
 async def _sample(request: MqttDiscoverRequest, context: DiscoveryContext
                   ) -> tuple[dict[str, _Topic], int, str | None]:
-    arguments: dict[str, Any] = {
-        "hostname": request.host, "port": request.port_number, "timeout": request.timeout,
-        "logger": logger, "clean_session": True if request.mqtt_version != "5" else None}
-    if request.mqtt_version == "5":
-        arguments["protocol"] = aiomqtt.ProtocolVersion.V5
-        arguments.pop("clean_session")
-    else:
-        arguments["protocol"] = aiomqtt.ProtocolVersion.V311
-    if request.username is not None:
-        arguments["username"] = request.username
-        if request.password is not None:
-            arguments["password"] = request.password.get_secret_value()
     endpoint = request.endpoint()
-    if request.tls is not None:
-        try:
-            arguments["tls_context"] = await asyncio.to_thread(request.tls.context)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectorError(endpoint, f"TLS setup failed: {exc}",
-                                 ErrorCategory.CONFIG) from exc
-        arguments["tls_insecure"] = not request.tls.verify_hostname
+    arguments = await client_arguments(request, client_id=None, logger=logger)
     topics: dict[str, _Topic] = {}
     ignored = 0
     total = 0
@@ -248,11 +200,7 @@ async def _sample(request: MqttDiscoverRequest, context: DiscoveryContext
         stopped = f"sampled {seconds:g} s instead of {request.seconds:g} s (the time bound)"
     try:
         async with aiomqtt.Client(**arguments) as client:
-            granted = await client.subscribe(request.filter, qos=0, timeout=request.timeout)
-            code = getattr(granted[0], "value", granted[0]) if granted else 0
-            if isinstance(code, int) and code >= 0x80:
-                raise ConnectorError(endpoint, f"the broker refused the subscription to "
-                                     f"{request.filter!r} (code {code:#x})", ErrorCategory.AUTH)
+            await subscribe(client, [(request.filter, 0)], request)
             try:
                 async with asyncio.timeout(seconds):
                     async for message in client.messages:
@@ -275,7 +223,7 @@ async def _sample(request: MqttDiscoverRequest, context: DiscoveryContext
             except TimeoutError:
                 pass  # the sampling time is over
     except aiomqtt.MqttError as exc:
-        raise _connector_error(endpoint, exc) from exc
+        raise connector_error(endpoint, exc) from exc
     if ignored:
         stopped = f"{ignored} messages on topics beyond the first {MAX_TOPICS} were not analysed"
     return topics, total, stopped

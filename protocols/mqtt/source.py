@@ -9,40 +9,31 @@ re-delivers what was not acknowledged when the bridge reconnects with a persiste
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.core.model import Reading
 from bridge.core.payload import MessageMapper
 from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.mqtt.config import MqttSourceConfig
+from protocols.mqtt.connection import (
+    ClientFactory,
+    client_arguments,
+    connector_error,
+    subscribe,
+)
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "mqtt"
 MAX_BATCH = 500
 """At most this many messages are handed on together."""
-
-ClientFactory = Callable[..., aiomqtt.Client]
-"""Creates the client from keyword arguments; tests pass a fake."""
-
-_AUTH_CODES = frozenset({4, 5, 0x86, 0x87, 0x8C})
-"""3.1.1 bad user name or password / not authorized; 5: the same, and bad auth method."""
-_CONFIG_CODES = frozenset({1, 2, 0x84, 0x85, 0x95})
-"""Unacceptable protocol version, client id rejected, packet too large."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,51 +94,18 @@ class MqttSource(Source):
                 context.status.up()
                 await self._receive(client, context)
         except aiomqtt.MqttError as exc:
-            raise _connector_error(self.endpoint, exc) from exc
+            raise connector_error(self.endpoint, exc) from exc
         raise ConnectorError(self.endpoint, "the broker ended the subscription",
                              ErrorCategory.TRANSIENT)
 
     async def _client_arguments(self) -> dict[str, Any]:
         config = self.config
-        arguments: dict[str, Any] = {
-            "hostname": config.host,
-            "port": config.port_number,
-            "identifier": self.client_id,
-            "keepalive": config.keepalive,
-            "timeout": config.timeout,
-            "logger": logger,
-        }
-        if config.username is not None:
-            arguments["username"] = config.username
-            if config.password is not None:
-                arguments["password"] = config.password.get_secret_value()
-        if config.tls is not None:
-            try:
-                arguments["tls_context"] = await asyncio.to_thread(config.tls.context)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConnectorError(self.endpoint, f"TLS setup failed: {exc}",
-                                     ErrorCategory.CONFIG) from exc
-            arguments["tls_insecure"] = not config.tls.verify_hostname
-        if config.mqtt_version == "5":
-            arguments["protocol"] = aiomqtt.ProtocolVersion.V5
-            arguments["clean_start"] = config.clean_session
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 0 if config.clean_session else int(
-                config.session_expiry)
-            arguments["properties"] = properties
-        else:
-            arguments["protocol"] = aiomqtt.ProtocolVersion.V311
-            arguments["clean_session"] = config.clean_session
-        return arguments
+        return await client_arguments(
+            config, client_id=self.client_id, clean_session=config.clean_session,
+            session_expiry=config.session_expiry, keepalive=config.keepalive, logger=logger)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        filters = list(self.subscriptions.items())
-        granted = await client.subscribe(filters, timeout=self.config.timeout)
-        for (topic, _), code in zip(filters, granted, strict=False):
-            value = _code(code)
-            if value is not None and value >= 0x80:
-                raise ConnectorError(self.endpoint, f"the broker refused the subscription to "
-                                     f"{topic!r} (code {value:#x})", ErrorCategory.AUTH)
+        await subscribe(client, list(self.subscriptions.items()), self.config)
 
     async def _receive(self, client: aiomqtt.Client, context: SourceContext) -> None:
         messages = client.messages
@@ -168,24 +126,3 @@ class MqttSource(Source):
                 await context.publish(batch)
                 context.status.success()
                 batch = []
-
-
-def _connector_error(endpoint: str, exc: aiomqtt.MqttError) -> ConnectorError:
-    category = ErrorCategory.TRANSIENT
-    if isinstance(exc, aiomqtt.MqttCodeError):
-        code = _code(exc.rc)
-        if isinstance(exc, MqttConnectError) and code in _AUTH_CODES:
-            category = ErrorCategory.AUTH
-        elif isinstance(exc, MqttConnectError) and code in _CONFIG_CODES:
-            category = ErrorCategory.CONFIG
-    reason = str(exc) or type(exc).__name__
-    if exc.__cause__ is not None and str(exc.__cause__):
-        reason = f"{reason}: {exc.__cause__}"
-    return ConnectorError(endpoint, reason, category)
-
-
-def _code(code: object) -> int | None:
-    """The number of an MQTT 3.1.1 return code or MQTT 5 reason code."""
-    if isinstance(code, ReasonCode):
-        return code.value
-    return code if isinstance(code, int) else None
