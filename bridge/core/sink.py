@@ -41,9 +41,13 @@ class EventSelector:
 
     def __call__(self, event: Event) -> bool:
         """Whether the sink takes ``event``."""
-        if self.sources and event.source not in self.sources:
+        return self.takes(event.source, event.point)
+
+    def takes(self, source: str, point: str) -> bool:
+        """Whether the sink takes the events of ``point`` from ``source``."""
+        if self.sources and source not in self.sources:
             return False
-        return self.pattern is None or self.pattern.match(event.point) is not None
+        return self.pattern is None or self.pattern.match(point) is not None
 
 
 ADDRESS_FIELDS: dict[str, Callable[[Event], str]] = {
