@@ -18,7 +18,6 @@ from typing import Any
 
 import aiomqtt
 import pytest
-import yaml
 from brokers import (
     MQTT_HOST,
     MQTT_PORT,
@@ -28,7 +27,9 @@ from brokers import (
     assert_no_tasks_left,
     require_broker,
     unique,
+    wait_on,
     wait_until,
+    write_sink_config,
 )
 from modbus_servers import ModbusTestServer, device
 
@@ -63,7 +64,7 @@ class Subscriber:
     def __init__(self, group: str) -> None:
         self.group = group
         self.received: list[Received] = []
-        self._arrived = asyncio.Condition()
+        self._arrived = asyncio.Event()
         self._client = aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=unique("fbtest-spb-"))
         self._task: asyncio.Task[None] | None = None
 
@@ -90,10 +91,9 @@ class Subscriber:
             assert isinstance(message.payload, bytes)
             # Every message must decode: a Sparkplug host would drop the node otherwise.
             payload = Payload.FromString(message.payload)
-            async with self._arrived:
-                self.received.append(Received(levels[2], levels[4] if len(levels) > 4 else None,
-                                              payload))
-                self._arrived.notify_all()
+            self.received.append(Received(levels[2], levels[4] if len(levels) > 4 else None,
+                                          payload))
+            self._arrived.set()
 
     async def next(self, kind: str, device: str | None = None, *, after: int = 0
                    ) -> tuple[int, Received]:
@@ -105,8 +105,8 @@ class Subscriber:
                     return position
             return None
 
-        async with asyncio.timeout(SETTLE), self._arrived:
-            await self._arrived.wait_for(lambda: find() is not None)
+        await wait_on(self._arrived, lambda: find() is not None, SETTLE,
+                      lambda: f"{kind} {device or ''} after {[m.type for m in self.received]}")
         position = find()
         assert position is not None
         return position, self.received[position]
@@ -172,28 +172,23 @@ async def _no_tasks_left() -> AsyncIterator[None]:
 
 def bridge_config(tmp_path: Path, group: str, plc_port: int, broker_port: int,
                   **sink: Any) -> Path:
-    config = {
-        "bridge": {"id": "test", "state_dir": str(tmp_path / "state")},
-        "api": {"enabled": False},
-        "sources": [{
-            "id": "plant", "protocol": "modbus", "host": "127.0.0.1", "port": plc_port,
-            "timeout": "300ms", "retries": 0,
-            "devices": [{"id": "boiler", "unit": 1, "interval": "50ms", "prefix": "boiler.",
-                         "report": {"mode": "change"},
-                         "points": [
-                             {"name": "temp", "address": 30001, "type": "int16",
-                              "scale": 0.1, "unit": "degC"},
-                             {"name": "setpoint", "address": 40001, "type": "int16",
-                              "unit": "degC", "writable": True},
-                         ]}],
-        }],
-        "sinks": [{"id": "scada", "protocol": "mqtt", "format": "sparkplug_b",
-                   "host": "127.0.0.1", "port": broker_port, "group_id": group,
-                   "edge_node_id": EDGE, **sink}],
+    """A bridge with one Modbus device, ``boiler``, and the Sparkplug sink ``scada``."""
+    plant = {
+        "id": "plant", "protocol": "modbus", "host": "127.0.0.1", "port": plc_port,
+        "timeout": "300ms", "retries": 0,
+        "devices": [{"id": "boiler", "unit": 1, "interval": "50ms", "prefix": "boiler.",
+                     "report": {"mode": "change"},
+                     "points": [
+                         {"name": "temp", "address": 30001, "type": "int16", "scale": 0.1,
+                          "unit": "degC"},
+                         {"name": "setpoint", "address": 40001, "type": "int16",
+                          "unit": "degC", "writable": True},
+                     ]}],
     }
-    path = tmp_path / "fieldbridge.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
+    return write_sink_config(tmp_path, {
+        "id": "scada", "protocol": "mqtt", "format": "sparkplug_b", "host": "127.0.0.1",
+        "port": broker_port, "group_id": group, "edge_node_id": EDGE, **sink},
+        sources=[plant])
 
 
 def sink_status(bridge: BridgeRun) -> EndpointStatus:
