@@ -215,7 +215,7 @@ async def test_births_data_and_a_device_that_goes_down_and_comes_back(
         tmp_path: Path, group: str, plc: ModbusTestServer, plc_link: TcpProxy,
         broker_link: TcpProxy, subscriber: Subscriber) -> None:
     path = bridge_config(tmp_path, group, plc_link.port, broker_link.port)
-    async with BridgeRun(path):
+    async with BridgeRun(path) as bridge:
         _, nbirth = await subscriber.next("NBIRTH")
         bd_seq = nbirth.metrics()[BD_SEQ].long_value
         assert nbirth.metrics()[REBIRTH].boolean_value is False
@@ -243,6 +243,8 @@ async def test_births_data_and_a_device_that_goes_down_and_comes_back(
         assert reborn.metrics()[TEMP].double_value == 21.5
         assert properties(reborn.metrics()[TEMP])["Quality"] == 192
         assert all(message.type != "DDATA" for message in subscriber.received[down:up])
+        # The events of the dead device (bad, then good again) left the outbox all the same.
+        await wait_until(lambda: bridge.depth("scada") == 0, what="an empty outbox")
 
     # A clean stop says the NDEATH itself, with the NBIRTH's bdSeq.
     _, death = await subscriber.next("NDEATH")
