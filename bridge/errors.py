@@ -76,6 +76,13 @@ class WriteError(BridgeError):
         super().__init__(f"{point}: {reason}")
 
 
+class NotWritableError(WriteError):
+    """A write to a point that is not configured with ``writable: true``."""
+
+    def __init__(self, point: str) -> None:
+        super().__init__(point, "the point is not writable", ErrorCategory.CONFIG)
+
+
 class ConnectorUnavailableError(BridgeError):
     """A protocol was asked for a part it does not provide (the source of a sink-only one)."""
 
@@ -146,3 +153,12 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
     if len(text) > limit:
         return f"{text[:limit]}… ({len(text):,} characters)"
     return text
+
+
+REASON_CHARS = 200
+"""How much of a connector's reason (which may quote a value) a message keeps."""
+
+
+def shorten(reason: str, limit: int = REASON_CHARS) -> str:
+    """A connector's reason cut to a line's length, saying how long it was."""
+    return reason if len(reason) <= limit else f"{reason[:limit]}… ({len(reason):,} characters)"

@@ -25,10 +25,19 @@ from typing import Any, Protocol
 
 from bridge.config.models import ApiSection, Config, ResolvedPoint, SourceBase
 from bridge.core.model import Event, Reading, Value
-from bridge.core.sink import Sink, SinkContext
+from bridge.core.sink import PointInfo, Sink, SinkContext
 from bridge.core.source import BuildContext, SourceContext, SourceUnit, map_readings
 from bridge.core.status import EndpointStatus
-from bridge.errors import ConfigError, StoreError, StoreFullError
+from bridge.errors import (
+    ConfigError,
+    ErrorCategory,
+    NotWritableError,
+    StoreError,
+    StoreFullError,
+    WriteError,
+    excerpt,
+    shorten,
+)
 from bridge.pipeline.delivery import SinkOutbox, deliver
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxDepth, OutboxLimits
@@ -39,6 +48,8 @@ from bridge.pipeline.worker import SinkWorker, SinkWorkerSpec, build_worker_unit
 from bridge.registry import load_config, protocols
 
 logger = logging.getLogger(__name__)
+audit = logging.getLogger("bridge.audit")
+"""Who changed what on a device: every write-back, at INFO, with who asked for it."""
 
 
 @dataclass
@@ -130,6 +141,7 @@ class Runtime:
         self._reload_requested = asyncio.Event()
         self.reloads = 0
         """Reloads applied since start."""
+        self._state_watchers: list[Callable[[], None]] = []
         for source_config in config.sources:
             self.sources[source_config.id] = self._build_source(config, source_config)
 
@@ -142,7 +154,55 @@ class Runtime:
         status = source_status(unit)
         if not source_config.enabled:
             status.disabled()
+        status.watch(self._state_changed)
         return RunningSource(unit, status, source_config.enabled)
+
+    def _state_changed(self, status: EndpointStatus) -> None:
+        for watcher in list(self._state_watchers):
+            watcher()
+
+    def watch_states(self, watcher: Callable[[], None]) -> Callable[[], None]:
+        """Call ``watcher`` after any source or device changed state; returns the function
+        that stops it."""
+        self._state_watchers.append(watcher)
+
+        def unwatch() -> None:
+            with contextlib.suppress(ValueError):
+                self._state_watchers.remove(watcher)
+
+        return unwatch
+
+    async def write(self, point_id: str, value: Value, *, who: str) -> None:
+        """Write an engineering value to a configured point through its source's connection:
+        the one write path, for ``PUT /v1/points/{id}`` and Sparkplug B commands alike.
+
+        Every attempt is logged at INFO by the ``bridge.audit`` logger with ``who`` made it
+        (``key operator``, say). Raises ``KeyError`` for a point that is not configured,
+        ``NotWritableError`` for a point not configured ``writable: true``, and
+        ``WriteError`` when its source is disabled or the device refuses or cannot be
+        reached.
+        """
+        point = self.points[point_id]
+        # A value is quoted as an excerpt with its length: a 20 MB string must not fill
+        # the audit log.
+        quoted = excerpt(value)
+        try:
+            if not point.spec.writable:
+                raise NotWritableError(point_id)
+            running = self.sources[point.source]
+            if not running.enabled:
+                raise WriteError(point_id, f"source '{point.source}' is disabled",
+                                 ErrorCategory.CONFIG)
+            await running.unit.source.write(point_id, value)
+        except NotWritableError as exc:
+            audit.info("write refused: %s, point %s, value %s: %s", who, point_id, quoted,
+                       exc.reason)
+            raise
+        except WriteError as exc:
+            audit.info("write failed: %s, point %s, value %s: %s (%s)", who, point_id,
+                       quoted, shorten(exc.reason), exc.category)
+            raise
+        audit.info("write: %s, point %s, value %s", who, point_id, quoted)
 
     def request_reload(self) -> None:
         """Ask for the configuration file to be read again (safe from a signal handler)."""
@@ -313,7 +373,8 @@ class Runtime:
             if not running_sink.enabled:
                 continue
             sink_context = SinkContext(status=running_sink.status,
-                                       outbox=SinkOutbox(self.store, sink_id), deliver=deliver)
+                                       outbox=SinkOutbox(self.store, sink_id), deliver=deliver,
+                                       bridge=SinkBridge(self))
             sink_tasks.append(group.create_task(
                 supervise(running_sink.sink, sink_context, Backoff()),
                 name=f"{running_sink.sink.protocol}[{sink_id}].sink"))
@@ -750,14 +811,15 @@ class RuntimeFacade:
             events.extend(event for event in mapper.map(reading) if event.point == point_id)
         return events
 
-    async def write(self, point_id: str, value: Value) -> None:
-        """Write an engineering value to a configured point through its source's connection.
+    async def write(self, point_id: str, value: Value, *, who: str) -> None:
+        """Write an engineering value to a configured point through its source's connection,
+        audited as done by ``who`` (``Runtime.write``).
 
-        Raises ``KeyError`` for a point that is not configured and ``WriteError`` when the
-        device refuses or cannot be reached.
+        Raises ``KeyError`` for a point that is not configured, ``NotWritableError`` for a
+        point that is not writable and ``WriteError`` when the device refuses or cannot be
+        reached.
         """
-        point = self._runtime.points[point_id]
-        await self._runtime.sources[point.source].unit.source.write(point_id, value)
+        await self._runtime.write(point_id, value, who=who)
 
     # --- the event stream ---
 
@@ -765,6 +827,42 @@ class RuntimeFacade:
         """Call ``listener`` on the event loop with every batch of events once it is stored,
         in store order; returns the function that unsubscribes it."""
         return self._runtime.router.add_listener(listener)
+
+
+class SinkBridge:
+    """What a sink that mirrors the bridge sees of this runtime (``BridgeView``)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._points: tuple[Mapping[str, ResolvedPoint], Mapping[str, PointInfo]] = ({}, {})
+
+    def points(self) -> Mapping[str, PointInfo]:
+        """The configured points, by id: the same mapping until a reload changes them."""
+        # A reload replaces the runtime's points dict: its identity tells a change.
+        configured = self._runtime.points
+        if self._points[0] is not configured:
+            self._points = (configured, {
+                point_id: PointInfo(point_id, point.source, point.device, point.spec.unit,
+                                    point.spec.writable, point.spec.value_type())
+                for point_id, point in configured.items()})
+        return self._points[1]
+
+    def latest(self) -> Mapping[str, Event]:
+        """The latest stored event of every point that has one, by point id."""
+        return self._runtime.router.latest
+
+    def sources(self) -> Mapping[str, EndpointStatus]:
+        """The live status of every enabled source, by id."""
+        return {source_id: running.status
+                for source_id, running in self._runtime.sources.items() if running.enabled}
+
+    def watch(self, watcher: Callable[[], None]) -> Callable[[], None]:
+        """Call ``watcher`` after any source or device changed state."""
+        return self._runtime.watch_states(watcher)
+
+    async def write(self, point_id: str, value: Value, who: str) -> None:
+        """The runtime's audited write path."""
+        await self._runtime.write(point_id, value, who=who)
 
 
 @contextlib.contextmanager

@@ -81,11 +81,11 @@ def test_the_console_files_are_package_data() -> None:
 def test_a_built_wheel_ships_the_console_and_requires_the_docs_assets(tmp_path: Path) -> None:
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
     for name in ("bridge", "protocols", "mappings"):
         shutil.copytree(ROOT / name, source / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*_pb2.py*"))
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
          "--wheel-dir", str(tmp_path / "dist"), str(source)],
@@ -98,6 +98,8 @@ def test_a_built_wheel_ships_the_console_and_requires_the_docs_assets(tmp_path: 
                         if name.endswith(".dist-info/METADATA"))
     for name in CONSOLE_FILES:
         assert f"bridge/api/console/{name}" in names
+    # Compiled from the Sparkplug B schema by the build, not copied from the source tree.
+    assert {"protocols/mqtt/sparkplug_b_pb2.py", "protocols/mqtt/sparkplug_b_pb2.pyi"} <= names
     assert re.search(r"^Requires-Dist: fastapi-offline", metadata, re.MULTILINE | re.IGNORECASE)
 
 

@@ -12,9 +12,9 @@ from test_amqp_sink_config import event
 
 from bridge.config.models import Config
 from bridge.core.source import BuildContext
-from bridge.errors import ConfigError, ConnectorUnavailableError
+from bridge.errors import ConfigError
 from bridge.registry import load_config
-from protocols.mqtt import SPEC, MqttSink, MqttSinkConfig
+from protocols.mqtt import SPEC, MqttSink, MqttSinkConfig, SparkplugSink
 from protocols.mqtt.sink import escape_level
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "mappings" / "mqtt-sink-example.yaml"
@@ -104,10 +104,9 @@ def test_sparkplug_keys_validate(tmp_path: Path) -> None:
         "plant", "edge-01", True)
 
 
-def test_sparkplug_needs_its_own_sink_class(tmp_path: Path) -> None:
+def test_sparkplug_builds_the_edge_node(tmp_path: Path) -> None:
     config = sink_config(tmp_path, format="sparkplug_b", group_id="plant", edge_node_id="e")
-    with pytest.raises(ConnectorUnavailableError, match="format: sparkplug_b"):
-        build(config)
+    assert isinstance(build(config), SparkplugSink)
 
 
 ERRORS = [
@@ -133,6 +132,8 @@ ERRORS = [
      "topic", "Sparkplug B publishes on its own topics"),
     ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "retain": True},
      "retain", "`retain` is for `format: json`"),
+    ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "workers": 1},
+     "workers", "runs in the daemon's process"),
     ({"tls": {"key": "/k.pem"}}, "tls", "go with `cert`"),
     ({"sources": ["nowhere"]}, "sources[0]", "no source has the id 'nowhere'"),
     ({"clean_session": True}, "clean_session", "unknown key"),

@@ -126,6 +126,10 @@ class ReportSpec(StrictModel):
         return ReportSpec.model_validate(values)
 
 
+ValueType = Literal["bool", "integer", "number", "string"]
+"""What kind of value a point's events carry."""
+
+
 class PointBase(StrictModel):
     """What every point has, whatever its protocol."""
 
@@ -148,6 +152,16 @@ class PointBase(StrictModel):
         if self.enum is not None and (self.scale != 1.0 or self.offset != 0.0):
             raise ValueError("a point maps raw values through enum or scale/offset, not both")
         return self
+
+    def value_type(self) -> ValueType | None:
+        """The type of the values this point's events carry, when the configuration fixes
+        it (an enum gives labels, a scale or offset numbers); ``None`` when only the values
+        tell. Protocols whose points declare a decoded type refine it."""
+        if self.enum is not None:
+            return "string"
+        if self.scale != 1.0 or self.offset != 0.0:
+            return "number"
+        return None
 
 
 class ProfileBase(StrictModel):

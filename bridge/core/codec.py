@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from bridge.config.models import ValueType
 from bridge.core.model import Value
 from bridge.errors import DecodeError
 
@@ -46,6 +47,13 @@ ByteOrder = Literal[
 
 DATA_TYPES: tuple[DataType, ...] = get_args(DataType)
 BYTE_ORDERS: tuple[ByteOrder, ...] = get_args(ByteOrder)
+
+
+def value_type_of(data_type: DataType) -> ValueType:
+    """The kind of value ``data_type`` decodes to."""
+    if data_type in ("bool", "string"):
+        return data_type
+    return "number" if data_type in ("float32", "float64") else "integer"
 
 RegisterDecoder = Callable[[Sequence[int]], Value]
 RegisterEncoder = Callable[[Value], list[int]]

@@ -46,9 +46,22 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from bridge.config.models import PointBase, ReportSpec, ResolvedPoint, SourceBase, StrictModel
+from bridge.config.models import (
+    PointBase,
+    ReportSpec,
+    ResolvedPoint,
+    SourceBase,
+    StrictModel,
+    ValueType,
+)
 from bridge.config.yamlsource import KeyPath
-from bridge.core.codec import ByteOrder, DataType, compile_bytes_decoder, register_count
+from bridge.core.codec import (
+    ByteOrder,
+    DataType,
+    compile_bytes_decoder,
+    register_count,
+    value_type_of,
+)
 from bridge.core.mapping import PointProgram
 from bridge.core.model import Event, Quality, Reading, parse_timestamp
 from bridge.core.status import EndpointStatus
@@ -377,6 +390,17 @@ class MessagePoint(PointBase):
                 raise ValueError(f"tag '{key}' uses {{{missing[0]}}}, which the point name does "
                                  "not: a point's tags are fixed by its id")
         return self
+
+    def value_type(self) -> ValueType | None:
+        """The declared ``type`` (a binary type decodes to a bool, an integer, a number or
+        text), unless an enum or a scale decides."""
+        mapped = super().value_type()
+        declared = self.type
+        if mapped is not None or declared is None:
+            return mapped
+        if declared == "number" or declared == "integer":
+            return declared
+        return value_type_of(declared)
 
     def register_type(self) -> DataType:
         """The binary value type (``type`` of a binary point, which the model checked)."""

@@ -15,12 +15,12 @@ import fnmatch
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bridge.config.models import SinkBase
-from bridge.core.model import Event
+from bridge.config.models import SinkBase, ValueType
+from bridge.core.model import Event, Value
 from bridge.core.payload import Template
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
@@ -41,9 +41,13 @@ class EventSelector:
 
     def __call__(self, event: Event) -> bool:
         """Whether the sink takes ``event``."""
-        if self.sources and event.source not in self.sources:
+        return self.takes(event.source, event.point)
+
+    def takes(self, source: str, point: str) -> bool:
+        """Whether the sink takes the events of ``point`` from ``source``."""
+        if self.sources and source not in self.sources:
             return False
-        return self.pattern is None or self.pattern.match(event.point) is not None
+        return self.pattern is None or self.pattern.match(point) is not None
 
 
 ADDRESS_FIELDS: dict[str, Callable[[Event], str]] = {
@@ -197,6 +201,50 @@ class SinkLink(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class PointInfo:
+    """A configured point as a sink that mirrors the bridge's points sees it."""
+
+    id: str
+    source: str
+    device: str | None
+    """The device behind the source, for sources with devices."""
+    unit: str | None
+    writable: bool
+    value_type: ValueType | None
+    """What its values are when the configuration fixes it; ``None``: only values tell."""
+
+
+class BridgeView(Protocol):
+    """What a sink that mirrors the bridge, rather than only forwarding its events (a
+    Sparkplug B edge node), sees of it beyond its outbox; the runtime provides it."""
+
+    def points(self) -> Mapping[str, PointInfo]:
+        """The configured points, by id (names with placeholders are not point ids yet:
+        such points appear in events only)."""
+        ...
+
+    def latest(self) -> Mapping[str, Event]:
+        """The latest stored event of every point that has one, by point id."""
+        ...
+
+    def sources(self) -> Mapping[str, EndpointStatus]:
+        """The live status of every enabled source, by id; devices are its children."""
+        ...
+
+    def watch(self, watcher: Callable[[], None]) -> Callable[[], None]:
+        """Call ``watcher`` (on the event loop) after any source or device changed state;
+        returns the function that stops it."""
+        ...
+
+    async def write(self, point_id: str, value: Value, who: str) -> None:
+        """Write ``value`` to a point through its source, as ``PUT /v1/points/{id}`` does,
+        and audit it as done by ``who``. Raises ``KeyError`` for a point that is not
+        configured, ``NotWritableError`` for one that is not writable and ``WriteError``
+        when the device refuses or cannot be reached."""
+        ...
+
+
 Deliver = Callable[["BrokerSink", "SinkContext"], Awaitable[None]]
 """The delivery engine: drives one connection of a ``BrokerSink`` over its outbox."""
 
@@ -209,6 +257,9 @@ class SinkContext:
     outbox: OutboxView
     deliver: Deliver | None = None
     """The delivery engine (``bridge.pipeline.delivery.deliver``)."""
+    bridge: BridgeView | None = None
+    """The bridge's points, latest values, source states and write path, for the sinks that
+    mirror it; ``None`` in a sink's worker process."""
 
 
 class Sink(abc.ABC):

@@ -6,6 +6,7 @@ import enum
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,21 +48,32 @@ class EndpointStatus:
     counters: Counter[str] = field(default_factory=Counter)
     children: dict[str, EndpointStatus] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    watcher: Callable[[EndpointStatus], None] | None = field(
+        default=None, repr=False, compare=False)
+    """Called with this status (or a device's under it) after every change of state."""
 
     def child(self, name: str, endpoint: str | None = None) -> EndpointStatus:
         """The status of a device under this source, created on first use."""
         status = self.children.get(name)
         if status is None:
             status = EndpointStatus(name=name, kind="device", protocol=self.protocol,
-                                    endpoint=endpoint or self.endpoint)
+                                    endpoint=endpoint or self.endpoint, watcher=self.watcher)
             self.children[name] = status
         return status
+
+    def watch(self, watcher: Callable[[EndpointStatus], None]) -> None:
+        """Call ``watcher`` after every change of state of this status and its devices'."""
+        self.watcher = watcher
+        for child in self.children.values():
+            child.watch(watcher)
 
     def _move(self, state: ConnectionState) -> bool:
         if state is self.state:
             return False
         self.state = state
         self.since = time.time()
+        if self.watcher is not None:
+            self.watcher(self)
         return True
 
     def connecting(self) -> None:
@@ -127,7 +139,9 @@ class EndpointStatus:
     def mirror(self, snapshot: dict[str, Any], *, counters: bool = True) -> None:
         """Take state, errors, details and devices (and counters, unless told not to) from a
         ``snapshot``, without logging: the process that made it logged its changes."""
-        self.state = ConnectionState(snapshot["state"])
+        state = ConnectionState(snapshot["state"])
+        moved = state is not self.state
+        self.state = state
         self.since = snapshot["since"]
         self.last_success = snapshot["last_success"]
         self.last_error = snapshot["last_error"]
@@ -139,6 +153,8 @@ class EndpointStatus:
         self.details.update(snapshot["details"])
         for name, child in snapshot["children"].items():
             self.child(name).mirror(child)
+        if moved and self.watcher is not None:
+            self.watcher(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The inventory entry."""

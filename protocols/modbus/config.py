@@ -21,9 +21,10 @@ from bridge.config.models import (
     PointBase,
     ProfileBase,
     StrictModel,
+    ValueType,
 )
 from bridge.config.validation import field_error
-from bridge.core.codec import ByteOrder, DataType, parse_order, register_count
+from bridge.core.codec import ByteOrder, DataType, parse_order, register_count, value_type_of
 
 Table = Literal["coil", "discrete", "input", "holding"]
 """The four Modbus data tables."""
@@ -133,6 +134,13 @@ class ModbusPoint(PointBase):
         if self.bit is not None or self.data_type == "bool":
             return "bool"
         return "string" if self.data_type == "string" else "number"
+
+    def value_type(self) -> ValueType | None:
+        """What the decoded type gives (a bit is a bool), unless an enum or a scale decides."""
+        mapped = super().value_type()
+        if mapped is not None:
+            return mapped
+        return "bool" if self.bit is not None else value_type_of(self.data_type)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModbusPoint:

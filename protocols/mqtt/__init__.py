@@ -10,7 +10,6 @@ from bridge.config.yamlsource import KeyPath
 from bridge.core.payload import resolve_points
 from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
-from bridge.errors import ConnectorUnavailableError
 from bridge.registry import ProtocolSpec
 from protocols.mqtt import discover
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
@@ -18,9 +17,10 @@ from protocols.mqtt.mapping import compile_mapper
 from protocols.mqtt.sink import MqttSink
 from protocols.mqtt.sink_config import MqttSinkConfig
 from protocols.mqtt.source import PROTOCOL, MqttAcknowledger, MqttSource
+from protocols.mqtt.sparkplug_sink import SparkplugSink
 
 __all__ = ["SPEC", "MqttAcknowledger", "MqttPoint", "MqttSink", "MqttSinkConfig", "MqttSource",
-           "MqttSourceConfig", "build", "build_sink"]
+           "MqttSourceConfig", "SparkplugSink", "build", "build_sink"]
 
 
 def _mqtt_source(source: SourceBase) -> MqttSourceConfig:
@@ -50,8 +50,8 @@ def build_sink(sink: SinkBase, context: BuildContext) -> Sink:
     """Create the sink for its ``format``."""
     if not isinstance(sink, MqttSinkConfig):
         raise TypeError(f"sink {sink.id} is not an MQTT sink")
-    if sink.format != "json":
-        raise ConnectorUnavailableError(PROTOCOL, f"sink with `format: {sink.format}`")
+    if sink.format == "sparkplug_b":
+        return SparkplugSink(sink, bridge_id=context.bridge_id)
     return MqttSink(sink, bridge_id=context.bridge_id)
 
 

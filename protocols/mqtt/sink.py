@@ -161,8 +161,9 @@ class MqttSink(BrokerSink):
     def messages(self, rows: Sequence[OutboxRow]) -> Iterable[OutgoingMessage]:
         """Override point: the messages that deliver ``rows`` (given in ``seq`` order, each row's
         ``body`` the event's JSON and ``address`` its topic from ``address``), in the order they
-        are to be published. Every row's ``seq`` must be in exactly one message's ``seqs``: the
-        row leaves the outbox when that message is acknowledged. JSON: one message per row."""
+        are to be published. Every row's ``seq`` must be in exactly one message's ``seqs`` (or
+        be ``settle``d): the row leaves the outbox when that message is acknowledged. JSON: one
+        message per row."""
         qos, retain, properties = self.config.qos, self.config.retain, self._properties
         return [OutgoingMessage(row.address, row.body.encode(), qos, retain, (row.seq,),
                                 properties) for row in rows]
@@ -207,6 +208,15 @@ class MqttSink(BrokerSink):
             connection.link.confirmed(message.seqs)
         else:
             connection.pending[info.mid] = message.seqs
+
+    def settle(self, seqs: Sequence[int]) -> None:
+        """Confirm outbox rows that no message carries (Sparkplug B: events of a device that
+        is not born, whose next birth carries their values); from ``messages`` too. Raises
+        ``ConnectorError`` when there is no connection."""
+        connection = self._connection
+        if connection is None:
+            raise ConnectorError(self.endpoint, "not connected", ErrorCategory.TRANSIENT)
+        connection.link.confirmed(seqs)
 
     # --- BrokerSink ----------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from bridge.config.models import Duration, PlainText, SinkBase
+from bridge.config.validation import field_error
 from bridge.core.payload import Template
 from bridge.core.sink import check_address_template
 from protocols.mqtt.config import MqttConnectionSettings, QoS
@@ -107,6 +108,14 @@ class MqttSinkConfig(MqttConnectionSettings, SinkBase):
         if value is not None and any(char in value for char in SPARKPLUG_ID_FORBIDDEN):
             raise ValueError("a Sparkplug B id is one topic level: no `+`, `#` or `/`")
         return value
+
+    @model_validator(mode="after")
+    def _sparkplug_in_the_daemon(self) -> MqttSinkConfig:
+        if self.format == "sparkplug_b" and self.workers:
+            raise field_error("workers", "a Sparkplug B edge node follows the bridge's points "
+                              "and states, so it runs in the daemon's process: remove "
+                              "`workers`", self.workers)
+        return self
 
     def pipeline(self, receive_maximum: int | None = None) -> int:
         """Publishes awaiting acknowledgement at most: ``window``, or its default for the QoS

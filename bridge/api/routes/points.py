@@ -8,7 +8,6 @@ wait for the device, through the running source's connection.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,14 +48,13 @@ from bridge.errors import (
     ApiError,
     DecodeError,
     ErrorCategory,
+    NotWritableError,
     StoreError,
     WriteError,
     excerpt,
+    shorten,
 )
 from bridge.runtime import PointQuery, PointState
-
-audit = logging.getLogger("bridge.audit")
-"""Who changed what on a device: every write-back, at INFO, with the key's name."""
 
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERROR_RESPONSES,
                    tags=["points"])
@@ -178,24 +176,19 @@ async def write_point(
     name of the key that made it.
     """
     # A value is quoted as an excerpt with its length: a 20 MB string must not come back
-    # twice in the response, nor fill the audit log.
+    # twice in the response.
     quoted = excerpt(write.value)
     with _counted(context, "write"):
         source = _device_source(context, point_id)
-        if not context.runtime.points()[point_id].spec.writable:
-            audit.info("write refused: key %s, point %s, value %s: the point is not writable",
-                       principal.name, point_id, quoted)
-            raise ApiError(409, "not_writable", f"point '{point_id}' is not writable",
-                           "only points configured with `writable: true` accept writes")
         try:
-            await context.runtime.write(point_id, write.value)
+            await context.runtime.write(point_id, write.value, who=f"key {principal.name}")
+        except NotWritableError as exc:
+            raise ApiError(409, "not_writable", f"point '{point_id}' is not writable",
+                           "only points configured with `writable: true` accept writes"
+                           ) from exc
         except WriteError as exc:
-            reason = _short(exc.reason)
-            audit.info("write failed: key %s, point %s, value %s: %s (%s)", principal.name,
-                       point_id, quoted, reason, exc.category)
             raise _device_problem(exc, f"cannot write {quoted} to '{point_id}'", source,
-                                  reason) from exc
-    audit.info("write: key %s, point %s, value %s", principal.name, point_id, quoted)
+                                  shorten(exc.reason)) from exc
     return JsonBody({"point": point_id, "source": source, "value": write.value,
                      "written_at": isoformat(time.time())})
 
@@ -280,15 +273,10 @@ _DEVICE_PROBLEMS = {
 }
 
 
-def _short(reason: str) -> str:
-    """A connector's reason, which may quote the value, cut to a line's length."""
-    return reason if len(reason) <= 200 else f"{reason[:200]}… ({len(reason):,} characters)"
-
-
 def _device_problem(exc: WriteError, doing: str, source: str,
                     reason: str | None = None) -> ApiError:
     problem = _DEVICE_PROBLEMS[exc.category]
-    return ApiError(problem.status, problem.code, f"{doing}: {reason or _short(exc.reason)}",
+    return ApiError(problem.status, problem.code, f"{doing}: {reason or shorten(exc.reason)}",
                     problem.hint.replace("{source}", source),
                     headers={"Retry-After": "5"} if problem.status == 503 else None)
 
