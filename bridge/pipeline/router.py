@@ -126,6 +126,10 @@ class Router:
         try:
             while True:
                 await self._arrived.wait()
+                if not self._queue and not self._retry_due():
+                    # Woken by a sink that made room while nothing is held back for it.
+                    self._arrived.clear()
+                    continue
                 # Group commit: while batches follow each other closely, gather what arrives
                 # for the rest of the interval, so a busy store commits fewer, larger batches.
                 delay = started + self.commit_interval - loop.time()
@@ -150,7 +154,7 @@ class Router:
 
     async def _flush(self) -> bool:
         """Store, settle and announce one batch; ``False`` when the store could not write it
-        and the router stops (the batch is back in the queue, unsettled).
+        and the router is stopping (the batch is given up, unsettled).
 
         Batches held back for a full sink are tried again first, once a sink made room since;
         until then, new events of their points are held behind them. While the store cannot
@@ -159,7 +163,7 @@ class Router:
         outbox = self.store.outbox
         generation = outbox.generation if outbox is not None else 0
         batches: list[_Batch] = []
-        retry = bool(self._held) and (self._closing or generation != self._held_generation)
+        retry = self._retry_due()
         if retry:
             batches.extend(self._held)
             self._held.clear()
@@ -222,6 +226,13 @@ class Router:
         for listener in list(self._listeners):
             listener(stored)
         return True
+
+    def _retry_due(self) -> bool:
+        """Whether held batches are to be tried again: a sink made room since they were held,
+        or the router is closing."""
+        outbox = self.store.outbox
+        generation = outbox.generation if outbox is not None else 0
+        return bool(self._held) and (self._closing or generation != self._held_generation)
 
     def _abandon(self, batches: Sequence[_Batch]) -> None:
         """At shutdown, with the store unable to write: give up on ``batches``, unsettled (an
