@@ -44,19 +44,18 @@ def store(tmp_path: Path) -> Iterator[Store]:
     opened.close()
 
 
-def _limit_pages(store: Store, extra: int) -> None:
+async def _limit_pages(store: Store, extra: int) -> None:
     """Let the database grow by ``extra`` pages at most, as a disk with that much room."""
     def limit(writer: sqlite3.Connection) -> None:
         (pages,) = writer.execute("PRAGMA page_count").fetchone()
         writer.execute(f"PRAGMA max_page_count = {pages + extra}")
 
-    store._executor.submit(lambda: limit(store._writer)).result()  # type: ignore[union-attr,arg-type]
+    await store.run_on_writer(limit)
 
 
-def _unlimit(store: Store) -> None:
-    store._executor.submit(  # type: ignore[union-attr]
-        lambda: store._writer.execute(  # type: ignore[union-attr]
-            "PRAGMA max_page_count = 1073741823")).result()
+async def _unlimit(store: Store) -> None:
+    await store.run_on_writer(
+        lambda writer: writer.execute("PRAGMA max_page_count = 1073741823"))
 
 
 def _many(point: str, count: int) -> list[Event]:
@@ -95,7 +94,7 @@ def test_sqlite_full_and_enospc_are_disk_problems() -> None:
 
 async def test_a_batch_the_disk_cannot_take_is_not_stored_at_all(store: Store) -> None:
     await store.write([make_event("a.p", 1.0)])
-    _limit_pages(store, 40)
+    await _limit_pages(store, 40)
     refused = await _fill(store)
     assert store.problem == "disk full"
     written = store.written
@@ -105,7 +104,7 @@ async def test_a_batch_the_disk_cannot_take_is_not_stored_at_all(store: Store) -
     assert not outbox_ids & {event.id for event in refused}
 
     # Space returns: the same batch is stored once, in order, and the outbox has it.
-    _unlimit(store)
+    await _unlimit(store)
     assert await store.write(refused) == len(refused)
     assert store.problem is None
     assert store.written == written + len(refused)
@@ -143,7 +142,7 @@ async def test_the_router_waits_for_space_and_acknowledges_only_what_is_stored(
     task = asyncio.create_task(router.run(), name="router")
     try:
         await store.write([make_event("a.p", 0.0)])
-        _limit_pages(store, 40)
+        await _limit_pages(store, 40)
         await _fill(store)
         acks = [CountingAck(store) for _ in range(3)]
         for index, ack in enumerate(acks):
@@ -158,7 +157,7 @@ async def test_the_router_waits_for_space_and_acknowledges_only_what_is_stored(
         assert [ack.accepted for ack in acks] == [0, 0, 0]
         assert store.history("b.p") == []
 
-        _unlimit(store)
+        await _unlimit(store)
         await asyncio.wait_for(blocked, 10)
         await wait_until(lambda: router.pending == 0, within=10)
         assert [ack.accepted for ack in acks] == [1, 1, 1]
@@ -176,7 +175,7 @@ async def test_shutdown_with_a_full_disk_gives_up_unacknowledged_instead_of_hang
     router = Router(store, max_pending=50)
     task = asyncio.create_task(router.run(), name="router")
     await store.write([make_event("a.p", 0.0)])
-    _limit_pages(store, 40)
+    await _limit_pages(store, 40)
     await _fill(store)
     ack = CountingAck(store)
     await router.submit([make_event("b.p", 1.0)], [(ack, None)])

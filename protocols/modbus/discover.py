@@ -528,14 +528,10 @@ def _compact(numbers: list[int]) -> str:
     return ", ".join(parts)
 
 
-async def run(request: ModbusDiscoverRequest, context: DiscoveryContext) -> Discovery:
-    """The registry's entry."""
-    return await discover(request, context)
-
 
 SPEC = DiscoverySpec(
     request_model=ModbusDiscoverRequest,
-    run=run,
+    run=discover,
     target=_target,
     target_name="HOST[:PORT]",
     summary="scan a Modbus device for answering units and readable addresses and write a "

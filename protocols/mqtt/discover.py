@@ -336,14 +336,10 @@ def _result(request: MqttDiscoverRequest, context: DiscoveryContext, topics: dic
                      items=items, partial=partial, warnings=warnings)
 
 
-async def run(request: MqttDiscoverRequest, context: DiscoveryContext) -> Discovery:
-    """The registry's entry."""
-    return await discover(request, context)
-
 
 SPEC = DiscoverySpec(
     request_model=MqttDiscoverRequest,
-    run=run,
+    run=discover,
     target=_target,
     target_name="HOST[:PORT]",
     summary="sample an MQTT broker's topics and write templated points for their payloads",

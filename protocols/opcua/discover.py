@@ -535,14 +535,10 @@ def _result(request: OpcuaDiscoverRequest, context: DiscoveryContext,
                      warnings=warnings, error=error)
 
 
-async def run(request: OpcuaDiscoverRequest, context: DiscoveryContext) -> Discovery:
-    """The registry's entry: ``discover`` with its request checked."""
-    return await discover(request, context)
-
 
 SPEC = DiscoverySpec(
     request_model=OpcuaDiscoverRequest,
-    run=run,
+    run=discover,
     target=_target,
     target_name="URL",
     summary="browse an OPC-UA server and write a source with its variables",
