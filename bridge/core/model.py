@@ -250,7 +250,7 @@ def new_event_id() -> str:
     per process, behind a lock, gives the ids of one millisecond a 42-bit counter (randomly
     seeded each millisecond, moving the millisecond on should it overflow) and keeps the last
     millisecond when the clock steps back. Ids made one after another in a process so sort
-    strictly by creation, and no wrapper is needed (``tests/test_model.py`` checks it).
+    strictly by creation, and no wrapper is needed (``tests/core/test_model.py`` checks it).
     """
     return str(uuid_utils.uuid7())
 

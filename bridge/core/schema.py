@@ -1,7 +1,7 @@
 """The JSON Schema of the normalized event, generated from its declaration (``Event``).
 
 ``bridge/core/event.schema.json`` is the same schema, committed so it can be read without
-running anything; ``tests/test_event_schema.py`` fails when it is stale. Regenerate it with
+running anything; ``tests/core/test_event_schema.py`` fails when it is stale. Regenerate it with
 ``fieldbridge event-schema > bridge/core/event.schema.json``.
 """
 

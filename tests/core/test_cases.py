@@ -1,0 +1,149 @@
+"""Mapping behaviour from data: every folder under ``tests/cases/`` is one case.
+
+A case holds ``mapping.yaml`` (a configuration with one source, loaded as the daemon loads
+it) and either
+
+- ``input.yaml`` (the readings the source would publish) and ``expected.yaml`` (the events
+  the mapping must produce from them, in order), or
+- ``error.yaml`` (the configuration error it must be refused with: a message substring, the
+  line, and optionally the key path and file).
+
+Modbus input, one entry per block the source read::
+
+    readings:
+      - table: holding          # coil | discrete | input | holding
+        start: 0                # 0-based offset of the block
+        registers: [0x42F6, 0xE979]   # or `bits: [true, false]` for coil/discrete blocks
+        device: meter           # default: the source's only device
+        at: 10.5                # received_at in seconds (default: the entry's index)
+        quality: bad            # a failed read, with `reason` and `count` instead of values
+        count: 3                # the block's size; default the number of values
+
+Expected events::
+
+    events:
+      - point: meter.voltage
+        value: 123.456          # floats compare to 1e-6 relative
+        quality: good           # default good
+        unit: V                 # checked when given
+        reason: timeout         # a substring of the event's reason, checked when given
+        at: 10.5                # received_at, checked when given
+
+Name a regression case after the bug it pins down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.config.models import Config, DeviceSourceBase
+from bridge.core.model import Event, Quality, Reading
+from bridge.core.source import BuildContext, Mapper
+from bridge.errors import ConfigError
+from bridge.registry import load_config, protocols
+from protocols.modbus.mapping import BlockAddress
+
+CASES = Path(__file__).resolve().parents[1] / "cases"
+CASE_DIRECTORIES = sorted(path.parent for path in CASES.glob("*/*/mapping.yaml"))
+
+
+def _load(path: Path) -> Any:
+    with path.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _modbus_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]
+                    ) -> Reading:
+    source = config.sources[0]
+    assert isinstance(source, DeviceSourceBase)
+    devices = [device.id for device in source.devices]
+    device = entry.get("device") or (devices[0] if len(devices) == 1 else None)
+    assert device is not None, "input names no device and the source has several"
+    received_at = float(entry.get("at", index))
+    quality = Quality(entry.get("quality", "good"))
+    values: tuple[Any, ...] | None = None
+    if "registers" in entry:
+        values = tuple(int(register) for register in entry["registers"])
+    elif "bits" in entry:
+        values = tuple(bool(bit) for bit in entry["bits"])
+    # An explicit count with fewer values is a short answer.
+    count = int(entry["count"]) if "count" in entry else len(values or ())
+    address = BlockAddress(device, entry["table"], int(entry["start"]), count)
+    return Reading(source_id, address, values, received_at, quality=quality,
+                   reason=entry.get("reason"))
+
+
+READINGS: dict[str, Callable[[Config, str, int, dict[str, Any]], Reading]] = {
+    "modbus": _modbus_reading,
+}
+"""How each protocol's input entries become readings."""
+
+
+def _check_event(event: Event, expected: dict[str, Any], position: int) -> None:
+    where = f"event {position} ({event.point})"
+    assert event.point == expected["point"], where
+    assert event.quality is Quality(expected.get("quality", "good")), (where, event.reason)
+    if "value" in expected:
+        value = expected["value"]
+        if isinstance(value, float) and not isinstance(event.value, bool):
+            assert event.value == pytest.approx(value, rel=1e-6), where
+        else:
+            assert event.value == value, where
+            assert type(event.value) is type(value), where
+    if "unit" in expected:
+        assert event.unit == expected["unit"], where
+    if "reason" in expected:
+        assert event.reason is not None, where
+        assert expected["reason"] in event.reason, where
+    if "at" in expected:
+        assert event.received_at == float(expected["at"]), where
+
+
+CASE_IDS = [f"{path.parent.name}/{path.name}" for path in CASE_DIRECTORIES]
+
+
+@pytest.mark.parametrize("case", CASE_DIRECTORIES, ids=CASE_IDS)
+def test_case(case: Path, tmp_path: Path) -> None:
+    mapping = case / "mapping.yaml"
+    if (case / "error.yaml").is_file():
+        expected_error = _load(case / "error.yaml")
+        with pytest.raises(ConfigError) as raised:
+            load_config(mapping)
+        file = str((case / expected_error.get("file", "mapping.yaml")).resolve())
+        matching = [issue for issue in raised.value.issues
+                    if expected_error["error"] in issue.message]
+        assert matching, f"no issue mentions {expected_error['error']!r}: {raised.value}"
+        issue = matching[0]
+        assert (issue.file, issue.line) == (file, expected_error["line"]), str(issue)
+        if "path" in expected_error:
+            assert issue.path == expected_error["path"]
+        return
+
+    config = load_config(mapping)
+    assert len(config.sources) == 1, "a case configures one source"
+    source = config.sources[0]
+    spec = protocols()[source.protocol]
+    unit = spec.source_unit(source, config.points[source.id],
+                      BuildContext(bridge_id="cases", state_dir=tmp_path))
+    mapper: Mapper = unit.mapper
+    entries = _load(case / "input.yaml")["readings"]
+    events: list[Event] = []
+    for index, entry in enumerate(entries):
+        events.extend(mapper.map(READINGS[source.protocol](config, source.id, index, entry)))
+    expected = _load(case / "expected.yaml")["events"] or []
+    produced = [f"{event.point}={event.value!r} {event.quality}" for event in events]
+    assert len(events) == len(expected), f"events: {produced}"
+    for position, (event, wanted) in enumerate(zip(events, expected, strict=True)):
+        _check_event(event, wanted, position)
+
+
+def test_cases_are_found() -> None:
+    assert len(CASE_DIRECTORIES) >= 10
+    for case in CASE_DIRECTORIES:
+        has_io = (case / "input.yaml").is_file() and (case / "expected.yaml").is_file()
+        assert has_io != (case / "error.yaml").is_file(), f"{case.name}: input+expected or error"

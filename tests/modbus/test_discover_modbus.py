@@ -1,0 +1,229 @@
+"""Modbus discovery against a real pymodbus server: units, readable blocks, holes, the
+generated device running, the request rate, and the failures."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from helpers import free_port
+from helpers.brokers import SourceRun, wait_until
+from helpers.discovery import in_thread
+from helpers.modbus_servers import ModbusTestServer, silent_server
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from bridge import cli
+from bridge.core.discovery import Budget, Discovery, DiscoveryContext, StreamProgress
+from bridge.core.model import Quality
+from bridge.errors import ConnectorError, ErrorCategory
+from bridge.registry import load_config
+from protocols.modbus.discover import ModbusDiscoverRequest, discover
+
+Blocks = Sequence[tuple[int, Sequence[Any]]]
+
+
+def _table(blocks: Blocks, kind: DataType) -> list[SimData]:
+    if not blocks:
+        return [SimData(0, count=1, datatype=DataType.INVALID)]
+    return [SimData(start, values=list(values), datatype=kind) for start, values in blocks]
+
+
+def _device(unit: int, *, coils: Blocks = (), discrete: Blocks = (), holding: Blocks = (),
+            input: Blocks = ()) -> SimDevice:
+    return SimDevice(unit, simdata=(_table(coils, DataType.BITS), _table(discrete, DataType.BITS),
+                                    _table(holding, DataType.REGISTERS),
+                                    _table(input, DataType.REGISTERS)))
+
+
+def plant() -> list[SimDevice]:
+    """Unit 1 and unit 2, with holes between their register blocks."""
+    return [
+        _device(1, coils=[(0, [True, False] * 8)], discrete=[(0, [False] * 16)],
+                holding=[(0, range(100, 110)), (20, range(5)), (100, range(1000, 1130))],
+                input=[(0, [7, 8, 9])]),
+        _device(2, coils=[(0, [False] * 16)], discrete=[(0, [True] * 16)],
+                holding=[(5, [55, 56]), (50, [500])], input=[(10, [1, 2, 3])]),
+    ]
+
+
+EXPECTED = {
+    (1, "coil"): [(0, 15)],
+    (1, "discrete"): [(0, 15)],
+    (1, "input"): [(0, 2)],
+    (1, "holding"): [(0, 9), (20, 24), (100, 229)],
+    (2, "coil"): [(0, 15)],
+    (2, "discrete"): [(0, 15)],
+    (2, "input"): [(10, 12)],
+    (2, "holding"): [(5, 6), (50, 50)],
+}
+
+
+def blocks_of(result: Discovery) -> dict[tuple[int, str], list[tuple[int, int]]]:
+    """The readable blocks in the listing, by (unit id, table)."""
+    found: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    for item in result.items:
+        runs = found.setdefault((item.extra["unit_id"], item.extra["table"]), [])
+        offset = item.extra["offset"]
+        if runs and runs[-1][1] == offset - 1:
+            runs[-1] = (runs[-1][0], offset)
+        else:
+            runs.append((offset, offset))
+    return found
+
+
+def _context(**budget: Any) -> DiscoveryContext:
+    return DiscoveryContext(progress=StreamProgress(io.StringIO(), tty=False),
+                            budget=Budget(**budget))
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[ModbusTestServer]:
+    async with ModbusTestServer(plant()) as running:
+        yield running
+
+
+async def test_the_scan_finds_exactly_the_readable_blocks_and_the_device_runs(
+    server: ModbusTestServer, tmp_path: Path
+) -> None:
+    request = ModbusDiscoverRequest(host="127.0.0.1", port=server.port, units="1-3",
+                                    range="0-299", rate=1000, timeout=0.5)
+    result = await discover(request, _context())
+    assert not result.partial, result.warnings
+    assert blocks_of(result) == EXPECTED
+    assert "No answer from unit 3." in result.yaml
+    assert "cannot be inferred" in result.yaml
+    assert "# unit 1: 180 readable addresses; polling them all takes 7 requests." in result.yaml
+    assert {item.type for item in result.items if item.extra["table"] == "holding"} == {
+        "uint16"}
+    assert {item.type for item in result.items if item.extra["table"] == "coil"} == {"bool"}
+
+    path = tmp_path / "modbus.yaml"
+    path.write_text(result.yaml, encoding="utf-8")
+    expected = {point.id for point in load_config(path).points["modbus"]}
+    assert len(expected) == len(result.items)
+    async with SourceRun(path) as run:
+        def latest() -> dict[str, Any]:
+            return {event.point: event for event in run.events}
+
+        await wait_until(lambda: expected <= {point for point, event in latest().items()
+                                              if event.quality is Quality.GOOD},
+                         what="a good value for every generated point")
+    values = latest()
+    assert values["unit-1.holding_3"].value == 103
+    assert values["unit-1.holding_229"].value == 1129
+    assert values["unit-2.holding_50"].value == 500
+    assert values["unit-1.coil_0"].value is True
+    assert not [event for event in run.events if event.quality is not Quality.GOOD]
+
+
+async def test_requests_keep_to_the_rate(server: ModbusTestServer) -> None:
+    request = ModbusDiscoverRequest(host="127.0.0.1", port=server.port, units="2",
+                                    tables="holding", range="0-39", rate=200)
+    started = time.monotonic()
+    result = await discover(request, _context())
+    elapsed = time.monotonic() - started
+    assert blocks_of(result) == {(2, "holding"): [(5, 6)]}
+    requests = len(server.requests)
+    assert requests > 30  # a hole costs one request
+    assert elapsed >= (requests - 1) / 200 * 0.95
+
+
+async def test_a_size_bound_gives_a_partial_scan(server: ModbusTestServer) -> None:
+    request = ModbusDiscoverRequest(host="127.0.0.1", port=server.port, units="1",
+                                    tables="holding", range="0-299", rate=1000)
+    result = await discover(request, _context(max_items=5))
+    assert result.partial
+    assert result.yaml.startswith("# PARTIAL")
+    assert any("size bound" in warning for warning in result.warnings)
+
+
+async def test_rtu_frames_over_tcp(tmp_path: Path) -> None:
+    async with ModbusTestServer(plant(), framer=FramerType.RTU) as server:
+        result = await discover(ModbusDiscoverRequest(
+            host="127.0.0.1", port=server.port, transport="rtu-over-tcp", units="2",
+            tables="holding,input", range="0-59", rate=1000), _context())
+    assert blocks_of(result) == {(2, "holding"): [(5, 6), (50, 50)], (2, "input"): [(10, 12)]}
+    assert "transport: rtu-over-tcp" in result.yaml
+
+
+async def test_an_unreachable_device_is_a_clear_error() -> None:
+    with pytest.raises(ConnectorError) as caught:
+        await discover(ModbusDiscoverRequest(host="127.0.0.1", port=free_port()), _context())
+    assert caught.value.category is ErrorCategory.TRANSIENT
+    assert "cannot connect" in str(caught.value)
+
+
+async def test_a_device_that_never_answers_times_out() -> None:
+    async with silent_server() as port:
+        with pytest.raises(ConnectorError) as caught:
+            await discover(ModbusDiscoverRequest(host="127.0.0.1", port=port, units="1-2",
+                                                 timeout=0.2, rate=1000), _context())
+    assert "no unit answered" in caught.value.reason
+    assert "no answer after 0.2 s" in caught.value.reason
+
+
+async def test_the_command(server: ModbusTestServer, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "device.yaml"
+    status = await in_thread(cli.main, [
+        "discover", "modbus", f"127.0.0.1:{server.port}", "--units", "2", "--tables",
+        "holding", "--range", "0-59", "--rate", "1000", "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    assert "name: holding_50" in output.read_text()
+    assert await in_thread(cli.main, ["validate", str(output)]) == 0
+    status = await in_thread(cli.main, ["discover", "modbus", "127.0.0.1", "--units", "300"])
+    assert status == 2
+    assert "--units" in capsys.readouterr().err
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[str, str]]:
+    """A socat pty pair standing in for an RS-485 line; skipped without socat."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.skip("socat is not installed (apt-get install socat)")
+    process = subprocess.Popen([socat, "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        ends: list[str] = []
+        for line in process.stderr:
+            match = re.search(r"PTY is (\S+)", line)
+            if match:
+                ends.append(match.group(1))
+            if len(ends) == 2 or "starting data transfer loop" in line:
+                break
+        assert len(ends) == 2, f"socat did not report two ptys: {ends}"
+        yield ends[0], ends[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.mark.serial
+async def test_serial_rtu(pty_pair: tuple[str, str]) -> None:
+    bridge_end, device_end = pty_pair
+    bus = ModbusSerialServer(plant(), port=device_end, baudrate=19200, reconnect_delay=0)
+    await bus.serve_forever(background=True)
+    try:
+        request = ModbusDiscoverRequest.model_validate({
+            "transport": "rtu", "serial": {"port": bridge_end, "baudrate": 19200},
+            "units": "1-2", "tables": "input", "range": "0-19", "rate": 1000,
+            "timeout": 0.5})
+        result = await discover(request, _context())
+    finally:
+        await bus.shutdown()
+    assert blocks_of(result) == {(1, "input"): [(0, 2)], (2, "input"): [(10, 12)]}
+    assert f"port: {bridge_end}" in result.yaml
