@@ -119,10 +119,13 @@ def test_two_files_that_include_each_other_are_a_cycle_named_by_its_chain(
 def test_a_file_included_along_two_branches_is_not_a_cycle(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("include: [common.yaml]\n")
     (tmp_path / "b.yaml").write_text("include: [common.yaml]\n")
-    (tmp_path / "common.yaml").write_text("profiles: {}\n")
+    (tmp_path / "common.yaml").write_text(
+        "profiles:\n  meter:\n    protocol: modbus\n"
+        "    points: [{name: voltage, address: 30001, type: float32}]\n")
     path = tmp_path / "fieldbridge.yaml"
     path.write_text(VALID + "include: [a.yaml, b.yaml]\n")
-    load_config(path)
+    config = load_config(path)
+    assert list(config.profiles) == ["meter"]
 
 
 SECRET_LINES = "root:$y$j9T$secrethash0123:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n"
