@@ -19,6 +19,16 @@ Modbus input, one entry per block the source read::
         quality: bad            # a failed read, with `reason` and `count` instead of values
         count: 3                # the block's size; default the number of values
 
+MQTT input, one entry per message (``json`` is encoded as JSON, ``payload`` is sent as text,
+``hex:...`` as bytes)::
+
+    readings:
+      - {topic: sensors/north/b1/telemetry, json: {temp: 21.5}, at: 3}
+
+AMQP input: ``routing_key`` instead of ``topic``, with an optional ``timestamp`` (POSIX seconds)
+and ``message_id``. OPC-UA input, one entry per data change: ``node`` (as the point names it),
+``value``, and optionally ``quality``, ``reason`` and ``ts``.
+
 Expected events::
 
     events:
@@ -27,6 +37,8 @@ Expected events::
         quality: good           # default good
         unit: V                 # checked when given
         reason: timeout         # a substring of the event's reason, checked when given
+        ts: "2026-01-01T00:00:00Z"   # the source time, checked when given
+      - rejected: invalid JSON  # the reading is refused (DecodeError) with this in its message
         at: 10.5                # received_at, checked when given
 
 Name a regression case after the bug it pins down.
@@ -34,6 +46,7 @@ Name a regression case after the bug it pins down.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,9 +55,9 @@ import pytest
 import yaml
 
 from bridge.config.models import Config, DeviceSourceBase
-from bridge.core.model import Event, Quality, Reading
+from bridge.core.model import Event, Quality, Reading, parse_timestamp
 from bridge.core.source import BuildContext, Mapper
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, DecodeError
 from bridge.registry import load_config, protocols
 from protocols.modbus.mapping import BlockAddress
 
@@ -78,8 +91,41 @@ def _modbus_reading(config: Config, source_id: str, index: int, entry: dict[str,
                    reason=entry.get("reason"))
 
 
+def _payload(entry: dict[str, Any]) -> bytes:
+    """A message body: ``payload`` as text, or ``json`` (any YAML value) encoded as JSON."""
+    if "json" in entry:
+        return json.dumps(entry["json"]).encode()
+    payload = entry["payload"]
+    return bytes.fromhex(payload[4:]) if payload.startswith("hex:") else payload.encode()
+
+
+def _mqtt_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]) -> Reading:
+    return Reading(source_id, entry["topic"], _payload(entry), float(entry.get("at", index)),
+                   meta={"qos": int(entry.get("qos", 0)), "retain": False})
+
+
+def _amqp_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]) -> Reading:
+    stamp = entry.get("timestamp")
+    return Reading(source_id, entry["routing_key"], _payload(entry),
+                   float(entry.get("at", index)),
+                   ts=float(stamp) if stamp is not None else None,
+                   message_id=entry.get("message_id"),
+                   meta={"exchange": entry.get("exchange", ""), "headers": {},
+                         "redelivered": False, "content_type": entry.get("content_type"),
+                         "message_id": entry.get("message_id")})
+
+
+def _opcua_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]) -> Reading:
+    quality = Quality(entry.get("quality", "good"))
+    return Reading(source_id, entry["node"], entry.get("value"), float(entry.get("at", index)),
+                   ts=entry.get("ts"), quality=quality, reason=entry.get("reason"))
+
+
 READINGS: dict[str, Callable[[Config, str, int, dict[str, Any]], Reading]] = {
     "modbus": _modbus_reading,
+    "mqtt": _mqtt_reading,
+    "amqp": _amqp_reading,
+    "opcua": _opcua_reading,
 }
 """How each protocol's input entries become readings."""
 
@@ -100,6 +146,8 @@ def _check_event(event: Event, expected: dict[str, Any], position: int) -> None:
     if "reason" in expected:
         assert event.reason is not None, where
         assert expected["reason"] in event.reason, where
+    if "ts" in expected:
+        assert event.ts == parse_timestamp(expected["ts"]), where
     if "at" in expected:
         assert event.received_at == float(expected["at"]), where
 
@@ -132,18 +180,29 @@ def test_case(case: Path, tmp_path: Path) -> None:
                       BuildContext(bridge_id="cases", state_dir=tmp_path))
     mapper: Mapper = unit.mapper
     entries = _load(case / "input.yaml")["readings"]
-    events: list[Event] = []
+    outcomes: list[Event | DecodeError] = []
     for index, entry in enumerate(entries):
-        events.extend(mapper.map(READINGS[source.protocol](config, source.id, index, entry)))
+        reading = READINGS[source.protocol](config, source.id, index, entry)
+        try:
+            outcomes.extend(mapper.map(reading))
+        except DecodeError as rejection:
+            outcomes.append(rejection)
     expected = _load(case / "expected.yaml")["events"] or []
-    produced = [f"{event.point}={event.value!r} {event.quality}" for event in events]
-    assert len(events) == len(expected), f"events: {produced}"
-    for position, (event, wanted) in enumerate(zip(events, expected, strict=True)):
-        _check_event(event, wanted, position)
+    produced = [f"rejected: {outcome}" if isinstance(outcome, DecodeError)
+                else f"{outcome.point}={outcome.value!r} {outcome.quality}" for outcome in outcomes]
+    assert len(outcomes) == len(expected), f"events: {produced}"
+    for position, (outcome, wanted) in enumerate(zip(outcomes, expected, strict=True)):
+        if "rejected" in wanted:
+            assert isinstance(outcome, DecodeError), f"event {position}: {produced[position]}"
+            assert wanted["rejected"] in str(outcome), f"event {position}: {outcome}"
+        else:
+            assert isinstance(outcome, Event), f"event {position}: {outcome}"
+            _check_event(outcome, wanted, position)
 
 
 def test_cases_are_found() -> None:
     assert len(CASE_DIRECTORIES) >= 10
+    assert {case.parent.name for case in CASE_DIRECTORIES} >= set(READINGS)
     for case in CASE_DIRECTORIES:
         has_io = (case / "input.yaml").is_file() and (case / "expected.yaml").is_file()
         assert has_io != (case / "error.yaml").is_file(), f"{case.name}: input+expected or error"
