@@ -323,7 +323,8 @@ def test_daemon_killed_mid_stream_delivers_every_accepted_event(
                  "every event delivered", daemon, within=SETTLE * 3)
         assert daemon.stop() == 0
     finally:
-        publisher.join(SETTLE)
+        if publisher.ident is not None:
+            publisher.join(SETTLE)
         daemon.ensure_stopped()
     assert 0 < killed_at < count, "the daemon was not killed mid-stream"
     deliveries = admin.drain(queue, admin.ready(queue))
