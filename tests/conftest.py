@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
 import inspect
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+import pytest_asyncio
 from helpers.brokers import AMQP_HOST, AMQP_PORT, RabbitAdmin, require_broker
 
 GRACE = 5.0
@@ -81,39 +80,51 @@ def no_leaked_processes() -> Iterator[None]:
         pytest.fail(f"the test left child processes running: {', '.join(names)}")
 
 
-def _checking_tasks(
-    function: Callable[..., Coroutine[Any, Any, None]],
-) -> Callable[..., Coroutine[Any, Any, None]]:
-    """Wrap a coroutine test so that it fails when tasks it started outlive it."""
-
-    @functools.wraps(function)
-    async def checked(*arguments: Any, **keywords: Any) -> None:
-        before = set(asyncio.all_tasks())
-        await function(*arguments, **keywords)
-        current = asyncio.current_task()
-        left = {task for task in asyncio.all_tasks() - before if task is not current}
-        if left:
-            await asyncio.wait(left, timeout=GRACE)
-            left = {task for task in left if not task.done()}
-        if left:
-            names = sorted(task.get_name() for task in left)
-            for task in left:
-                task.cancel()
-            await asyncio.wait(left, timeout=GRACE)
-            pytest.fail(f"the test left tasks running: {', '.join(names)}")
-
-    return checked
+async def _watch_tasks() -> AsyncIterator[None]:
+    """Fail the test when tasks started during it are still running once its other fixtures
+    are torn down (this check is set up before them, so it is torn down after them)."""
+    before = set(asyncio.all_tasks())
+    yield
+    current = asyncio.current_task()
+    left = {task for task in asyncio.all_tasks() - before if task is not current}
+    if left:
+        await asyncio.wait(left, timeout=GRACE)
+        left = {task for task in left if not task.done()}
+    if left:
+        names = sorted(task.get_name() for task in left)
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left, timeout=GRACE)
+        pytest.fail(f"the test left tasks running: {', '.join(names)}")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    """Run every coroutine test under the leftover-task check."""
-    function = getattr(item, "obj", None)
-    if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(function):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(item, "obj", _checking_tasks(function))
-            return (yield)
-    return (yield)
+@pytest_asyncio.fixture(loop_scope="function")
+async def _no_leftover_tasks_function() -> AsyncIterator[None]:
+    """The leftover-task check of a test run in its own event loop."""
+    async for _ in _watch_tasks():
+        yield
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def _no_leftover_tasks_module() -> AsyncIterator[None]:
+    """The leftover-task check of a test run in its module's event loop."""
+    async for _ in _watch_tasks():
+        yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the leftover-task check first among every coroutine test's function-scoped fixtures
+    (after the module's and session's own), in the event loop the test runs in."""
+    for item in items:
+        if not (isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj)):
+            continue
+        marker = item.get_closest_marker("asyncio")
+        scope = (marker.kwargs.get("loop_scope") if marker is not None else None) or "function"
+        definitions = item._fixtureinfo.name2fixturedefs
+        wider = [name for name in item.fixturenames
+                 if name in definitions and definitions[name][-1].scope != "function"]
+        position = max((item.fixturenames.index(name) + 1 for name in wider), default=0)
+        item.fixturenames.insert(position, f"_no_leftover_tasks_{scope}")
 
 
 BROKER_LOCK = Path(tempfile.gettempdir()) / "fieldbridge-tests-broker.lock"
