@@ -123,7 +123,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         definitions = item._fixtureinfo.name2fixturedefs
         wider = [name for name in item.fixturenames
                  if name in definitions and definitions[name][-1].scope != "function"]
-        position = max((item.fixturenames.index(name) + 1 for name in wider), default=0)
+        # After the thread and process checks too: the loop (and its executor's threads) this
+        # check runs in must be closed before those look.
+        first = [*wider, "no_leaked_threads", "no_leaked_processes"]
+        position = max((item.fixturenames.index(name) + 1 for name in first
+                        if name in item.fixturenames), default=0)
         item.fixturenames.insert(position, f"_no_leftover_tasks_{scope}")
 
 
