@@ -29,8 +29,9 @@ from bridge.core.status import EndpointStatus
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
 from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ErrorCategory, WriteError
+from bridge.inventory import RunningSource
 from bridge.registry import load_config
-from bridge.runtime import RunningSource, Runtime
+from bridge.runtime import Runtime
 
 SETTLE = 10.0
 """Seconds any awaited condition may take before the test fails."""
