@@ -66,14 +66,23 @@ class DecodeError(BridgeError):
         super().__init__(reason)
 
 
-class WriteError(BridgeError):
-    """A write-back to a device was refused or could not be carried out."""
+class DeviceError(BridgeError):
+    """A live read or a write of one point on its device failed: refused, not supported, or
+    the device cannot be reached (``category`` says which)."""
 
     def __init__(self, point: str, reason: str, category: ErrorCategory) -> None:
         self.point = point
         self.reason = reason
         self.category = category
         super().__init__(f"{point}: {reason}")
+
+
+class ReadError(DeviceError):
+    """A live read of a point from its device failed or is not supported by its source."""
+
+
+class WriteError(DeviceError):
+    """A write-back to a device was refused or could not be carried out."""
 
 
 class NotWritableError(WriteError):

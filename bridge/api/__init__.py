@@ -1,6 +1,6 @@
 """The REST API: FastAPI app, routes by resource, auth, Server-Sent Events, metrics, server.
 
-The API wraps the runtime through its facade (``bridge.runtime.RuntimeFacade``): latest values,
+The API wraps the runtime through its facade (``bridge.facade.ApiFacade``): latest values,
 history, inventory, live read, write and the event stream. ``metrics`` reads the same facade.
 
 ``app`` builds the application (``create_app``) from ``routes`` (points, events, inventory,
@@ -10,5 +10,6 @@ facade, keys, ``authorize``), ``handlers`` (structured errors), ``auth`` (API ke
 ``server`` serves it on uvicorn as a runtime service (``ApiServer``).
 
 May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.pipeline``,
-``bridge.registry`` and ``bridge.runtime``. The runtime never imports the API.
+``bridge.registry``, ``bridge.inventory``, ``bridge.facade`` and ``bridge.runtime``. The
+runtime never imports the API.
 """

@@ -23,10 +23,10 @@ from bridge.api.bodies import BodyGuard
 from bridge.api.context import ApiContext
 from bridge.api.routes import console, discover, events, health, inventory, points, status
 from bridge.api.stream import EventHub, StreamSettings
-from bridge.runtime import RuntimeFacade
+from bridge.facade import ApiFacade
 
 
-def create_app(runtime: RuntimeFacade, *, streams: StreamSettings | None = None) -> FastAPI:
+def create_app(runtime: ApiFacade, *, streams: StreamSettings | None = None) -> FastAPI:
     """The FastAPI application serving a runtime through its facade; ``streams`` sets the
     event streams' limits (the defaults suit production)."""
     keys = KeyRing(runtime.api.keys)

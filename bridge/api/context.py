@@ -25,7 +25,7 @@ from bridge.api.stream import EventHub, StreamSettings
 from bridge.config.models import parse_duration
 from bridge.core.model import parse_timestamp
 from bridge.errors import ApiError, StoreError
-from bridge.runtime import RuntimeFacade, TagFilter
+from bridge.facade import ApiFacade, TagFilter
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ MAX_PAGE = 10_000
 class ApiContext:
     """What the handlers serve from; kept in ``app.state.fieldbridge``."""
 
-    runtime: RuntimeFacade
+    runtime: ApiFacade
     keys: KeyRing
     hub: EventHub
     """Fans stored events out to the event streams."""

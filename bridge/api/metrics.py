@@ -23,7 +23,7 @@ from bridge import __version__
 from bridge.api.auth import AuthFailure, KeyRing
 from bridge.api.stream import EndReason, EventHub
 from bridge.core.status import ConnectionState, EndpointStatus
-from bridge.runtime import RuntimeFacade
+from bridge.facade import ApiFacade
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The media type of the text exposition format (0.0.4) that ``generate_latest`` writes."""
@@ -55,7 +55,7 @@ _SINK_COUNTERS = {
 
 
 def registry(
-    runtime: RuntimeFacade,
+    runtime: ApiFacade,
     *,
     keys: KeyRing,
     hub: EventHub,
@@ -108,7 +108,7 @@ class RuntimeCollector(Collector):
     """The runtime's state, read through its facade at scrape time: the bridge, the router,
     the store, every source and device, every sink and its outbox."""
 
-    def __init__(self, runtime: RuntimeFacade) -> None:
+    def __init__(self, runtime: ApiFacade) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:

@@ -26,7 +26,8 @@ from bridge.api.context import ApiContext
 from bridge.api.stream import StreamSettings
 from bridge.config.models import ApiSection, Config
 from bridge.errors import ApiServerError
-from bridge.runtime import RuntimeFacade, ServiceFactory
+from bridge.facade import ApiFacade
+from bridge.runtime import ServiceFactory
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ApiServer:
     STOP_TIMEOUT = 2.5
     """Seconds ``stop()`` waits for requests to finish before cancelling them."""
 
-    def __init__(self, runtime: RuntimeFacade, *, streams: StreamSettings | None = None) -> None:
+    def __init__(self, runtime: ApiFacade, *, streams: StreamSettings | None = None) -> None:
         self.runtime = runtime
         self.app = create_app(runtime, streams=streams)
         self.context: ApiContext = self.app.state.fieldbridge

@@ -31,7 +31,7 @@ from bridge.api.stream import (
     message,
 )
 from bridge.errors import StoreError
-from bridge.runtime import RuntimeFacade
+from bridge.facade import ApiFacade
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class EventStreamResponse(Response):
         event_filter: EventFilter,
         settings: StreamSettings,
         *,
-        runtime: RuntimeFacade,
+        runtime: ApiFacade,
         resume: Resume | None = None,
         warning: Mapping[str, Any] | None = None,
         client: str = "client",

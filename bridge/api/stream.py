@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bridge.core.model import Event
+from bridge.facade import ApiFacade, TagFilter
 from bridge.pipeline.store import event_to_json
-from bridge.runtime import RuntimeFacade, TagFilter
 
 EndReason = Literal["slow_consumer", "stalled", "closing", "disconnected", "finished"]
 """Why a subscription ended: the client fell behind, read nothing for ``send_timeout``, the
@@ -172,7 +172,7 @@ class Subscription:
 class EventHub:
     """Fans the runtime's stored batches out to every subscription."""
 
-    def __init__(self, runtime: RuntimeFacade) -> None:
+    def __init__(self, runtime: ApiFacade) -> None:
         self._runtime = runtime
         self._subscriptions: dict[Subscription, None] = {}  # insertion-ordered set
         self._remove_listener: Callable[[], None] | None = None

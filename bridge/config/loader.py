@@ -35,7 +35,7 @@ from bridge.config.models import (
     StoreSection,
     StrictModel,
 )
-from bridge.config.yamlsource import Document, KeyPath, Location, load_yaml
+from bridge.config.yamlsource import Document, KeyPath, load_yaml
 from bridge.errors import ConfigError, ConfigIssue, excerpt
 
 
@@ -425,8 +425,3 @@ def _device_points(
             path=path,
         ))
     return resolved
-
-
-def location_of(config: Config, path: KeyPath) -> Location | None:
-    """Where ``path`` was written, for messages raised after loading."""
-    return config.document.locate(path)

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from bridge.config.models import SinkBase, ValueType
 from bridge.core.model import Event, Value
-from bridge.core.payload import Template
 from bridge.core.status import EndpointStatus
+from bridge.core.templates import Template
 from bridge.errors import ConnectorError, ErrorCategory
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from bridge.core.message_mapper import MessageMapper
 from bridge.core.model import Event, Reading, Settlement, Value
 from bridge.core.status import EndpointStatus
-from bridge.errors import DecodeError, ErrorCategory, WriteError
+from bridge.errors import DecodeError, ErrorCategory, ReadError, WriteError
 
 Publish = Callable[[Sequence[Reading]], Awaitable[None]]
 Submit = Callable[[Sequence[Event], Sequence[Settlement]], Awaitable[None]]
@@ -60,9 +61,12 @@ class Source(abc.ABC):
         return {}
 
     async def read(self, point_id: str) -> list[Reading]:
-        """Read one point from the device now (live read-through), bypassing the poll cycle."""
-        raise WriteError(point_id, f"{self.protocol} sources do not support live reads",
-                         ErrorCategory.CONFIG)
+        """Read one point from the device now (live read-through), bypassing the poll cycle.
+
+        Raises ``ReadError`` when the device cannot be read (or the protocol has no live
+        reads)."""
+        raise ReadError(point_id, f"{self.protocol} sources do not support live reads",
+                        ErrorCategory.CONFIG)
 
     async def write(self, point_id: str, value: Value) -> None:
         """Write a value to a writable point."""
@@ -135,3 +139,13 @@ class SourceUnit:
 
     source: Source
     mapper: Mapper
+
+    def attach(self, status: EndpointStatus) -> None:
+        """Have the mapping count into ``status``, the source's own.
+
+        A message mapping counts bad values and dropped points and keeps the last of each in
+        the details. The framework calls this once, when it makes the source's status
+        (``bridge.pipeline.supervisor.source_status``), so no source has to remember it.
+        """
+        if isinstance(self.mapper, MessageMapper):
+            self.mapper.attach(status)

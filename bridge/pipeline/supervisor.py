@@ -100,10 +100,11 @@ async def supervise(
 
 
 def source_status(unit: SourceUnit) -> EndpointStatus:
-    """A fresh status for a source, with its devices listed."""
+    """A fresh status for a source, with its devices listed and its mapping counting into it."""
     source = unit.source
     status = EndpointStatus(name=source.id, kind="source", protocol=source.protocol,
                             endpoint=source.endpoint)
     for device, endpoint in source.device_endpoints().items():
         status.child(device, endpoint)
+    unit.attach(status)
     return status

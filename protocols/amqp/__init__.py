@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
 from bridge.config.yamlsource import KeyPath
-from bridge.core.payload import resolve_points
+from bridge.core.message_points import resolve_points
 from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
@@ -32,7 +32,7 @@ def build(source: SourceBase, points: Sequence[ResolvedPoint],
     """Compile the mapping and create the source."""
     config = _amqp_source(source)
     mapper = compile_mapper(config, points, bridge_id=context.bridge_id)
-    return SourceUnit(source=AmqpSource(config, mapper), mapper=mapper)
+    return SourceUnit(source=AmqpSource(config), mapper=mapper)
 
 
 def build_sink(sink: SinkBase, context: BuildContext) -> Sink:

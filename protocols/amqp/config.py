@@ -10,14 +10,10 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from bridge.config.models import Duration, PlainText, StrictModel
+from bridge.config.tls import ClientTls
 from bridge.config.validation import field_error
-from bridge.core.payload import (
-    AMQP_ROUTING_KEY,
-    AddressPattern,
-    ClientTls,
-    MessagePoint,
-    MessageSourceBase,
-)
+from bridge.core.message_points import MessagePoint, MessageSourceBase
+from bridge.core.templates import AMQP_ROUTING_KEY, AddressPattern
 
 ArgumentValue = str | int | float | bool
 """An AMQP queue or binding argument."""

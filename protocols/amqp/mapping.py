@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bridge.config.models import ResolvedPoint
+from bridge.core.message_mapper import MessageMapper, Route
 from bridge.core.model import Reading
-from bridge.core.payload import MessageMapper, Route
 from protocols.amqp.config import AmqpPoint, AmqpSourceConfig
 
 PROTOCOL = "amqp"

@@ -20,8 +20,8 @@ from typing import Any
 
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from bridge.core.batching import ReadingBatcher
 from bridge.core.model import Reading
-from bridge.core.payload import MessageMapper
 from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.amqp.config import AmqpBinding, AmqpSourceConfig
@@ -29,9 +29,6 @@ from protocols.amqp.connection import AmqpSession, ConnectionFactory
 from protocols.amqp.mapping import PROTOCOL
 
 logger = logging.getLogger(__name__)
-
-MAX_BATCH = 500
-"""At most this many messages are handed on together."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,18 +99,15 @@ class AmqpSource(Source):
     def __init__(
         self,
         config: AmqpSourceConfig,
-        mapper: MessageMapper,
         *,
         connection_factory: ConnectionFactory = AsyncioConnection,
     ) -> None:
         super().__init__(source_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint())
         self.config = config
-        self.mapper = mapper
         self._connection_factory = connection_factory
 
     async def run(self, context: SourceContext) -> None:
         """Connect, declare, consume until cancelled or until the connection is lost."""
-        self.mapper.attach(context.status)
         config = self.config
         session = _Session(self.id, self.endpoint, dead_letter=config.dead_letter is not None,
                            step_timeout=config.timeout)
@@ -169,16 +163,18 @@ class AmqpSource(Source):
 
     async def _receive(self, session: _Session, context: SourceContext) -> None:
         pending = session.pending
+        batcher = ReadingBatcher(context)
         while True:
-            await session.arrived.wait()
             if session.failure.done():
                 raise session.failure.result()
-            batch = [pending.popleft() for _ in range(min(len(pending), MAX_BATCH))]
-            if not pending:
+            if pending:
+                reading = pending.popleft()
+                await batcher.add(reading, more_waiting=bool(pending))
+            else:
+                # Deliveries arrive on this event loop: nothing can slip in between the
+                # emptiness check and the clear.
                 session.arrived.clear()
-            if batch:
-                await context.publish(batch)
-                context.status.success()
+                await session.arrived.wait()
 
 
 def _bind(channel: Any, queue: str, binding: AmqpBinding, done: Callable[[Any], None]) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from bridge.config.models import ResolvedPoint, SinkBase, SourceBase
 from bridge.config.yamlsource import KeyPath
-from bridge.core.payload import resolve_points
+from bridge.core.message_points import resolve_points
 from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
@@ -42,8 +42,8 @@ def build(source: SourceBase, points: Sequence[ResolvedPoint],
         share_group = share_group or f"fieldbridge-{context.bridge_id}-{config.id}"
         if client_id is not None and context.worker is not None:
             client_id = f"{client_id}-{context.worker}"  # one session per worker
-    return SourceUnit(source=MqttSource(config, mapper, client_id=client_id,
-                                        share_group=share_group), mapper=mapper)
+    return SourceUnit(source=MqttSource(config, client_id=client_id, share_group=share_group),
+                      mapper=mapper)
 
 
 def build_sink(sink: SinkBase, context: BuildContext) -> Sink:

@@ -9,13 +9,9 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
 from bridge.config.models import Duration, PlainText, StrictModel
-from bridge.core.payload import (
-    MQTT_TOPIC,
-    AddressPattern,
-    ClientTls,
-    MessagePoint,
-    MessageSourceBase,
-)
+from bridge.config.tls import ClientTls
+from bridge.core.message_points import MessagePoint, MessageSourceBase
+from bridge.core.templates import MQTT_TOPIC, AddressPattern
 
 QoS = Literal[0, 1, 2]
 

@@ -34,7 +34,7 @@ from bridge.core.discovery import (
     sanitize_name,
     secret_reference,
 )
-from bridge.core.payload import MQTT_TOPIC, AddressPattern
+from bridge.core.templates import MQTT_TOPIC, AddressPattern
 from protocols.mqtt.config import MqttBrokerSettings
 from protocols.mqtt.connection import client_arguments, connector_error, subscribe
 from protocols.mqtt.source import PROTOCOL

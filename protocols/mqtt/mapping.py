@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bridge.config.models import ResolvedPoint
-from bridge.core.payload import MessageMapper, Route
+from bridge.core.message_mapper import MessageMapper, Route
 from protocols.mqtt.config import MqttPoint, MqttSourceConfig
 from protocols.mqtt.source import PROTOCOL
 

@@ -10,8 +10,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from bridge.config.models import Duration, PlainText, SinkBase
 from bridge.config.validation import field_error
-from bridge.core.payload import Template
 from bridge.core.sink import check_address_template
+from bridge.core.templates import Template
 from protocols.mqtt.config import MqttConnectionSettings, QoS
 
 _FORMAT_OF = {"retain": "json", "commands": "sparkplug_b"}

@@ -17,8 +17,8 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
+from bridge.core.batching import ReadingBatcher
 from bridge.core.model import Reading
-from bridge.core.payload import MessageMapper
 from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.mqtt.config import MqttSourceConfig
@@ -32,8 +32,6 @@ from protocols.mqtt.connection import (
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "mqtt"
-MAX_BATCH = 500
-"""At most this many messages are handed on together."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +61,6 @@ class MqttSource(Source):
     def __init__(
         self,
         config: MqttSourceConfig,
-        mapper: MessageMapper,
         *,
         client_id: str | None,
         share_group: str | None = None,
@@ -71,7 +68,6 @@ class MqttSource(Source):
     ) -> None:
         super().__init__(source_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint())
         self.config = config
-        self.mapper = mapper
         self.client_id = client_id
         self.subscriptions = config.subscriptions(share_group)
         """Topic filter to QoS, subscribed on every connect (as ``$share/<group>/<filter>``
@@ -82,7 +78,6 @@ class MqttSource(Source):
 
     async def run(self, context: SourceContext) -> None:
         """Connect, subscribe, and hand messages on until cancelled or disconnected."""
-        self.mapper.attach(context.status)
         client = self._client_factory(**await self._client_arguments())
         if self._manual_ack:
             # Before connecting: a persistent session's queued messages arrive right after
@@ -110,19 +105,15 @@ class MqttSource(Source):
     async def _receive(self, client: aiomqtt.Client, context: SourceContext) -> None:
         messages = client.messages
         paho_client = client._client
-        batch: list[Reading] = []
+        batcher = ReadingBatcher(context)
         async for message in messages:
             ack = (MqttAcknowledger(paho_client, message.mid, message.qos)
                    if message.qos > 0 and self._manual_ack else None)
-            batch.append(Reading(
+            await batcher.add(Reading(
                 source=self.id,
                 address=message.topic.value,
                 value=message.payload,
                 received_at=time.time(),
                 ack=ack,
                 meta={"qos": message.qos, "retain": message.retain},
-            ))
-            if len(messages) == 0 or len(batch) >= MAX_BATCH:
-                await context.publish(batch)
-                context.status.success()
-                batch = []
+            ), more_waiting=len(messages) > 0)

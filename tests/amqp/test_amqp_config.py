@@ -9,8 +9,8 @@ import pika.exceptions
 import pytest
 from helpers.brokers import write_config
 
+from bridge.core.message_mapper import MessageMapper
 from bridge.core.model import Reading
-from bridge.core.payload import MessageMapper
 from bridge.core.source import BuildContext
 from bridge.errors import ConfigError, ConnectorError, DecodeError
 from bridge.registry import load_config

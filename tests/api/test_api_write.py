@@ -27,9 +27,10 @@ from bridge.core.source import Source, SourceContext, SourceUnit
 from bridge.core.status import EndpointStatus
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
 from bridge.demo.simulator import PlantSimulator
-from bridge.errors import ErrorCategory, WriteError
+from bridge.errors import ErrorCategory, ReadError, WriteError
+from bridge.inventory import RunningSource
 from bridge.registry import load_config
-from bridge.runtime import RunningSource, Runtime
+from bridge.runtime import Runtime
 
 SETTLE = 10.0
 """Seconds any awaited condition may take before the test fails."""
@@ -339,10 +340,18 @@ class FailingSource(Source):
         await asyncio.Event().wait()
 
     async def read(self, point_id: str) -> list[Reading]:
-        raise WriteError(point_id, f"{self.category} trouble", self.category)
+        raise ReadError(point_id, f"{self.category} trouble", self.category)
 
     async def write(self, point_id: str, value: Value) -> None:
         self.attempts.append((point_id, value))
+        raise WriteError(point_id, f"{self.category} trouble", self.category)
+
+
+class WriteErrorOnReadSource(FailingSource):
+    """A connector that reports a failed live read as a ``WriteError``, as connectors did
+    before ``ReadError``."""
+
+    async def read(self, point_id: str) -> list[Reading]:
         raise WriteError(point_id, f"{self.category} trouble", self.category)
 
 
@@ -425,3 +434,18 @@ async def test_a_protocol_without_live_reads_or_writes_says_so(tmp_path: Path) -
     assert (write.status_code, read.status_code) == (422, 422)
     assert "mqtt sources do not support write-back" in error_of(write)["message"]
     assert "mqtt sources do not support live reads" in error_of(read)["message"]
+
+
+@pytest.mark.parametrize("source", [
+    FailingSource(ErrorCategory.TRANSIENT),
+    WriteErrorOnReadSource(ErrorCategory.TRANSIENT),
+    SilentSource(source_id="rig", protocol="mqtt", endpoint="mqtt://broker:1883"),
+], ids=["read-error", "write-error-on-read", "no-live-reads"])
+async def test_a_failed_live_read_is_a_read_error(tmp_path: Path, source: Source) -> None:
+    runtime = rig(tmp_path, source)
+    with pytest.raises(ReadError) as caught:
+        await runtime.facade().read_live("rig.valve")
+    assert not isinstance(caught.value, WriteError)
+    assert caught.value.point == "rig.valve"
+    expected = ErrorCategory.CONFIG if isinstance(source, SilentSource) else ErrorCategory.TRANSIENT
+    assert caught.value.category is expected

@@ -12,15 +12,13 @@ from helpers.brokers import write_config
 from helpers.payload import RECEIVED, config_error, mapper_for, reading
 
 from bridge.core.model import Quality, parse_timestamp
-from bridge.core.payload import (
-    AMQP_ROUTING_KEY,
-    MQTT_TOPIC,
-    AddressPattern,
-    Template,
-)
+from bridge.core.source import BuildContext
 from bridge.core.status import EndpointStatus
+from bridge.core.templates import AMQP_ROUTING_KEY, MQTT_TOPIC, AddressPattern, Template
 from bridge.errors import DecodeError
+from bridge.pipeline.supervisor import source_status
 from bridge.registry import load_config
+from protocols.mqtt import SPEC
 
 # --- templates and patterns -------------------------------------------------------------------
 
@@ -319,3 +317,18 @@ def test_each_expanded_point_has_its_own_report_state(tmp_path: Path) -> None:
     assert len(mapper.map(reading("d/b", '{"v": 1}'))) == 1
     assert mapper.map(reading("d/a", '{"v": 1}')) == []
     assert len(mapper.map(reading("d/a", '{"v": 2}'))) == 1
+
+
+def test_the_framework_attaches_the_mapping_to_the_source_status(tmp_path: Path) -> None:
+    """The status the framework makes for a message source receives the mapping's counts
+    before the source runs: no source attaches its mapping itself."""
+    path = write_config(tmp_path / "config.yaml", {
+        "id": "m", "protocol": "mqtt", "host": "127.0.0.1",
+        "points": [{"name": "v", "topic": "t", "path": "v"}]})
+    config = load_config(path)
+    unit = SPEC.source_unit(config.sources[0], config.points["m"], BuildContext("test", tmp_path))
+    status = source_status(unit)
+    (event,) = unit.mapper.map(reading("t", '{"other": 1}'))
+    assert event.quality is Quality.BAD
+    assert status.counters["bad_values"] == 1
+    assert status.details["last_bad_value"]["point"] == "v"

@@ -18,8 +18,9 @@ from bridge.config.models import PointBase, ReportSpec, ResolvedPoint
 from bridge.core.model import Event, Quality, Reading, new_event_id
 from bridge.core.source import Source, SourceContext, SourceUnit
 from bridge.core.status import EndpointStatus
+from bridge.inventory import RunningSource
 from bridge.registry import load_config
-from bridge.runtime import RunningSource, Runtime
+from bridge.runtime import Runtime
 
 READ_KEY = "read-key-0123456789abcdef"
 WRITE_KEY = "write-key-0123456789abcdef"

@@ -30,9 +30,10 @@ import yaml
 from bridge.api.server import ApiServer
 from bridge.core.model import Event, Settlement
 from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.inventory import RunningSink
 from bridge.pipeline.supervisor import Backoff, supervise
 from bridge.registry import load_config
-from bridge.runtime import RunningSink, Runtime, ServiceFactory
+from bridge.runtime import Runtime, ServiceFactory
 
 MQTT_HOST = os.environ.get("FIELDBRIDGE_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("FIELDBRIDGE_TEST_MQTT_PORT", "1883"))

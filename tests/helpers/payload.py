@@ -9,10 +9,8 @@ from typing import Any
 
 import pytest
 
+from bridge.core.message_mapper import MessageMapper
 from bridge.core.model import Reading
-from bridge.core.payload import (
-    MessageMapper,
-)
 from bridge.core.source import BuildContext
 from bridge.errors import ConfigError
 from bridge.registry import load_config

@@ -195,8 +195,7 @@ def fake_source(tmp_path: Path, granted: tuple[int, ...], messages: list[FakeMes
         clients.append(FakeClient(granted, messages, **arguments))
         return clients[-1]
 
-    source = MqttSource(config, unit.source.mapper, client_id="c",
-                        client_factory=factory)  # type: ignore[arg-type]
+    source = MqttSource(config, client_id="c", client_factory=factory)  # type: ignore[arg-type]
     return source, clients
 
 

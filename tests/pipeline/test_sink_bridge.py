@@ -13,7 +13,8 @@ from bridge.config.models import Config
 from bridge.core.status import EndpointStatus
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
 from bridge.errors import ErrorCategory, NotWritableError, WriteError
-from bridge.runtime import Runtime, SinkBridge
+from bridge.facade import SinkFacade
+from bridge.runtime import Runtime
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def runtime(config: Config) -> Runtime:
 
 
 def test_points_carry_device_unit_writability_and_value_type(runtime: Runtime) -> None:
-    points = SinkBridge(runtime).points()
+    points = SinkFacade(runtime).points()
     expected = {
         "boiler.supply_temp": ("plant", "boiler", "degC", False, "number"),  # int16 scaled
         "boiler.energy": ("plant", "boiler", "kWh", False, "number"),
@@ -46,7 +47,7 @@ def test_points_carry_device_unit_writability_and_value_type(runtime: Runtime) -
 
 
 def test_points_are_the_same_mapping_until_a_reload_replaces_them(runtime: Runtime) -> None:
-    bridge = SinkBridge(runtime)
+    bridge = SinkFacade(runtime)
     first = bridge.points()
     assert bridge.points() is first
     runtime.points = dict(runtime.points)  # what a reload does
@@ -56,12 +57,12 @@ def test_points_are_the_same_mapping_until_a_reload_replaces_them(runtime: Runti
 
 def test_only_enabled_sources_are_shown(runtime: Runtime) -> None:
     # The demo's OPC-UA source is configured but disabled.
-    assert set(SinkBridge(runtime).sources()) == {"plant"}
+    assert set(SinkFacade(runtime).sources()) == {"plant"}
 
 
 def test_a_watcher_hears_of_every_change_of_a_source_or_device_until_it_stops(
         runtime: Runtime) -> None:
-    bridge = SinkBridge(runtime)
+    bridge = SinkFacade(runtime)
     heard: list[str] = []
     stop = bridge.watch(lambda: heard.append("change"))
     source = bridge.sources()["plant"]
@@ -90,7 +91,7 @@ def test_a_state_mirrored_from_a_worker_process_is_heard_too() -> None:
 async def test_a_write_to_a_point_that_is_not_writable_is_refused_and_audited(
         runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="bridge.audit"), pytest.raises(NotWritableError):
-        await SinkBridge(runtime).write("boiler.supply_temp", 60.0, "Sparkplug sink sp")
+        await SinkFacade(runtime).write("boiler.supply_temp", 60.0, "Sparkplug sink sp")
     [record] = [record for record in caplog.records if record.name == "bridge.audit"]
     assert record.getMessage() == ("write refused: Sparkplug sink sp, point boiler.supply_temp, "
                                    "value 60.0: the point is not writable")
@@ -100,7 +101,7 @@ async def test_a_write_the_source_cannot_carry_out_is_audited_as_failed(
         runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
     # The source was never started: the Modbus connection refuses the write.
     with caplog.at_level(logging.INFO, logger="bridge.audit"), pytest.raises(WriteError):
-        await SinkBridge(runtime).write("boiler.setpoint", 55.5, "Sparkplug sink sp")
+        await SinkFacade(runtime).write("boiler.setpoint", 55.5, "Sparkplug sink sp")
     [record] = [record for record in caplog.records if record.name == "bridge.audit"]
     assert record.getMessage().startswith(
         "write failed: Sparkplug sink sp, point boiler.setpoint, value 55.5: ")
@@ -109,4 +110,4 @@ async def test_a_write_the_source_cannot_carry_out_is_audited_as_failed(
 async def test_a_write_to_a_point_that_is_not_configured_is_a_key_error(
         runtime: Runtime) -> None:
     with pytest.raises(KeyError):
-        await SinkBridge(runtime).write("boiler.nothing", 1, "Sparkplug sink sp")
+        await SinkFacade(runtime).write("boiler.nothing", 1, "Sparkplug sink sp")

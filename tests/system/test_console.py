@@ -27,8 +27,9 @@ from bridge.api.server import ApiServer
 from bridge.config.models import ApiKey, Config
 from bridge.demo.run import PORT_VARIABLE, demo_config_path, load_demo_config
 from bridge.demo.simulator import PlantSimulator
+from bridge.facade import ApiFacade
 from bridge.registry import discoverable, load_config
-from bridge.runtime import Runtime, RuntimeFacade
+from bridge.runtime import Runtime
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -98,7 +99,7 @@ async def start_plant(
         config = with_unreachable_sink(config, tmp_path)
     runtime = Runtime(with_keys(config) if keys else config)
 
-    def api(facade: RuntimeFacade) -> ApiServer:
+    def api(facade: ApiFacade) -> ApiServer:
         server = ApiServer(facade)
         if stub is not None:
             stub(server)

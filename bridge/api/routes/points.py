@@ -47,14 +47,16 @@ from bridge.core.model import isoformat
 from bridge.errors import (
     ApiError,
     DecodeError,
+    DeviceError,
     ErrorCategory,
     NotWritableError,
+    ReadError,
     StoreError,
     WriteError,
     excerpt,
     shorten,
 )
-from bridge.runtime import PointQuery, PointState
+from bridge.facade import PointQuery, PointState
 
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERROR_RESPONSES,
                    tags=["points"])
@@ -145,7 +147,7 @@ async def read_live(context: Context, point_id: PointId) -> JsonBody:
         source = _device_source(context, point_id)
         try:
             events = await context.runtime.read_live(point_id)
-        except WriteError as exc:
+        except ReadError as exc:
             raise _device_problem(exc, f"cannot read '{point_id}' from the device",
                                   source) from exc
         except DecodeError as exc:
@@ -273,7 +275,7 @@ _DEVICE_PROBLEMS = {
 }
 
 
-def _device_problem(exc: WriteError, doing: str, source: str,
+def _device_problem(exc: DeviceError, doing: str, source: str,
                     reason: str | None = None) -> ApiError:
     problem = _DEVICE_PROBLEMS[exc.category]
     return ApiError(problem.status, problem.code, f"{doing}: {reason or shorten(exc.reason)}",

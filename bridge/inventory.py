@@ -1,0 +1,132 @@
+"""What a runtime runs, and its inventory: the running sources and sinks and their entries.
+
+``RunningSource`` and ``RunningSink`` pair a configured endpoint with its live status.
+``RuntimeParts`` is what the facades (``bridge.facade``) and the inventory read of a runtime;
+``bridge.runtime.Runtime`` is one. The inventory entries (``source_entries``,
+``sink_entry``) are the JSON the API and the tests show for each source and sink: state,
+counters, devices and points of a source; outbox and delivery figures of a sink.
+
+May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.registry`` and
+``bridge.pipeline``. Never the runtime (which imports this module) or the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bridge.config.models import Config, ResolvedPoint
+from bridge.core.model import Value
+from bridge.core.sink import Sink
+from bridge.core.source import SourceUnit
+from bridge.core.status import EndpointStatus
+from bridge.pipeline.outbox import Outbox
+from bridge.pipeline.router import Router
+from bridge.pipeline.store import Store
+
+
+@dataclass
+class RunningSource:
+    """A configured source with its compiled mapping and live status."""
+
+    unit: SourceUnit
+    status: EndpointStatus
+    enabled: bool
+
+
+@dataclass
+class RunningSink:
+    """A configured sink and its live status."""
+
+    sink: Sink
+    status: EndpointStatus
+    enabled: bool
+
+
+class RuntimeParts(Protocol):
+    """The parts of a running runtime that its facades and inventory read.
+
+    Attributes, not copies: a reload replaces ``config``, ``points`` and entries of
+    ``sources``, and every read sees the current ones.
+    """
+
+    bridge_id: str
+    config: Config
+    started_at: float
+    """When the runtime was built (POSIX seconds)."""
+    ready: asyncio.Event
+    """Set once every source is started."""
+    points: dict[str, ResolvedPoint]
+    router: Router
+    store: Store
+    outbox: Outbox
+    sources: dict[str, RunningSource]
+    sinks: dict[str, RunningSink]
+
+    async def write(self, point_id: str, value: Value, *, who: str) -> None:
+        """The audited write path (``Runtime.write``)."""
+
+    def watch_states(self, watcher: Callable[[], None]) -> Callable[[], None]:
+        """Call ``watcher`` after any source or device changed state; returns the function
+        that stops it."""
+
+
+def point_counts(runtime: RuntimeParts) -> Counter[tuple[str, str | None]]:
+    """How many configured points each source and device serves."""
+    return Counter((point.source, point.device) for point in runtime.points.values())
+
+
+def source_entries(runtime: RuntimeParts) -> list[dict[str, Any]]:
+    """Every configured source's inventory entry (``source_entry``)."""
+    counts = point_counts(runtime)
+    paused = runtime.store.problem
+    return [source_entry(running, counts, paused) for running in runtime.sources.values()]
+
+
+def source_entry(
+    running: RunningSource, counts: Counter[tuple[str, str | None]], paused: str | None
+) -> dict[str, Any]:
+    """One source's inventory entry: state, last error, counters, devices, whether it is
+    enabled and how many configured points it (and each device) serves; ``paused`` is why
+    the store makes the sources wait, if it does."""
+    entry = running.status.to_dict()
+    source_id = entry["id"]
+    entry["enabled"] = running.enabled
+    if paused is not None:
+        entry["paused"] = f"store: {paused}"
+    entry["points"] = sum(count for (source, _), count in counts.items()
+                          if source == source_id)
+    if "devices" in entry:
+        entry["devices"] = [{**device, "points": counts[source_id, device["id"]]}
+                            for device in entry["devices"]]
+    return entry
+
+
+def sink_entry(runtime: RuntimeParts, sink_id: str) -> dict[str, Any]:
+    """One sink's inventory entry: state, counters, outbox depth and delivery figures;
+    ``KeyError`` for an unknown sink."""
+    running = runtime.sinks[sink_id]
+    entry = running.status.to_dict()
+    entry["enabled"] = running.enabled
+    depth = runtime.outbox.depths.get(sink_id)
+    if depth is not None:
+        limits = runtime.outbox.limits
+        store = runtime.store
+        oldest = store.outbox_oldest(sink_id) if store.is_open else None
+        entry["outbox"] = {
+            "events": depth.events, "bytes": depth.bytes, "dropped": depth.dropped,
+            "oldest_age_seconds": (round(max(0.0, time.time() - oldest), 3)
+                                   if oldest is not None else None),
+            "max_events": limits.max_events, "max_bytes": limits.max_bytes,
+            "policy": "drop_oldest" if limits.drop_oldest else "block"}
+    entry.setdefault("details", {}).update(running.sink.details())
+    return entry
+
+
+def sink_entries(runtime: RuntimeParts) -> list[dict[str, Any]]:
+    """Every configured sink's inventory entry (``sink_entry``)."""
+    return [sink_entry(runtime, sink_id) for sink_id in runtime.sinks]
