@@ -50,21 +50,34 @@ def device(
     input: Sequence[int] = (),
     coils: Sequence[bool] = (),
     discrete: Sequence[bool] = (),
+    holes: Sequence[range] = (),
 ) -> SimDevice:
     """A device whose four tables hold the given values from address 0; beyond is invalid
-    (bit tables round up to a multiple of 16 bits)."""
+    (bit tables round up to a multiple of 16 bits), and so are the holding registers in
+    ``holes``: a read that touches one is answered with exception 2."""
 
-    def registers(values: Sequence[int]) -> list[SimData]:
+    def registers(values: Sequence[int], holes: Sequence[range] = ()) -> list[SimData]:
         if not values:
             return [SimData(0, count=1, datatype=DataType.INVALID)]
-        return [SimData(0, values=list(values), datatype=DataType.REGISTERS)]
+        parts: list[SimData] = []
+        start = 0
+        for hole in sorted(holes, key=lambda hole: hole.start):
+            if hole.start > start:
+                parts.append(SimData(start, values=list(values[start:hole.start]),
+                                     datatype=DataType.REGISTERS))
+            parts.append(SimData(hole.start, count=len(hole), datatype=DataType.INVALID))
+            start = hole.stop
+        if start < len(values):
+            parts.append(SimData(start, values=list(values[start:]),
+                                 datatype=DataType.REGISTERS))
+        return parts
 
     def bits(values: Sequence[bool]) -> list[SimData]:
         # Bits are stored 16 to a register: an unused bit table still holds 16 false bits.
         padded = list(values) + [False] * (-len(values) % 16 or (16 if not values else 0))
         return [SimData(0, values=padded, datatype=DataType.BITS)]
 
-    return SimDevice(unit, simdata=(bits(coils), bits(discrete), registers(holding),
+    return SimDevice(unit, simdata=(bits(coils), bits(discrete), registers(holding, holes),
                                     registers(input)))
 
 
