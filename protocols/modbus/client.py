@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import serial
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
@@ -123,6 +126,21 @@ class ModbusClient(Protocol):
         ...
 
 
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """What pyserial raises when the port driver refuses a setting (parity E on a pty, say):
+    on POSIX a ``termios.error`` escapes it as it is."""
+    errors: tuple[type[BaseException], ...] = (ValueError, serial.SerialException)
+    try:
+        import termios
+    except ImportError:  # Windows has no termios
+        return errors
+    return (*errors, termios.error)
+
+
+_DRIVER_ERRORS = _driver_errors()
+
+
 @dataclass(frozen=True)
 class ClientHooks:
     """Callbacks a client calls for traffic and connection changes (pymodbus' trace hooks)."""
@@ -173,6 +191,60 @@ def create_client(config: ModbusSourceConfig, hooks: ClientHooks) -> ModbusClien
 
 
 FailureKind = Literal["exception", "gateway", "timeout", "garbled"]
+
+
+async def open_client(client: ModbusClient, config: ModbusSourceConfig) -> None:
+    """Open the client's transport, or raise ``ConnectorError`` saying why it cannot be.
+
+    A serial setting the port driver refuses is a ``config`` error, not a crash: pymodbus'
+    serial transport opens the port and only then sets its last options, so when the driver
+    refuses one the open port (and its exclusive lock) is left behind in the failed call's
+    frames, and every later attempt would find the port locked. It is closed here.
+    """
+    endpoint = config.endpoint()
+    try:
+        connected = await client.connect()
+    except _DRIVER_ERRORS as exc:
+        _close_ports(exc)
+        settings = config.serial
+        if settings is None:
+            raise ConnectorError(endpoint, f"cannot connect: {exc}",
+                                 ErrorCategory.CONFIG) from exc
+        described = (f"{settings.baudrate} baud, {settings.bytesize} data bits, parity "
+                     f"{settings.parity}, {settings.stopbits} stop bits")
+        raise ConnectorError(
+            endpoint, f"serial port {settings.port} refuses the settings ({described}): "
+            f"{_strerror(exc)}", ErrorCategory.CONFIG) from exc
+    raise_if_cancelling()
+    if not connected:
+        raise ConnectorError(endpoint, _connect_failure(config), ErrorCategory.TRANSIENT)
+
+
+def _strerror(exc: BaseException) -> str:
+    """The driver's reason without its errno tuple: ``Invalid argument``."""
+    arguments = exc.args
+    if len(arguments) == 2 and isinstance(arguments[1], str):
+        return arguments[1]
+    return str(exc) or type(exc).__name__
+
+
+def _close_ports(exc: BaseException) -> None:
+    """Close every serial port the failed call left open in its frames."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        for value in frame.f_locals.values():
+            port = getattr(value, "sync_serial", value)
+            if isinstance(port, serial.SerialBase):
+                port.close()
+
+
+def _connect_failure(config: ModbusSourceConfig) -> str:
+    """Why a transport did not open, as far as can be told."""
+    if config.serial is not None:
+        port = config.serial.port
+        if not os.path.exists(port):
+            return f"serial port {port} does not exist"
+        return f"cannot open serial port {port}"
+    return f"cannot connect to {config.host}:{config.port}"
 
 
 @dataclass(frozen=True, slots=True)

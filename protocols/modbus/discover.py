@@ -30,7 +30,7 @@ from bridge.core.discovery import (
     render_yaml,
 )
 from bridge.errors import ConnectorError, ErrorCategory
-from protocols.modbus.client import ClientHooks, ModbusClient, create_client
+from protocols.modbus.client import ClientHooks, ModbusClient, create_client, open_client
 from protocols.modbus.config import (
     ADDRESS_SPACE,
     BIT_TABLES,
@@ -179,9 +179,11 @@ async def discover(request: ModbusDiscoverRequest, context: DiscoveryContext,
     hooks = ClientHooks(packet=lambda sending, data: data, pdu=lambda sending, pdu: pdu,
                         connect=lambda connected: None)
     client = client_factory(config, hooks)
-    if not await client.connect():
+    try:
+        await open_client(client, config)
+    except ConnectorError:
         client.close()
-        raise ConnectorError(endpoint, "cannot connect", ErrorCategory.TRANSIENT)
+        raise
     settings = request.scan_settings()
     context.progress.announce(describe_estimate(settings))
     scanner = Scanner(settings, client, context, endpoint)

@@ -26,11 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 
-from bridge.core.aio import raise_if_cancelling
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
@@ -42,6 +40,7 @@ from protocols.modbus.client import (
     Connection,
     Outcome,
     create_client,
+    open_client,
 )
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.holes import HOLE_CODES, DevicePlan, describe
@@ -103,12 +102,11 @@ class ModbusSource(Source):
         for device, endpoint in self.device_endpoints().items():
             context.status.child(device, endpoint)
         try:
-            connected = await client.connect()
-            raise_if_cancelling()
-            if not connected:
-                reason = self._connect_failure()
-                await self._all_bad(context, reason, ErrorCategory.TRANSIENT)
-                raise ConnectorError(self.endpoint, reason, ErrorCategory.TRANSIENT)
+            try:
+                await open_client(client, self.config)
+            except ConnectorError as exc:
+                await self._all_bad(context, exc.reason, exc.category)
+                raise
             context.status.up()
             self._connection = connection
             error = await self._serve(context, connection)
@@ -117,14 +115,6 @@ class ModbusSource(Source):
         finally:
             self._connection = None
             client.close()
-
-    def _connect_failure(self) -> str:
-        if self.config.serial is not None:
-            port = self.config.serial.port
-            if not os.path.exists(port):
-                return f"serial port {port} does not exist"
-            return f"cannot open serial port {port}"
-        return f"cannot connect to {self.config.host}:{self.config.port}"
 
     async def _serve(self, context: SourceContext, connection: Connection) -> ConnectorError:
         """Poll until the connection fails; return why."""
