@@ -4,6 +4,7 @@ generated device running, the request rate, and the failures."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from bridge.core.discovery import Budget, Discovery, DiscoveryContext, StreamPro
 from bridge.core.model import Quality
 from bridge.errors import ConnectorError, ErrorCategory
 from bridge.registry import load_config
-from protocols.modbus.discover import ModbusDiscoverRequest, discover
+from protocols.modbus.discover import ModbusDiscoverRequest, describe_estimate, discover
 
 Blocks = Sequence[tuple[int, Sequence[Any]]]
 
@@ -227,3 +228,55 @@ async def test_serial_rtu(pty_pair: tuple[str, str]) -> None:
         await bus.shutdown()
     assert blocks_of(result) == {(1, "input"): [(0, 2)], (2, "input"): [(10, 12)]}
     assert f"port: {bridge_end}" in result.yaml
+
+
+def test_the_estimate_of_the_default_scan() -> None:
+    request = ModbusDiscoverRequest(host="127.0.0.1")
+    assert describe_estimate(request.scan_settings()) == (
+        "scanning 1 unit x 4 tables x 1000 addresses: 19 requests if every address reads, "
+        "up to about 4004 if none does; at 20 requests/s that is 0.9 s to 3 min 20 s (an "
+        "unanswered request waits 1 s, twice)")
+
+
+async def test_progress_counts_the_whole_scan_on_a_terminal(server: ModbusTestServer) -> None:
+    stream = io.StringIO()
+    ticks = itertools.count()
+    context = DiscoveryContext(progress=StreamProgress(
+        stream, tty=True, clock=lambda: float(next(ticks))))
+    request = ModbusDiscoverRequest(host="127.0.0.1", port=server.port, units="2-3",
+                                    tables="holding,input", range="0-59", rate=1000)
+    result = await discover(request, context)
+    lines = stream.getvalue().split("\n")
+    assert lines[0] == ("discover: scanning 2 units x 2 tables x 60 addresses: 6 requests if "
+                        "every address reads, up to about 244 if none does; at 1000 requests/s "
+                        "that is 0.006 s to 0.2 s (an unanswered request waits 1 s, twice)")
+    counts = [int(match.group(1)) for match in re.finditer(r"\] (\d+)/240 ", lines[1])]
+    assert counts == sorted(counts)
+    assert counts[-1] == 120  # unit 3 is absent: not scanned
+    assert "] 60/240 unit 2 input (3 readable, " in lines[1]
+    assert "] 120/240 unit 2 holding (6 readable, " in lines[1]
+    assert lines[1].endswith("\r\x1b[Kdiscover: 6 readable addresses on 1 units, "
+                             f"{len(server.requests)} requests")
+    assert "discover:" not in result.yaml
+    assert "\r" not in result.yaml
+
+
+async def test_the_command_writes_the_same_yaml_and_the_estimate_on_stderr(
+    server: ModbusTestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = ["--units", "2", "--tables", "holding", "--range", "0-59", "--rate", "1000"]
+    status = await in_thread(cli.main, ["discover", "modbus", f"127.0.0.1:{server.port}",
+                                        *arguments])
+    assert status == 0
+    written = capsys.readouterr()
+    assert written.err.startswith("discover: scanning 1 unit x 1 table x 60 addresses: 2 "
+                                  "requests if every address reads, up to about 61 if none")
+    result = await discover(ModbusDiscoverRequest(
+        host="127.0.0.1", port=server.port, units="2", tables="holding", range="0-59",
+        rate=1000), DiscoveryContext(command=f"fieldbridge discover modbus 127.0.0.1:"
+                                              f"{server.port}"))
+
+    def dated(text: str) -> str:
+        return re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", "on DATE", text)
+
+    assert dated(written.out) == dated(result.yaml)

@@ -243,10 +243,10 @@ def describe_estimate(settings: ScanSettings) -> str:
     what = (f"{units} unit{'s' if units != 1 else ''} x {len(settings.tables)} "
             f"table{'s' if len(settings.tables) != 1 else ''} x "
             f"{settings.end - settings.first} addresses")
-    return (f"scanning {what}: {fewest} to {most} requests (more where a table has holes) "
-            f"at {settings.rate:g}/s, {_duration(fewest / settings.rate)} to "
-            f"{_duration(most / settings.rate)}, plus {settings.timeout:g} s twice for each "
-            "unanswered request")
+    return (f"scanning {what}: {fewest} requests if every address reads, up to about {most} "
+            f"if none does; at {settings.rate:g} requests/s that is "
+            f"{_duration(fewest / settings.rate)} to {_duration(most / settings.rate)} (an "
+            f"unanswered request waits {settings.timeout:g} s, twice)")
 
 
 def _device_points(scan: UnitScan) -> tuple[list[dict[str, Any]], list[Span]]:

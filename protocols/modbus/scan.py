@@ -227,7 +227,7 @@ class Scanner:
         """Tell the progress how far the whole scan is."""
         self.context.progress.update(
             self.scanned, self.settings.addresses,
-            f"{note}: {self.found} readable, {self.requests} requests")
+            f"{note} ({self.found} readable, {self.requests} requests)")
 
     async def scan_table(self, scan: UnitScan, table: Table) -> None:
         """Find the readable runs of one table of a unit that answers."""
