@@ -168,3 +168,7 @@ def test_a_joined_block_refused_again_is_not_joined_again() -> None:
     assert plan.blocks == (Block("holding", 0, 1), Block("holding", 1, 2),
                            Block("holding", 3, 1))
     assert plan.details()["unreadable"] == ["holding 3: refused"]
+    # The device serves the address again: the point is no longer listed as unreadable.
+    assert plan.read(Block("holding", 3, 1))
+    assert plan.details()["unreadable"] == []
+    assert not plan.read(Block("holding", 3, 1))

@@ -77,11 +77,15 @@ class DevicePlan:
             (*others, *kept), key=lambda block: (TABLES.index(block.table), block.start)))
         self.learned = True
 
-    def read(self, block: Block) -> None:
-        """``block`` read: its points are no longer unreadable (the device changed)."""
-        if self.unreadable:
-            for span in spans_in(block, self.spans):
-                self.unreadable.pop(span, None)
+    def read(self, block: Block) -> bool:
+        """``block`` read: its points are no longer unreadable (the device changed). Returns
+        whether that changed the plan's details."""
+        if not self.unreadable:
+            return False
+        cleared = [span for span in spans_in(block, self.spans) if span in self.unreadable]
+        for span in cleared:
+            del self.unreadable[span]
+        return bool(cleared)
 
     def details(self) -> dict[str, list[str]]:
         """The learned plan as the inventory shows it: the requests polled, and the points

@@ -195,7 +195,8 @@ class ModbusSource(Source):
                     self._learn(plan, block, parts, status)
             for part, result in parts:
                 if result.values is not None:
-                    plan.read(part)
+                    if plan.read(part):
+                        status.details["plan"] = plan.details()
                     readings.append(Reading(self.id, BlockAddress(
                         plan.id, part.table, part.start, part.count), result.values,
                         time.time()))
