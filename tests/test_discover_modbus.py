@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import itertools
 import re
-import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,12 @@ import pytest_asyncio
 from brokers import SourceRun, wait_until
 from discovery_helpers import in_thread
 from helpers import free_port
-from modbus_servers import ModbusTestServer, silent_server
+from modbus_servers import (  # noqa: F401 (pty_pair_fixture: the fixture ``pty_pair``)
+    ModbusTestServer,
+    PtyPair,
+    pty_pair_fixture,
+    silent_server,
+)
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -187,35 +190,9 @@ async def test_the_command(server: ModbusTestServer, tmp_path: Path,
     assert "--units" in capsys.readouterr().err
 
 
-@pytest.fixture
-def pty_pair() -> Iterator[tuple[str, str]]:
-    """A socat pty pair standing in for an RS-485 line; skipped without socat."""
-    socat = shutil.which("socat")
-    if socat is None:
-        pytest.skip("socat is not installed (apt-get install socat)")
-    process = subprocess.Popen([socat, "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stderr is not None
-        ends: list[str] = []
-        for line in process.stderr:
-            match = re.search(r"PTY is (\S+)", line)
-            if match:
-                ends.append(match.group(1))
-            if len(ends) == 2 or "starting data transfer loop" in line:
-                break
-        assert len(ends) == 2, f"socat did not report two ptys: {ends}"
-        yield ends[0], ends[1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
 @pytest.mark.serial
-async def test_serial_rtu(pty_pair: tuple[str, str]) -> None:
-    bridge_end, device_end = pty_pair
+async def test_serial_rtu(pty_pair: PtyPair) -> None:
+    bridge_end, device_end = pty_pair.bridge_end, pty_pair.device_end
     bus = ModbusSerialServer(plant(), port=device_end, baudrate=19200, reconnect_delay=0)
     await bus.serve_forever(background=True)
     try:
@@ -280,3 +257,15 @@ async def test_the_command_writes_the_same_yaml_and_the_estimate_on_stderr(
         return re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", "on DATE", text)
 
     assert dated(written.out) == dated(result.yaml)
+
+
+@pytest.mark.serial
+async def test_serial_settings_the_driver_refuses_are_a_clear_error(pty_pair: PtyPair) -> None:
+    request = ModbusDiscoverRequest.model_validate({
+        "transport": "rtu", "serial": {"port": pty_pair.bridge_end, "parity": "E"}})
+    with pytest.raises(ConnectorError) as caught:
+        await discover(request, _context())
+    assert caught.value.category is ErrorCategory.CONFIG
+    assert caught.value.reason == (
+        f"serial port {pty_pair.bridge_end} refuses the settings (9600 baud, 8 data bits, "
+        "parity E, 1 stop bits): Invalid argument")

@@ -267,6 +267,7 @@ FAILURE_CATEGORY: dict[FailureKind, ErrorCategory] = {
 SKIPS_CYCLE: frozenset[FailureKind] = frozenset({"gateway", "timeout", "garbled"})
 """Failures that say the device is not answering: the rest of its cycle is not requested."""
 
+
 def _read_call(block: Block, unit: int) -> Callable[[ModbusClient], Awaitable[ModbusPDU]]:
     """The client call reading ``block`` from ``unit``."""
     table, start, count = block.table, block.start, block.count

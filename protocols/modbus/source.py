@@ -7,8 +7,10 @@ concurrently.
 Per request the client waits ``timeout`` and repeats ``retries`` times. What can go wrong
 and what follows:
 
-- an exception response (illegal address, say): that block's points turn ``bad``, the device
-  is ``degraded`` and keeps being polled;
+- an exception response: that block's points turn ``bad``, the device is ``degraded`` and
+  keeps being polled; an illegal address (2, or 3) in a block of several points first splits
+  the block, so that only the refused points turn ``bad``, and the device's plan learns the
+  hole (``protocols.modbus.holes``);
 - no answer: the rest of the device's cycle is skipped, its points turn ``bad``, the device
   is ``down``; it comes back ``up`` by itself when it answers again;
 - bytes that are not a Modbus answer: as no answer, with the ``protocol`` category;
@@ -18,7 +20,8 @@ and what follows:
 The requests themselves, and what their failures mean, are the client wrapper's
 (``protocols.modbus.client``).
 
-Imports ``bridge.core``, ``bridge.errors`` and the Modbus config, mapping, planner and client.
+Imports ``bridge.core``, ``bridge.errors`` and the Modbus config, mapping, planner, holes
+and client.
 """
 
 from __future__ import annotations
