@@ -3,17 +3,29 @@ learns where the hole is, against a real pymodbus server whose map has holes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from brokers import wait_on
 from helpers import assert_no_other_tasks
-from modbus_servers import ModbusTestServer, SourceRunner, build_unit, device, source_config
+from modbus_servers import (
+    WAIT,
+    ModbusTestServer,
+    SourceRunner,
+    build_unit,
+    device,
+    source_config,
+)
 
 from bridge.core.model import Quality
 from bridge.core.status import ConnectionState
+from bridge.registry import load_config
+from bridge.runtime import Runtime
 from protocols.modbus.holes import DevicePlan
 from protocols.modbus.planner import Block, Span, halves, join, spans_in
 
@@ -133,6 +145,59 @@ async def test_a_hole_at_a_block_edge_and_bits_sharing_a_register(
         assert runner.latest("meter.energy").value == 7
         assert runner.latest("meter.gap").reason == ILLEGAL_ADDRESS
         assert plan_of(runner)["requests"] == ["holding 5", "holding 6", "holding 8-9"]
+
+
+async def test_a_reload_that_changes_the_source_plans_again(tmp_path: Path) -> None:
+    path = tmp_path / "fieldbridge.yaml"
+
+    def write(interval: str) -> None:
+        path.write_text(yaml.safe_dump({
+            "bridge": {"id": "t", "state_dir": "state"}, "api": {"enabled": False},
+            "sources": [{"id": "plc", "protocol": "modbus", "host": "127.0.0.1",
+                         "port": server.port, "devices": [{
+                             "id": "meter", "interval": interval, "points": [
+                                 {"name": "before", "address": 40100},
+                                 {"name": "after", "address": 40111}]}]}]}))
+
+    async with ModbusTestServer([device(1, holding=VALUES, holes=[range(100, 110)])]) as server:
+        write("50ms")
+        runtime = Runtime(load_config(path))
+        changed = asyncio.Event()
+        runtime.router.add_listener(lambda events: changed.set())
+        task = asyncio.create_task(runtime.run(), name="test.runtime")
+
+        def learned() -> bool:
+            meter = runtime.sources["plc"].status.children["meter"]
+            return "plan" in meter.details and all(
+                runtime.router.latest.get(point) is not None
+                and runtime.router.latest[point].quality is Quality.GOOD
+                for point in ("meter.before", "meter.after"))
+
+        try:
+            await wait_on(changed, learned, WAIT, lambda: "the learned plan")
+            # Unchanged, the source keeps running: nothing asks for the block again.
+            server.requests.clear()
+            assert await runtime.reload() == []
+            changed.clear()
+            await wait_on(changed, lambda: len(server.requests) >= 4, WAIT,
+                          lambda: f"polls, got {server.requests}")
+            assert (99, 12) not in {(request.address, request.count)
+                                    for request in server.requests}
+            # Changed, the source is built again and learns its plan afresh.
+            write("60ms")
+            server.requests.clear()
+            assert await runtime.reload() == ["source plc: restarted"]
+
+            def coalesced_again() -> bool:
+                return (99, 12) in {(request.address, request.count)
+                                    for request in server.requests}
+
+            await wait_on(changed, coalesced_again, WAIT,
+                          lambda: f"the block asked for again, got {server.requests}")
+            await wait_on(changed, learned, WAIT, lambda: "the plan learned again")
+        finally:
+            runtime.stop()
+            await asyncio.wait_for(task, WAIT)
 
 
 # -- the plan itself, without a device -----------------------------------------------------
