@@ -6,6 +6,10 @@ Points close to each other are read together: a gap of up to ``max_gap`` unused 
 
 Reading left to right and extending the current request as long as both limits allow is
 optimal here: a request that ends later can never make the rest of the plan longer.
+
+``halves`` and ``join`` are the steps a device's learned plan takes around a register hole
+(``protocols.modbus.holes``): a refused request split between its points, and the parts that
+read joined again where they touch.
 """
 
 from __future__ import annotations
