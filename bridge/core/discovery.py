@@ -117,6 +117,9 @@ class Discovery:
 class Progress:
     """Where a long discovery stands; this base reports nowhere."""
 
+    def announce(self, note: str) -> None:
+        """Something to say before the work starts (how long it will take, say)."""
+
     def update(self, done: int, total: int | None, note: str) -> None:
         """``done`` of ``total`` (unknown: ``None``) steps; ``note`` says what is going on."""
 
@@ -138,6 +141,14 @@ class StreamProgress(Progress):
         self._clock = clock
         self._last = -math.inf
         self._drawn = False
+
+    def announce(self, note: str) -> None:
+        """Print a line, on a terminal too (it stays above the bar)."""
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self._drawn = False
+        self.stream.write(f"discover: {note}\n")
+        self.stream.flush()
 
     def update(self, done: int, total: int | None, note: str) -> None:
         """Redraw the bar (on a terminal, at most ten times a second) or print a line."""

@@ -15,9 +15,10 @@ from protocols.modbus.config import (
     ModbusProfile,
     ModbusSourceConfig,
 )
+from protocols.modbus.holes import DevicePlan
 from protocols.modbus.mapping import PROTOCOL, BlockAddress, ModbusMapper
 from protocols.modbus.planner import Block, plan
-from protocols.modbus.source import DevicePlan, ModbusSource
+from protocols.modbus.source import ModbusSource
 
 __all__ = ["SPEC", "Block", "BlockAddress", "ModbusMapper", "ModbusSource", "build", "check"]
 
@@ -41,6 +42,9 @@ def build(
             interval=device.interval,
             blocks=tuple(plan(mapper.spans(device.id), max_gap=config.max_gap,
                               max_registers=config.max_registers, max_bits=config.max_bits)),
+            spans=tuple(mapper.spans(device.id)),
+            max_registers=config.max_registers,
+            max_bits=config.max_bits,
         )
         for device in config.devices
     ]

@@ -255,7 +255,9 @@ class ModbusSourceConfig(DeviceSourceBase):
     max_gap: int = Field(
         default=10, ge=0, le=MAX_BITS,
         description="Read through gaps of up to this many unused registers (or bits) to save "
-        "requests; 0 reads only what points use (for devices that refuse unmapped addresses).")
+        "requests. A request a device refuses for an address inside it (exception 2 or 3) is "
+        "split until only the refused points are left, and the device is polled around them "
+        "from then on, so only those points are `bad`. 0 reads only what points use.")
     max_registers: int = Field(
         default=MAX_REGISTERS, ge=1, le=MAX_REGISTERS,
         description="At most this many registers per request (some devices allow fewer).")

@@ -1,31 +1,23 @@
-"""Modbus discovery: find the unit ids that answer and the addresses they can read.
-
-For every unit id asked for, one read at the start of the range tells whether the unit
-answers at all (a data answer, or an exception that only a present unit gives). For every
-table of an answering unit, the range is read in requests as large as the protocol allows; a
-request refused with an address exception (2, or 3) is narrowed down: the longest readable
-run from its start is found by doubling, then halving, the count, and the address after it is
-a hole. Each hole costs one request, each readable run a few. Requests are paced to ``rate``
-per second and each waits ``timeout`` (repeated once), so a scan is safe on a live bus.
+"""Modbus discovery: the request (what to scan, how to connect) and the skeleton source it
+writes from what the scan (``protocols.modbus.scan``) found.
 
 What registers mean cannot be read from them: the result is a skeleton, each readable
 register a ``uint16`` point and each readable bit a ``bool``, with the number of requests the
-source's planner would need to poll them all.
+source's planner would need to poll them all. Before the scan starts, the progress is told
+how many requests it will take and how long that is at the chosen rate.
+
+Imports pymodbus' client (through ``protocols.modbus.client``), ``bridge.config``,
+``bridge.core.discovery``, ``bridge.errors`` and the Modbus config, mapping, planner and scan.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.pdu import ModbusPDU
 
 from bridge.config.models import Duration, Identifier
 from bridge.config.validation import field_error
@@ -38,11 +30,10 @@ from bridge.core.discovery import (
     render_yaml,
 )
 from bridge.errors import ConnectorError, ErrorCategory
+from protocols.modbus.client import ClientHooks, ModbusClient, create_client, open_client
 from protocols.modbus.config import (
     ADDRESS_SPACE,
     BIT_TABLES,
-    MAX_BITS,
-    MAX_REGISTERS,
     TABLES,
     ModbusSourceConfig,
     SerialSettings,
@@ -50,15 +41,8 @@ from protocols.modbus.config import (
 )
 from protocols.modbus.mapping import PROTOCOL
 from protocols.modbus.planner import Span, plan
-from protocols.modbus.source import ClientHooks, ModbusClient, create_client
+from protocols.modbus.scan import MAX_SILENCE, Scanner, ScanSettings, SilentError, UnitScan
 
-HOLE_CODES = frozenset({2, 3})
-"""Illegal data address, and illegal data value (which some devices give for the same)."""
-ABSENT_CODES = frozenset({4, 10, 11})
-"""What a gateway (10, 11) or pymodbus' own server (4) answers for a unit that is not there."""
-ILLEGAL_FUNCTION = 1
-MAX_SILENCE = 3
-"""Unanswered requests in a row after which a unit is given up (the scan is then partial)."""
 MAX_GAP = 0
 """The generated source reads only what the scan found readable: the holes between blocks
 refuse reads, so no request may read through them."""
@@ -149,6 +133,12 @@ class ModbusDiscoverRequest(DiscoveryRequest):
         names = {name.strip() for name in self.tables.split(",")}
         return [table for table in TABLES if table in names]
 
+    def scan_settings(self) -> ScanSettings:
+        """What the scan covers and how fast it goes."""
+        first, end = self.bounds
+        return ScanSettings(units=self.unit_ids, tables=self.table_names, first=first,
+                            end=end, rate=self.rate, timeout=self.timeout)
+
     @property
     def bounds(self) -> tuple[int, int]:
         """The first address and one past the last."""
@@ -176,185 +166,6 @@ def _target(text: str) -> dict[str, Any]:
     return {"host": text.strip("[]")}
 
 
-@dataclass(frozen=True)
-class _Answer:
-    ok: bool = False
-    code: int | None = None
-    silent: bool = False
-    reason: str | None = None
-
-
-class _TableUnsupportedError(Exception):
-    pass
-
-
-class _SilentError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class _Pacer:
-    """Spaces request starts at least ``1 / rate`` seconds apart."""
-
-    rate: float
-    _next: float = 0.0
-
-    async def wait(self) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            await asyncio.sleep(self._next - now)
-            now = time.monotonic()
-        self._next = max(now, self._next) + 1.0 / self.rate
-
-
-@dataclass
-class _UnitScan:
-    unit: int
-    runs: dict[Table, list[tuple[int, int]]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return sum(end - start for runs in self.runs.values() for start, end in runs)
-
-
-def _call(client: ModbusClient, table: Table, unit: int, start: int, count: int
-          ) -> Awaitable[ModbusPDU]:
-    if table == "holding":
-        return client.read_holding_registers(start, count=count, device_id=unit)
-    if table == "input":
-        return client.read_input_registers(start, count=count, device_id=unit)
-    if table == "coil":
-        return client.read_coils(start, count=count, device_id=unit)
-    return client.read_discrete_inputs(start, count=count, device_id=unit)
-
-
-class _Scanner:
-    def __init__(self, request: ModbusDiscoverRequest, client: ModbusClient,
-                 context: DiscoveryContext, endpoint: str) -> None:
-        self.request = request
-        self.client = client
-        self.context = context
-        self.endpoint = endpoint
-        self.pacer = _Pacer(request.rate)
-        self.requests = 0
-        self.found = 0
-        self.stopped: str | None = None
-        self.silence = 0
-
-    async def read(self, table: Table, unit: int, start: int, count: int) -> _Answer:
-        """One request, repeated once without an answer."""
-        reason = "no answer"
-        for _ in range(2):
-            await self.pacer.wait()
-            self.requests += 1
-            try:
-                response = await _call(self.client, table, unit, start, count)
-            except ConnectionException as exc:
-                raise ConnectorError(self.endpoint, f"connection lost: {exc.string}",
-                                     ErrorCategory.TRANSIENT) from exc
-            except ModbusIOException as exc:
-                reason = "no answer" if "No response" in exc.string else exc.string
-                continue
-            except ModbusException as exc:
-                reason = f"not a Modbus answer: {exc.string}"
-                continue
-            self.silence = 0
-            if response.isError():
-                return _Answer(code=int(response.exception_code))
-            return _Answer(ok=True)
-        self.silence += 1
-        return _Answer(silent=True, reason=f"{reason} after {self.request.timeout:g} s, twice")
-
-    async def absent(self, unit: int) -> str | None:
-        """Why ``unit`` does not answer, or ``None`` when it does."""
-        first, _ = self.request.bounds
-        for table in self.request.table_names:
-            answer = await self.read(table, unit, first, 1)
-            if answer.silent:
-                return answer.reason
-            if answer.code in ABSENT_CODES:
-                return f"device exception {answer.code}"
-            if answer.code != ILLEGAL_FUNCTION:
-                return None
-        return "illegal function for every table"
-
-    async def readable(self, table: Table, unit: int, start: int, size: int,
-                       try_whole: bool) -> int:
-        """How many addresses from ``start`` (at most ``size``) read in one request."""
-        failing: int | None = None
-        """The smallest count known to fail."""
-        if try_whole:
-            if await self._ok(table, unit, start, size):
-                return size
-            failing = size
-        good, step = 0, 1
-        while failing is None or step < failing:
-            count = min(step, size)
-            if await self._ok(table, unit, start, count):
-                good = count
-                if count == size:
-                    return size
-                step *= 2
-            else:
-                failing = count
-        assert failing is not None  # the loop ends on a failing count or returns
-        while failing - good > 1:
-            middle = (good + failing) // 2
-            if await self._ok(table, unit, start, middle):
-                good = middle
-            else:
-                failing = middle
-        return good
-
-    async def _ok(self, table: Table, unit: int, start: int, count: int) -> bool:
-        answer = await self.read(table, unit, start, count)
-        if answer.silent:
-            raise _SilentError(answer.reason or "no answer")
-        if answer.code == ILLEGAL_FUNCTION:
-            raise _TableUnsupportedError
-        return answer.ok
-
-    async def scan_table(self, scan: _UnitScan, table: Table) -> None:
-        first, end = self.request.bounds
-        limit = MAX_BITS if table in BIT_TABLES else MAX_REGISTERS
-        runs: list[tuple[int, int]] = []
-        scan.runs[table] = runs
-        position, after_hole = first, False
-        while position < end:
-            self.stopped = self.stopped or self.context.budget.why_stopped(self.found)
-            if self.stopped is not None:
-                return
-            size = min(limit, end - position)
-            try:
-                good = await self.readable(table, scan.unit, position, size, not after_hole)
-            except _TableUnsupportedError:
-                scan.notes.append(f"{table}: the unit does not serve this table (illegal "
-                                  "function)")
-                return
-            except _SilentError as silent:
-                scan.notes.append(f"{table} {position}-{position + size - 1}: {silent.reason}; "
-                                  "not scanned")
-                if self.silence >= MAX_SILENCE:
-                    raise
-                position += size
-                after_hole = False
-                continue
-            if good:
-                if runs and runs[-1][1] == position:
-                    runs[-1] = (runs[-1][0], position + good)
-                else:
-                    runs.append((position, position + good))
-                self.found += good
-            after_hole = good < size
-            position += good + (1 if after_hole else 0)
-            self.context.progress.update(position - first, end - first,
-                                         f"unit {scan.unit} {table}: {self.found} readable, "
-                                         f"{self.requests} requests")
-
-
 async def discover(request: ModbusDiscoverRequest, context: DiscoveryContext,
                    client_factory: Callable[[ModbusSourceConfig, ClientHooks], ModbusClient]
                    = create_client) -> Discovery:
@@ -368,28 +179,33 @@ async def discover(request: ModbusDiscoverRequest, context: DiscoveryContext,
     hooks = ClientHooks(packet=lambda sending, data: data, pdu=lambda sending, pdu: pdu,
                         connect=lambda connected: None)
     client = client_factory(config, hooks)
-    if not await client.connect():
+    try:
+        await open_client(client, config)
+    except ConnectorError:
         client.close()
-        raise ConnectorError(endpoint, "cannot connect", ErrorCategory.TRANSIENT)
-    scanner = _Scanner(request, client, context, endpoint)
-    scans: list[_UnitScan] = []
+        raise
+    settings = request.scan_settings()
+    context.progress.announce(describe_estimate(settings))
+    scanner = Scanner(settings, client, context, endpoint)
+    scans: list[UnitScan] = []
     absent: list[tuple[int, str]] = []
     error: str | None = None
     try:
         for unit in request.unit_ids:
             if scanner.stopped is not None:
                 break
-            context.progress.update(0, None, f"unit {unit}: does it answer?")
+            scanner.report(f"unit {unit}: does it answer?")
             reason = await scanner.absent(unit)
             if reason is not None:
                 absent.append((unit, reason))
+                scanner.skip(len(settings.tables) * (settings.end - settings.first))
                 continue
-            scan = _UnitScan(unit)
+            scan = UnitScan(unit)
             scans.append(scan)
             try:
                 for table in request.table_names:
                     await scanner.scan_table(scan, table)
-            except _SilentError as silent:
+            except SilentError as silent:
                 scan.notes.append(f"gave up after {MAX_SILENCE} unanswered requests: "
                                   f"{silent.reason}")
                 error = f"unit {unit} stopped answering"
@@ -406,7 +222,34 @@ async def discover(request: ModbusDiscoverRequest, context: DiscoveryContext,
     return _result(request, context, scanner, scans, [unit for unit, _ in absent], error)
 
 
-def _device_points(scan: _UnitScan) -> tuple[list[dict[str, Any]], list[Span]]:
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: ``0.9 s``, ``42 s``, ``3 min 20 s``, ``1 h 5 min``."""
+    if seconds < 10:
+        return f"{seconds:.1g} s" if seconds < 1 else f"{seconds:.0f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    hours, rest = divmod(whole, 3600)
+    minutes, rest_seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min {rest_seconds} s" if rest_seconds else f"{minutes} min"
+
+
+def describe_estimate(settings: ScanSettings) -> str:
+    """How many requests the scan takes and how long that is at its rate, said up front."""
+    fewest, most = settings.request_bounds()
+    units = len(settings.units)
+    what = (f"{units} unit{'s' if units != 1 else ''} x {len(settings.tables)} "
+            f"table{'s' if len(settings.tables) != 1 else ''} x "
+            f"{settings.end - settings.first} addresses")
+    return (f"scanning {what}: {fewest} requests if every address reads, up to about {most} "
+            f"if none does; at {settings.rate:g} requests/s that is "
+            f"{_duration(fewest / settings.rate)} to {_duration(most / settings.rate)} (an "
+            f"unanswered request waits {settings.timeout:g} s, twice)")
+
+
+def _device_points(scan: UnitScan) -> tuple[list[dict[str, Any]], list[Span]]:
     points: list[dict[str, Any]] = []
     spans: list[Span] = []
     for table, runs in scan.runs.items():
@@ -421,7 +264,7 @@ def _device_points(scan: _UnitScan) -> tuple[list[dict[str, Any]], list[Span]]:
     return points, spans
 
 
-def _describe_runs(scan: _UnitScan) -> list[str]:
+def _describe_runs(scan: UnitScan) -> list[str]:
     lines = []
     for table, runs in scan.runs.items():
         if runs:
@@ -431,8 +274,8 @@ def _describe_runs(scan: _UnitScan) -> list[str]:
     return lines
 
 
-def _result(request: ModbusDiscoverRequest, context: DiscoveryContext, scanner: _Scanner,
-            scans: list[_UnitScan], absent: list[int], error: str | None) -> Discovery:
+def _result(request: ModbusDiscoverRequest, context: DiscoveryContext, scanner: Scanner,
+            scans: list[UnitScan], absent: list[int], error: str | None) -> Discovery:
     first, end = request.bounds
     moment = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     endpoint = request.source_config().endpoint()

@@ -8,13 +8,13 @@ then only slices and decodes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.config.models import PointBase, ResolvedPoint
+from bridge.config.models import ResolvedPoint
 from bridge.core.codec import compile_register_decoder, compile_register_encoder
+from bridge.core.inverse import RawKind, compile_inverse_transform
 from bridge.core.mapping import PointProgram
 from bridge.core.model import Event, Quality, Reading, Value
 from bridge.errors import DecodeError
@@ -54,70 +54,38 @@ class PointLocation:
     point_id: str
     device: str
     span: Span
+    encode: Encoder
     bit: int | None = None
-    encode: Encoder | None = None
-    """``None`` for a point that is not writable."""
 
 
-def compile_inverse_transform(spec: PointBase) -> Callable[[Value], Value]:
-    """The raw value to write for a point value: the inverse of enum or scale and offset.
+def _raw_kind(spec: ModbusPoint) -> RawKind:
+    """What is written for a point: a bit, a whole number, any number or a string."""
+    if spec.resolved_table in BIT_TABLES or spec.value_kind == "bool":
+        return "bool"
+    if spec.data_type == "string":
+        return "string"
+    return "number" if spec.data_type in ("float32", "float64") else "integer"
 
-    Raises ``ValueError`` for a label the enum does not have or a value that is no number.
-    Protocol independent; it belongs next to ``compile_transform`` once a second protocol
-    writes.
+
+def compile_encoder(point_id: str, spec: ModbusPoint) -> Encoder:
+    """What is written for a value of the point: the core's inverse transform, then the
+    registers (or the state of a coil or bit).
+
+    The encoder raises ``WriteError`` for a value the point cannot hold and ``ValueError``
+    for one its registers cannot (out of range, too long).
     """
-    if spec.enum is not None:
-        keys: dict[str, Value] = {}
-        for key, label in spec.enum.items():
-            is_number = isinstance(key, str) and key.lstrip("-").isdigit()
-            keys[label] = int(key) if is_number else key
+    raw_of = compile_inverse_transform(point_id, spec, raw=_raw_kind(spec))
+    if spec.resolved_table in BIT_TABLES or spec.bit is not None:
 
-        def unlabel(value: Value) -> Value:
-            if isinstance(value, str) and value in keys:
-                return keys[value]
-            raise ValueError(f"{value!r} is not one of the point's labels: "
-                             f"{', '.join(sorted(keys))}")
+        def encode_bit(value: Value) -> list[int] | bool:
+            return bool(raw_of(value))
 
-        return unlabel
-    scale, offset = spec.scale, spec.offset
-
-    def unscale(value: Value) -> Value:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return value  # the encoder says what it expected
-        if not math.isfinite(value):
-            raise ValueError(f"cannot write {value}")
-        if scale == 1.0 and offset == 0.0:
-            return value
-        return (value - offset) / scale
-
-    return unscale
-
-
-def _compile_encoder(spec: ModbusPoint) -> Encoder:
-    raw_of = compile_inverse_transform(spec)
-    if spec.value_kind == "bool":
-
-        def encode_bool(value: Value) -> list[int] | bool:
-            raw = raw_of(value)
-            if isinstance(raw, bool) or (isinstance(raw, int) and raw in (0, 1)):
-                return bool(raw)
-            raise ValueError(f"expected true or false, got {value!r}")
-
-        return encode_bool
+        return encode_bit
     to_registers = compile_register_encoder(spec.data_type, spec.byte_order,
                                             length=spec.length)
-    whole = spec.data_type not in ("float32", "float64", "string")
 
     def encode(value: Value) -> list[int] | bool:
-        raw = raw_of(value)
-        if whole and isinstance(raw, float):
-            nearest = round(raw)
-            # Scaling back (25.5 / 0.1) leaves float noise; a real fraction is refused.
-            if abs(raw - nearest) > 1e-6 * max(1.0, abs(raw)):
-                raise ValueError(f"{value!r} is finer than the point resolves (the "
-                                 f"{spec.data_type} register would hold {raw:g})")
-            raw = nearest
-        return to_registers(raw)
+        return to_registers(raw_of(value))
 
     return encode
 
@@ -168,7 +136,7 @@ class ModbusMapper:
                 raise TypeError(f"point {point.id} is not a Modbus device point")
             location = PointLocation(
                 point.id, point.device, Span(spec.resolved_table, spec.start, spec.count),
-                bit=spec.bit, encode=_compile_encoder(spec) if spec.writable else None)
+                compile_encoder(point.id, spec), bit=spec.bit)
             compiled = _CompiledPoint(
                 location,
                 _compile_decoder(spec),

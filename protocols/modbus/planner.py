@@ -6,11 +6,15 @@ Points close to each other are read together: a gap of up to ``max_gap`` unused 
 
 Reading left to right and extending the current request as long as both limits allow is
 optimal here: a request that ends later can never make the rest of the plan longer.
+
+``halves`` and ``join`` are the steps a device's learned plan takes around a register hole
+(``protocols.modbus.holes``): a refused request split between its points, and the parts that
+read joined again where they touch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from protocols.modbus.config import BIT_TABLES, MAX_BITS, MAX_REGISTERS, TABLES, Table
@@ -78,3 +82,40 @@ def plan(
         if start >= 0:
             blocks.append(Block(table, start, end - start))
     return blocks
+
+
+def spans_in(block: Block, spans: Iterable[Span]) -> list[Span]:
+    """The distinct spans that ``block`` reads, in address order."""
+    return sorted({span for span in spans
+                   if span.table == block.table and block.start <= span.start
+                   and span.end <= block.end})
+
+
+def halves(block: Block, spans: Sequence[Span]) -> tuple[Block, Block] | None:
+    """``block`` split in two between its spans (``spans_in`` order), each half covering
+    its spans only; ``None`` when it reads a single span and cannot be split."""
+    if len(spans) < 2:
+        return None
+    middle = len(spans) // 2
+    left, right = spans[:middle], spans[middle:]
+    left_end = max(span.end for span in left)
+    right_end = max(span.end for span in right)
+    return (Block(block.table, left[0].start, left_end - left[0].start),
+            Block(block.table, right[0].start, right_end - right[0].start))
+
+
+def join(blocks: Iterable[Block], *, max_registers: int = MAX_REGISTERS,
+         max_bits: int = MAX_BITS) -> list[Block]:
+    """Blocks that touch (one ends where the next starts) joined, within the request limits:
+    every address of a joined block was read by one of the blocks it joins."""
+    joined: list[Block] = []
+    for block in sorted(blocks, key=lambda item: (TABLES.index(item.table), item.start)):
+        limit = max_bits if block.table in BIT_TABLES else max_registers
+        if joined:
+            last = joined[-1]
+            if (last.table == block.table and last.end == block.start
+                    and block.end - last.start <= limit):
+                joined[-1] = Block(block.table, last.start, block.end - last.start)
+                continue
+        joined.append(block)
+    return joined

@@ -4,6 +4,7 @@
   every request it receives;
 - ``silent_server``: accepts connections and never answers (a hung device);
 - ``garbage_server``: answers every request with bytes that are not Modbus;
+- ``pty_pair``: a socat pty pair standing in for a serial line (a fixture);
 - ``SourceRunner``: runs a ``ModbusSource`` with a collecting publish callback, maps what it
   publishes, and lets a test wait for a condition on the events.
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pytest
 import yaml
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
@@ -50,21 +55,34 @@ def device(
     input: Sequence[int] = (),
     coils: Sequence[bool] = (),
     discrete: Sequence[bool] = (),
+    holes: Sequence[range] = (),
 ) -> SimDevice:
     """A device whose four tables hold the given values from address 0; beyond is invalid
-    (bit tables round up to a multiple of 16 bits)."""
+    (bit tables round up to a multiple of 16 bits), and so are the holding registers in
+    ``holes``: a read that touches one is answered with exception 2."""
 
-    def registers(values: Sequence[int]) -> list[SimData]:
+    def registers(values: Sequence[int], holes: Sequence[range] = ()) -> list[SimData]:
         if not values:
             return [SimData(0, count=1, datatype=DataType.INVALID)]
-        return [SimData(0, values=list(values), datatype=DataType.REGISTERS)]
+        parts: list[SimData] = []
+        start = 0
+        for hole in sorted(holes, key=lambda hole: hole.start):
+            if hole.start > start:
+                parts.append(SimData(start, values=list(values[start:hole.start]),
+                                     datatype=DataType.REGISTERS))
+            parts.append(SimData(hole.start, count=len(hole), datatype=DataType.INVALID))
+            start = hole.stop
+        if start < len(values):
+            parts.append(SimData(start, values=list(values[start:]),
+                                 datatype=DataType.REGISTERS))
+        return parts
 
     def bits(values: Sequence[bool]) -> list[SimData]:
         # Bits are stored 16 to a register: an unused bit table still holds 16 false bits.
         padded = list(values) + [False] * (-len(values) % 16 or (16 if not values else 0))
         return [SimData(0, values=padded, datatype=DataType.BITS)]
 
-    return SimDevice(unit, simdata=(bits(coils), bits(discrete), registers(holding),
+    return SimDevice(unit, simdata=(bits(coils), bits(discrete), registers(holding, holes),
                                     registers(input)))
 
 
@@ -200,3 +218,39 @@ class SourceRunner(helpers.SourceRunner):
         source = self.unit.source
         assert isinstance(source, ModbusSource)
         return source
+
+
+@dataclass(frozen=True)
+class PtyPair:
+    """Two connected pseudo terminals: what one writes, the other reads."""
+
+    bridge_end: str
+    device_end: str
+
+
+@pytest.fixture(name="pty_pair")
+def pty_pair_fixture() -> Iterator[PtyPair]:
+    """A socat pty pair standing in for an RS-485 line; skipped without socat."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.skip("socat is not installed: the serial RTU test needs a pty pair "
+                    "(apt-get install socat)")
+    process = subprocess.Popen(
+        [socat, "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        ends: list[str] = []
+        for line in process.stderr:  # socat reports both ends before it starts relaying
+            match = re.search(r"PTY is (\S+)", line)
+            if match:
+                ends.append(match.group(1))
+            if len(ends) == 2 or "starting data transfer loop" in line:
+                break
+        assert len(ends) == 2, f"socat did not report two ptys: {ends}"
+        yield PtyPair(bridge_end=ends[0], device_end=ends[1])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()

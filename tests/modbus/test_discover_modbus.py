@@ -4,11 +4,10 @@ generated device running, the request rate, and the failures."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
-import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,12 @@ import pytest_asyncio
 from helpers import free_port
 from helpers.brokers import SourceRun, wait_until
 from helpers.discovery import in_thread
-from helpers.modbus_servers import ModbusTestServer, silent_server
+from helpers.modbus_servers import (  # noqa: F401 (pty_pair_fixture: the fixture ``pty_pair``)
+    ModbusTestServer,
+    PtyPair,
+    pty_pair_fixture,
+    silent_server,
+)
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -27,7 +31,7 @@ from bridge.core.discovery import Budget, Discovery, DiscoveryContext, StreamPro
 from bridge.core.model import Quality
 from bridge.errors import ConnectorError, ErrorCategory
 from bridge.registry import load_config
-from protocols.modbus.discover import ModbusDiscoverRequest, discover
+from protocols.modbus.discover import ModbusDiscoverRequest, describe_estimate, discover
 
 Blocks = Sequence[tuple[int, Sequence[Any]]]
 
@@ -186,35 +190,9 @@ async def test_the_command(server: ModbusTestServer, tmp_path: Path,
     assert "--units" in capsys.readouterr().err
 
 
-@pytest.fixture
-def pty_pair() -> Iterator[tuple[str, str]]:
-    """A socat pty pair standing in for an RS-485 line; skipped without socat."""
-    socat = shutil.which("socat")
-    if socat is None:
-        pytest.skip("socat is not installed (apt-get install socat)")
-    process = subprocess.Popen([socat, "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stderr is not None
-        ends: list[str] = []
-        for line in process.stderr:
-            match = re.search(r"PTY is (\S+)", line)
-            if match:
-                ends.append(match.group(1))
-            if len(ends) == 2 or "starting data transfer loop" in line:
-                break
-        assert len(ends) == 2, f"socat did not report two ptys: {ends}"
-        yield ends[0], ends[1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
 @pytest.mark.serial
-async def test_serial_rtu(pty_pair: tuple[str, str]) -> None:
-    bridge_end, device_end = pty_pair
+async def test_serial_rtu(pty_pair: PtyPair) -> None:
+    bridge_end, device_end = pty_pair.bridge_end, pty_pair.device_end
     bus = ModbusSerialServer(plant(), port=device_end, baudrate=19200, reconnect_delay=0)
     await bus.serve_forever(background=True)
     try:
@@ -227,3 +205,67 @@ async def test_serial_rtu(pty_pair: tuple[str, str]) -> None:
         await bus.shutdown()
     assert blocks_of(result) == {(1, "input"): [(0, 2)], (2, "input"): [(10, 12)]}
     assert f"port: {bridge_end}" in result.yaml
+
+
+def test_the_estimate_of_the_default_scan() -> None:
+    request = ModbusDiscoverRequest(host="127.0.0.1")
+    assert describe_estimate(request.scan_settings()) == (
+        "scanning 1 unit x 4 tables x 1000 addresses: 19 requests if every address reads, "
+        "up to about 4004 if none does; at 20 requests/s that is 0.9 s to 3 min 20 s (an "
+        "unanswered request waits 1 s, twice)")
+
+
+async def test_progress_counts_the_whole_scan_on_a_terminal(server: ModbusTestServer) -> None:
+    stream = io.StringIO()
+    ticks = itertools.count()
+    context = DiscoveryContext(progress=StreamProgress(
+        stream, tty=True, clock=lambda: float(next(ticks))))
+    request = ModbusDiscoverRequest(host="127.0.0.1", port=server.port, units="2-3",
+                                    tables="holding,input", range="0-59", rate=1000)
+    result = await discover(request, context)
+    lines = stream.getvalue().split("\n")
+    assert lines[0] == ("discover: scanning 2 units x 2 tables x 60 addresses: 6 requests if "
+                        "every address reads, up to about 244 if none does; at 1000 requests/s "
+                        "that is 0.006 s to 0.2 s (an unanswered request waits 1 s, twice)")
+    counts = [int(match.group(1)) for match in re.finditer(r"\] (\d+)/240 ", lines[1])]
+    assert counts == sorted(counts)
+    assert counts[-1] == 120  # unit 3 is absent: not scanned
+    assert "] 60/240 unit 2 input (3 readable, " in lines[1]
+    assert "] 120/240 unit 2 holding (6 readable, " in lines[1]
+    assert lines[1].endswith("\r\x1b[Kdiscover: 6 readable addresses on 1 units, "
+                             f"{len(server.requests)} requests")
+    assert "discover:" not in result.yaml
+    assert "\r" not in result.yaml
+
+
+async def test_the_command_writes_the_same_yaml_and_the_estimate_on_stderr(
+    server: ModbusTestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = ["--units", "2", "--tables", "holding", "--range", "0-59", "--rate", "1000"]
+    status = await in_thread(cli.main, ["discover", "modbus", f"127.0.0.1:{server.port}",
+                                        *arguments])
+    assert status == 0
+    written = capsys.readouterr()
+    assert written.err.startswith("discover: scanning 1 unit x 1 table x 60 addresses: 2 "
+                                  "requests if every address reads, up to about 61 if none")
+    result = await discover(ModbusDiscoverRequest(
+        host="127.0.0.1", port=server.port, units="2", tables="holding", range="0-59",
+        rate=1000), DiscoveryContext(command=f"fieldbridge discover modbus 127.0.0.1:"
+                                              f"{server.port}"))
+
+    def dated(text: str) -> str:
+        return re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", "on DATE", text)
+
+    assert dated(written.out) == dated(result.yaml)
+
+
+@pytest.mark.serial
+async def test_serial_settings_the_driver_refuses_are_a_clear_error(pty_pair: PtyPair) -> None:
+    request = ModbusDiscoverRequest.model_validate({
+        "transport": "rtu", "serial": {"port": pty_pair.bridge_end, "parity": "E"}})
+    with pytest.raises(ConnectorError) as caught:
+        await discover(request, _context())
+    assert caught.value.category is ErrorCategory.CONFIG
+    assert caught.value.reason == (
+        f"serial port {pty_pair.bridge_end} refuses the settings (9600 baud, 8 data bits, "
+        "parity E, 1 stop bits): Invalid argument")

@@ -4,11 +4,8 @@ and a serial line made of a socat pty pair."""
 from __future__ import annotations
 
 import asyncio
-import re
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from dataclasses import dataclass
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +13,12 @@ import pytest
 from helpers import assert_no_other_tasks, free_port
 from helpers.modbus_servers import (
     ModbusTestServer,
+    PtyPair,
     SourceRunner,
     build_unit,
     device,
     garbage_server,
+    pty_pair_fixture,  # noqa: F401 (the fixture ``pty_pair``)
     silent_server,
     source_config,
 )
@@ -33,9 +32,11 @@ from bridge.core.model import Quality
 from bridge.core.source import SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ErrorCategory, WriteError
+from protocols.modbus.client import ClientHooks
 from protocols.modbus.config import ModbusSourceConfig
+from protocols.modbus.holes import DevicePlan
 from protocols.modbus.planner import Block
-from protocols.modbus.source import ClientHooks, DevicePlan, ModbusSource, next_deadline
+from protocols.modbus.source import ModbusSource, next_deadline
 
 POINTS: list[dict[str, Any]] = [
     {"name": "temperature", "address": 40001, "type": "int16", "scale": 0.1, "unit": "degC"},
@@ -346,9 +347,6 @@ async def test_write_back(runners: list[SourceRunner], tmp_path: Path) -> None:
         assert runner.latest("meter.ratio").value == 1.5
         assert runner.latest("meter.label").value == "OK"
 
-        with pytest.raises(WriteError, match="read-only") as refused:
-            await source.write("meter.fixed", 1)
-        assert refused.value.category is ErrorCategory.CONFIG
         with pytest.raises(WriteError, match="not one of the point's labels: heating, standby"):
             await source.write("meter.mode", "boost")
         with pytest.raises(WriteError, match="finer than the point resolves"):
@@ -368,42 +366,6 @@ async def test_write_back(runners: list[SourceRunner], tmp_path: Path) -> None:
 
 
 # -- the serial line -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PtyPair:
-    """Two connected pseudo terminals: what one writes, the other reads."""
-
-    bridge_end: str
-    device_end: str
-
-
-@pytest.fixture
-def pty_pair() -> Iterator[PtyPair]:
-    """A socat pty pair standing in for an RS-485 line; skipped without socat."""
-    socat = shutil.which("socat")
-    if socat is None:
-        pytest.skip("socat is not installed: the serial RTU test needs a pty pair "
-                    "(apt-get install socat)")
-    process = subprocess.Popen(
-        [socat, "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
-        stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stderr is not None
-        ends: list[str] = []
-        for line in process.stderr:  # socat reports both ends before it starts relaying
-            match = re.search(r"PTY is (\S+)", line)
-            if match:
-                ends.append(match.group(1))
-            if len(ends) == 2 or "starting data transfer loop" in line:
-                break
-        assert len(ends) == 2, f"socat did not report two ptys: {ends}"
-        yield PtyPair(bridge_end=ends[0], device_end=ends[1])
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.mark.serial
@@ -432,6 +394,31 @@ async def test_rtu_serial_line_with_two_units(
         await runner.stop()
     finally:
         await bus.shutdown()
+
+
+@pytest.mark.serial
+async def test_serial_settings_the_driver_refuses_are_a_config_error_logged_once(
+    pty_pair: PtyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A pty refuses even parity: once an "internal error" with a traceback on every retry.
+    unit = build_unit(tmp_path, source_config(
+        transport="rtu", serial={"port": pty_pair.bridge_end, "parity": "E"},
+        devices=[plc_device()]))
+    caplog.set_level(logging.INFO)
+    async with SourceRunner(unit, supervised=True) as runner:
+        await runner.wait_for(lambda: runner.status.counters["reconnects"] >= 3)
+        status = runner.status
+        assert status.state is ConnectionState.DOWN
+        assert status.error_category is ErrorCategory.CONFIG
+        assert status.last_error == (
+            f"serial port {pty_pair.bridge_end} refuses the settings (9600 baud, 8 data "
+            "bits, parity E, 1 stop bits): Invalid argument")
+        assert runner.latest("meter.temperature").reason == status.last_error
+    assert not [record for record in caplog.records
+                if record.levelno >= logging.ERROR or record.exc_info]
+    down = [record.getMessage() for record in caplog.records
+            if record.name == "bridge.core.status" and "source plc down" in record.getMessage()]
+    assert down == [f"source plc down: {status.last_error} (config)"]
 
 
 # -- scheduling and the connection lock, with a small fake client ------------------------
