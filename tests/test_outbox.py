@@ -15,7 +15,7 @@ from bridge.core.sink import EventSelector, OutboxRoute
 from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.router import Router
-from bridge.pipeline.store import Replay, Retention, Store, event_to_json
+from bridge.pipeline.store import Replay, Retention, Store
 
 SINK = "rabbit"
 
@@ -68,8 +68,8 @@ async def test_events_enter_the_outbox_with_their_history(store: Store) -> None:
     stored = rows(store)
     assert [row[1] for row in stored] == [event.id for event in events]
     assert [row[3] for row in stored] == ["src/a.p"] * 3
-    assert [row[5] for row in stored] == [event_to_json(event) for event in events]
-    assert [row[4] for row in stored] == [len(event_to_json(event).encode()) for event in events]
+    assert [row[5] for row in stored] == [event.to_json() for event in events]
+    assert [row[4] for row in stored] == [len(event.to_json().encode()) for event in events]
     depth = outbox_of(store).depths[SINK]
     assert (depth.events, depth.bytes) == (3, sum(row[4] for row in stored))
     assert store.history_count("a.p") == 3
@@ -104,7 +104,7 @@ async def test_block_stores_only_what_fits_until_a_sink_confirms(store: Store) -
 
 
 async def test_block_bound_in_bytes_lets_one_oversized_event_through(tmp_path: Path) -> None:
-    size = len(event_to_json(make_event("a.p", 1.0)).encode())
+    size = len(make_event("a.p", 1.0).to_json().encode())
     store = open_store(tmp_path / "fb.db", OutboxLimits(100, 3 * size), [route()])
     try:
         assert await store.write([make_event("a.p", 1.0) for _ in range(5)]) == 3

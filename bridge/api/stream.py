@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bridge.core.model import Event
-from bridge.pipeline.store import event_to_json
 from bridge.runtime import RuntimeFacade, TagFilter
 
 EndReason = Literal["slow_consumer", "stalled", "closing", "disconnected", "finished"]
@@ -254,7 +253,7 @@ class EventHub:
                     continue
                 frame = frames[index]
                 if frame is None:
-                    frame = frames[index] = event_frame(event.id, event_to_json(event))
+                    frame = frames[index] = event_frame(event.id, event.to_json())
                 if subscription.push(frame):
                     buffered += 1
         self.counters["events"] += buffered
