@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -130,6 +131,54 @@ async def test_drop_oldest_keeps_the_newest_and_counts_the_rest(tmp_path: Path) 
         assert (depth.events, depth.dropped) == (5, 3)
         assert depth.bytes == sum(row[4] for row in rows(store))
         assert store.history_count("a.p") == 8  # history keeps them all
+    finally:
+        store.close()
+
+
+async def test_drop_oldest_drops_from_the_batch_itself_when_it_alone_overflows(
+    tmp_path: Path,
+) -> None:
+    store = open_store(tmp_path / "fb.db", OutboxLimits(5, 1 << 20, drop_oldest=True),
+                       [route()])
+    try:
+        await store.write([make_event("a.p", 0)])
+        sink = SinkOutbox(store, SINK)
+        assert len(await sink.read(0, 10)) == 1  # the sink follows the feed from here
+        events = [make_event("a.p", value) for value in range(1, 9)]
+        assert await store.write(events) == 8
+        kept = [event.id for event in events[3:]]
+        assert [row[1] for row in rows(store)] == kept
+        depth = outbox_of(store).depths[SINK]
+        assert (depth.events, depth.dropped) == (5, 4)
+        assert depth.bytes == sum(row[4] for row in rows(store))
+        assert [row.id for row in sink.take(1, 10) or []] == kept
+    finally:
+        store.close()
+
+
+async def test_selectors_and_addresses_run_on_the_event_loop_not_in_the_transaction(
+    tmp_path: Path,
+) -> None:
+    threads: list[str] = []
+
+    def selects(event: Event) -> bool:
+        threads.append(threading.current_thread().name)
+        return True
+
+    def address(event: Event) -> str:
+        threads.append(threading.current_thread().name)
+        return event.point
+
+    store = open_store(tmp_path / "fb.db", OutboxLimits(3, 1 << 20),
+                       [OutboxRoute(SINK, selects, address)])
+    try:
+        sink = SinkOutbox(store, SINK)
+        assert await sink.read(0, 10) == []  # the sink follows the feed from here
+        threads.clear()
+        assert await store.write([make_event("a.p", value) for value in range(5)]) == 3
+        loop = threading.current_thread().name
+        assert threads and set(threads) == {loop}
+        assert [row.address for row in sink.take(0, 10) or []] == ["a.p"] * 3
     finally:
         store.close()
 
