@@ -177,7 +177,8 @@ async def test_selectors_and_addresses_run_on_the_event_loop_not_in_the_transact
         threads.clear()
         assert await store.write([make_event("a.p", value) for value in range(5)]) == 3
         loop = threading.current_thread().name
-        assert threads and set(threads) == {loop}
+        assert threads
+        assert set(threads) == {loop}
         assert [row.address for row in sink.take(0, 10) or []] == ["a.p"] * 3
     finally:
         store.close()

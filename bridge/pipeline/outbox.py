@@ -30,7 +30,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bridge.core.model import Event
@@ -268,8 +268,10 @@ class Outbox:
         """Write the cursors ``plan_drops`` moved, inside the batch's transaction (after
         ``save``); they move in memory once it is committed (``committed``)."""
         if admission.dropped:
+            # A confirmation may have moved a cursor further meanwhile: it never goes back.
             writer.executemany("UPDATE cursors SET seq = ? WHERE sink = ?",
-                               [(drop.cursor, sink) for sink, drop in admission.dropped.items()])
+                               [(max(drop.cursor, self._sinks[sink].cursor), sink)
+                                for sink, drop in admission.dropped.items()])
 
     def _apply_drops(self, admission: Admission) -> None:
         for sink, drop in admission.dropped.items():
@@ -419,9 +421,13 @@ class Outbox:
             passed.popitem(last=False)
         state.confirmed = {seq for seq in state.confirmed if seq > cursor}
 
-    def needed(self) -> int:
-        """The lowest cursor of the configured sinks: the log after it must be kept."""
-        return min((state.cursor for state in self._order), default=1 << 62)
+    def needed(self, dropped: Mapping[str, Drop] | None = None) -> int:
+        """The lowest cursor of the configured sinks, with the moves ``dropped`` plans: the
+        log after it must be kept."""
+        dropped = dropped or {}
+        return min((max(state.cursor, dropped[state.route.sink].cursor)
+                    if state.route.sink in dropped else state.cursor
+                    for state in self._order), default=1 << 62)
 
     # --- on the event loop ---------------------------------------------------------------------
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from bridge.pipeline.outbox import LogRow, Outbox, log_events
+from bridge.pipeline.outbox import Drop, LogRow, Outbox, log_events
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,17 @@ class EventLog:
         self._batches.append(_LogBatch(first, last, size, created))
         self._bytes += size
 
-    def trim(self, writer: sqlite3.Connection, now: float, mark: int,
-             outbox: Outbox | None) -> None:
-        """Delete the oldest batches that no sink needs any more, that the ``latest`` table
-        covers (up to ``mark``), and that are beyond what event streams may replay. The newest
-        batch always stays: it holds the last ``seq``."""
+    def trim(self, writer: sqlite3.Connection, now: float, mark: int, outbox: Outbox | None,
+             dropped: Mapping[str, Drop] | None = None) -> None:
+        """Delete the oldest batches that no sink needs any more (their cursors moved as
+        ``dropped`` plans), that the ``latest`` table covers (up to ``mark``), and that are
+        beyond what event streams may replay. The newest batch always stays: it holds the
+        last ``seq``."""
         log = self._batches
         if len(log) < 2:
             return
         replay = self.replay
-        needed = outbox.needed() if outbox is not None else 1 << 62
+        needed = outbox.needed(dropped) if outbox is not None else 1 << 62
         others = list(outbox.others.values()) if outbox is not None else []
         keep = min(needed, mark)
         old = now - replay.max_age

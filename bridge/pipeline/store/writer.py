@@ -317,7 +317,8 @@ class Store:
                 self._flush_latest(writer, {**self._latest.waiting, **fresh}, last)
             elif full:
                 self.history_rows.write_chunks(writer, full)
-            self.log.trim(writer, time.time(), self._latest.mark, self.outbox)
+            self.log.trim(writer, time.time(), self._latest.mark, self.outbox,
+                          admission.dropped)
         self._committed(admission, first, created, size, full if not flush else None, fresh)
         if flush:
             self._last_latest = now
