@@ -13,6 +13,7 @@ from brokers import wait_until
 
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.core.sink import EventSelector, OutboxRoute
+from bridge.pipeline.admission import AdmissionGate, Batch
 from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.router import Router
@@ -296,6 +297,37 @@ async def test_upstream_ack_waits_for_the_outbox_and_blocks_while_it_is_full(
     assert [ack.accepted_with_rows for ack in acks] == [True] * 4
     assert [event.value for event in store.history("a.p", newest_first=False)] == list(range(8))
     assert router.pending == 0
+
+
+async def test_the_gate_holds_a_full_sinks_points_in_order_until_a_sink_made_room(
+    tmp_path: Path,
+) -> None:
+    routes = [route("a", EventSelector(points=["a.*"])), route("b", EventSelector(points=["b.*"]))]
+    store = open_store(tmp_path / "fb.db", OutboxLimits(5, 1 << 20), routes)
+    woken: list[int] = []
+    gate = AdmissionGate(store.outbox, max_held=2, wake=lambda: woken.append(gate.generation))
+    try:
+        first = Batch([*(make_event("a.p", value) for value in range(6)),
+                       make_event("b.p", 0)], [])
+        admission = gate.admit(first.events, closing=False)
+        assert (admission.taken, admission.held) == ([0, 1, 2, 3, 4, 6], [5])
+        assert admission.addresses == [("src/a.p",)] * 5 + [("src/b.p",)]
+        await store.commit(admission)
+        stored, _ = gate.hold_back([first], admission, gate.generation)
+        assert [event.value for event in stored] == [0, 1, 2, 3, 4, 0]
+        assert (gate.held_events, gate.source_has_room("src")) == (1, True)
+        # A later event of a held point waits behind it, whatever the room of its sink.
+        later = gate.admit([make_event("a.p", 6), make_event("b.p", 1)], closing=False)
+        assert (later.taken, later.held) == ([1], [0])
+        assert not gate.retry_due(closing=False)
+        assert gate.retry_due(closing=True)
+        outbox_of(store).made_room()
+        assert woken == [1]
+        assert gate.retry_due(closing=False)
+        assert [list(batch.events) for batch in gate.release()] == [[first.events[5]]]
+        assert not gate.holding
+    finally:
+        store.close()
 
 
 async def test_router_stores_past_the_bound_when_it_stops(store: Store) -> None:
