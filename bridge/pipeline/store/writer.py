@@ -291,7 +291,8 @@ class Store:
             self.outbox.unsaved()
 
     def _write_batch(self, admission: Admission) -> frozenset[str]:
-        """Write one admitted batch in one transaction, then account for it in memory."""
+        """Write one admitted batch in one transaction, then account for it in memory;
+        returns the sinks that got events."""
         writer = self._writer
         assert writer is not None
         events, bodies = admission.events, admission.bodies
@@ -319,30 +320,21 @@ class Store:
                 self.history_rows.write_chunks(writer, full)
             self.log.trim(writer, time.time(), self._latest.mark, self.outbox,
                           admission.dropped)
-        self._committed(admission, first, created, size, full if not flush else None, fresh)
+        self._next = last + 1
+        self.log.appended(first, last, size, created)
+        # Only values of a committed batch may reach the latest table later.
         if flush:
+            self.history_rows.committed_all()
+            self._latest.written(last)
             self._last_latest = now
+        else:
+            self.history_rows.committed_chunks(full)
+            self._latest.waiting.update(fresh)
         sinks = (self.outbox.committed(admission, first, created)
                  if self.outbox is not None else frozenset[str]())
         self.written += len(events)
         self._prune_when_due(now)
         return sinks
-
-    def _committed(self, admission: Admission, first: int, created: float, size: int,
-                   full: list[str] | None, fresh: dict[str, LatestRow]) -> None:
-        """Account in memory for a committed batch: its log row, and its history rows (every
-        chunk when ``full`` is ``None``, the full chunks otherwise) and last values."""
-        last = first + len(admission.events) - 1
-        self._next = last + 1
-        self.log.appended(first, last, size, created)
-        # Only values of a committed batch may reach the latest table later.
-        if full is None:
-            self.history_rows.committed_all()
-            self._latest.written(last)
-        else:
-            if full:
-                self.history_rows.committed_chunks(full)
-            self._latest.waiting.update(fresh)
 
     def _flush_latest(self, writer: sqlite3.Connection, values: dict[str, LatestRow],
                       mark: int) -> bool:
