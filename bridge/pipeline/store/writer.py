@@ -63,14 +63,14 @@ class Store:
                  sync: SyncMode = "full", replay: Replay | None = None,
                  min_free: int = 64 << 20) -> None:
         self.path = path
-        self.retention = retention
         self.outbox = outbox
         """Events waiting for the sinks; ``None`` when no sink is configured."""
         self.sync: SyncMode = sync
         """``full``: every commit is on disk (fsync) before ``write`` returns, so before any
         upstream acknowledgement; ``normal``: a power cut may undo the last commits."""
         self.log = EventLog(replay or Replay())
-        self.history_rows = History(retention)
+        """The event log: stored batches, which are also every sink's outbox."""
+        self._history = History(retention)
         self._latest = LatestValues()
         self._space = SpaceGuard(path.parent, min_free)
         self.problem: str | None = None
@@ -86,6 +86,11 @@ class Store:
         """Events written since open."""
         self._checkpointing: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
+
+    @property
+    def retention(self) -> Retention:
+        """How much history is kept."""
+        return self._history.retention
 
     @property
     def replay(self) -> Replay:
@@ -147,7 +152,7 @@ class Store:
             (marked,) = writer.execute("SELECT COALESCE(MAX(seq), 0) FROM seq_marks").fetchone()
             last = max(logged, mark, marked)
             self._next = last + 1
-            self.history_rows.load(writer, mark)
+            self._history.load(writer, mark)
             if self.outbox is not None:
                 self.outbox.open(writer, last)
         except BaseException:
@@ -196,7 +201,7 @@ class Store:
                 if self.outbox is not None:
                     self.outbox.save(writer)
             self._latest.waiting.clear()
-            self.history_rows.committed_all()
+            self._history.committed_all()
         except sqlite3.Error as exc:
             problem = disk_problem(exc)
             if problem is None:
@@ -286,7 +291,7 @@ class Store:
     def _undo(self, first: int) -> None:
         """Forget a batch from ``seq`` ``first`` whose transaction failed: its events in the
         pending chunks, and the cursors the outbox moved with it (written again next time)."""
-        self.history_rows.undo(first)
+        self._history.undo(first)
         if self.outbox is not None:
             self.outbox.unsaved()
 
@@ -304,10 +309,10 @@ class Store:
             self.outbox.plan_drops(writer, admission, first)
         fresh: dict[str, LatestRow] = {event.point: (event.point, event.ts, body)
                                        for event, body in zip(events, bodies, strict=True)}
-        full = self.history_rows.add(
+        full = self._history.add(
             (seq, event.point, event.ts, body)
             for seq, event, body in zip(itertools.count(first), events, bodies))
-        flush = (now - self._last_latest >= self.LATEST_EVERY or self.history_rows.pending_full)
+        flush = (now - self._last_latest >= self.LATEST_EVERY or self._history.pending_full)
         with writer:
             writer.execute("BEGIN")
             size = self.log.append(writer, first, created, admission.log_entry(), bodies)
@@ -317,18 +322,18 @@ class Store:
             if flush:
                 self._flush_latest(writer, {**self._latest.waiting, **fresh}, last)
             elif full:
-                self.history_rows.write_chunks(writer, full)
+                self._history.write_chunks(writer, full)
             self.log.trim(writer, time.time(), self._latest.mark, self.outbox,
                           admission.dropped)
         self._next = last + 1
         self.log.appended(first, last, size, created)
         # Only values of a committed batch may reach the latest table later.
         if flush:
-            self.history_rows.committed_all()
+            self._history.committed_all()
             self._latest.written(last)
             self._last_latest = now
         else:
-            self.history_rows.committed_chunks(full)
+            self._history.committed_chunks(full)
             self._latest.waiting.update(fresh)
         sinks = (self.outbox.committed(admission, first, created)
                  if self.outbox is not None else frozenset[str]())
@@ -341,9 +346,9 @@ class Store:
         """Write every chunk in memory and ``values`` (every last value since the previous
         flush) to the ``latest`` table, and move its mark to ``mark``, inside the caller's
         transaction; whether there was anything to write."""
-        if not values and not self.history_rows.has_pending:
+        if not values and not self._history.has_pending:
             return False
-        self.history_rows.write_all(writer)
+        self._history.write_all(writer)
         self._latest.write(writer, values, mark)
         return True
 
@@ -386,13 +391,13 @@ class Store:
             if cutoff is not None:
                 writer.execute("DELETE FROM seq_marks WHERE seq < ?", (cutoff,))
         if flushed:
-            self.history_rows.committed_all()
+            self._history.committed_all()
             self._latest.written(last)
         self._latest.waiting.clear()
         self._last_latest = time.monotonic()
         with writer:
             writer.execute("BEGIN")
-            self.history_rows.trim(writer, cutoff)
+            self._history.trim(writer, cutoff)
             if self.outbox is not None:
                 self.outbox.save(writer)
             self.log.trim(writer, now, self._latest.mark, self.outbox)
@@ -419,12 +424,12 @@ class Store:
                      until: float | None = None, limit: int = 1000,
                      newest_first: bool = True) -> list[str]:
         """Like ``history``, as the stored JSON bodies (the API joins them unparsed)."""
-        return self.history_rows.read(self._read(), point, since=since, until=until,
+        return self._history.read(self._read(), point, since=since, until=until,
                                       limit=limit, newest_first=newest_first)
 
     def history_count(self, point: str) -> int:
         """How many events of a point the history holds."""
-        return self.history_rows.count(self._read(), point)
+        return self._history.count(self._read(), point)
 
     def history_seq(self, event_id: str) -> int | None:
         """The position (``seq``) of a stored event in the event log; ``None`` when the log
