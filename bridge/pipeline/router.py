@@ -1,16 +1,18 @@
 """The router: stores events in batches, settles acknowledgements, fans events out.
 
 Sources hand in events through ``submit``; when more than ``max_pending`` events wait to be
-stored, ``submit`` waits, so a fast source slows down instead of growing memory. Batches are
-at least ``commit_interval`` apart: under load what arrives meanwhile is stored together. Storing a
+stored, ``submit`` waits, so a fast source slows down instead of growing memory. Batches are at
+least ``commit_interval`` apart: under load what arrives meanwhile is stored together. Storing a
 batch writes its history and its event-log row in one transaction; only then are its upstream
-messages acknowledged, so an acknowledged message's events are always in the outbox. Under the
-``block`` policy, the admission gate (``bridge.pipeline.admission``) holds back the events that
-a full sink takes, in order, with every later event of their points, and has them tried again
-once a sink made room; the rest are stored. A source
-whose held events reach ``max_held`` waits in ``submit``; the others go on. When the store
-cannot write (its disk is full), the batch is tried again with backoff until it can, and the
-sources wait in ``submit`` meanwhile: nothing is acknowledged upstream that is not stored."""
+messages acknowledged, so an acknowledged message's events are always in the outbox.
+
+Under the ``block`` policy, the router asks its admission gate (``bridge.pipeline.admission``)
+what of each batch is stored: the gate holds back the events that a full sink takes, in order,
+with every later event of their points, and has them tried again once a sink made room; the
+rest are stored. A source whose held events reach ``max_held`` waits in ``submit``; the others
+go on. When the store cannot write (its disk is full), the batch is tried again with backoff
+until it can, and the sources wait in ``submit`` meanwhile: nothing is acknowledged upstream
+that is not stored."""
 
 from __future__ import annotations
 
