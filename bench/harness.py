@@ -558,7 +558,8 @@ def py_spy_top(pid: int, seconds: float, out: Path) -> Path | None:
 
 
 _AREAS: tuple[tuple[str, str], ...] = (
-    ("bridge/pipeline/store.py", "store: SQLite history/latest (bridge/pipeline/store.py)"),
+    ("bridge/pipeline/store/", "store: SQLite history/latest (bridge/pipeline/store/)"),
+    ("bridge/pipeline/admission.py", "admission (bridge/pipeline/admission.py)"),
     ("bridge/pipeline/outbox.py", "outbox (bridge/pipeline/outbox.py)"),
     ("bridge/core/model.py", "event ids, ISO timestamps (bridge/core/model.py)"),
     ("json/", "JSON encode/decode (stdlib)"),

@@ -31,7 +31,6 @@ from typing import Any, Literal
 
 from bridge.core.model import Event
 from bridge.facade import ApiFacade, TagFilter
-from bridge.pipeline.store import event_to_json
 
 EndReason = Literal["slow_consumer", "stalled", "closing", "disconnected", "finished"]
 """Why a subscription ended: the client fell behind, read nothing for ``send_timeout``, the
@@ -254,7 +253,7 @@ class EventHub:
                     continue
                 frame = frames[index]
                 if frame is None:
-                    frame = frames[index] = event_frame(event.id, event_to_json(event))
+                    frame = frames[index] = event_frame(event.id, event.to_json())
                 if subscription.push(frame):
                     buffered += 1
         self.counters["events"] += buffered

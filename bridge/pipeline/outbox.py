@@ -14,8 +14,9 @@ Once committed, a batch's events are also handed to each sink in memory (its *fe
 keeping up takes them from there without reading the log back; it reads the log after a
 (re)connect or a refusal, or when its feed lost track (it overflowed while the sink was away).
 The bound (events and bytes, per sink) is kept with an explicit policy: ``block`` stores only
-the events that fit and has the router wait until a sink made room; ``drop_oldest`` moves the
-sink's cursor past its oldest events to make room and counts them.
+the events that fit (the admission gate, ``bridge.pipeline.admission``, decides which and holds
+the rest until a sink made room); ``drop_oldest`` moves the sink's cursor past its oldest events
+to make room and counts them.
 
 Methods taking a ``writer`` run on the store's writer thread (``Store.run_on_writer``); the
 others run on the event loop.
@@ -29,7 +30,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bridge.core.model import Event
@@ -93,21 +94,37 @@ class _SinkState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Where ``drop_oldest`` moves a sink's cursor to make room, and what that drops."""
+
+    cursor: int
+    events: int
+    bytes: int
+
+
 @dataclass(slots=True)
 class Admission:
-    """Which events of one batch the outbox takes, from ``admit`` to ``committed``."""
+    """Which events of one batch are stored and which sinks take each, decided on the event
+    loop (``bridge.pipeline.admission``) before the batch goes to the store's writer."""
 
     taken: list[int]
     """The indexes of the events that may be stored, in order."""
     held: list[int] = field(default_factory=list)
     """The indexes of the events held back: a sink that takes them is full (``block``), or
     an earlier event of their point is held."""
+    events: list[Event] = field(default_factory=list)
+    """The taken events, in order."""
+    bodies: list[str] = field(default_factory=list)
+    """Their JSON."""
     routes: list[tuple[int, ...]] = field(default_factory=list)
     """For each taken event, the indexes of the sinks that take it."""
+    addresses: list[tuple[str, ...]] = field(default_factory=list)
+    """For each taken event, its address (routing key, topic) at each sink of ``routes``."""
     added: dict[str, list[int]] = field(default_factory=dict)
     """Per sink that takes events of the batch: ``[events, bytes]``."""
-    dropped: dict[str, int] = field(default_factory=dict)
-    """The new cursor of each sink ``drop_oldest`` moved, per sink that lost events."""
+    dropped: dict[str, Drop] = field(default_factory=dict)
+    """Per sink that loses events to ``drop_oldest`` to make room for the batch."""
 
     def log_entry(self) -> str:
         """The batch's ``sinks`` column: which sinks take how much of it."""
@@ -160,16 +177,13 @@ class Outbox:
         """Sinks with a cursor in the store that are not configured: ``(cursor, end)``, where
         ``end`` was the log's last ``seq`` when the store was opened. The store keeps their
         events up to ``end``."""
-        self.generation = 0
-        """Counts the times a sink made room (on the event loop)."""
         self.arrivals = {route.sink: 0 for route in self.routes}
         """Counts the batches stored with events for each sink (on the event loop)."""
         self._moved: set[str] = set()
         self._moved_lock = threading.Lock()
         """Sinks whose cursor moved since it was last written (on the writer thread)."""
-        self._room = asyncio.Event()
         self.room_listeners: list[Callable[[], None]] = []
-        """Called on the event loop whenever a sink made room."""
+        """Called on the event loop whenever a sink made room (the admission gate)."""
         self._signals = {route.sink: asyncio.Event() for route in self.routes}
 
     # --- on the writer thread ------------------------------------------------------------------
@@ -210,56 +224,12 @@ class Outbox:
             if accepts(row.event):
                 yield row
 
-    def admit(self, events: Sequence[Event], bodies: Sequence[str], *,
-              force: bool = False, held_points: Collection[str] = ()) -> Admission:
-        """Which events of a batch the outbox takes, and which sinks take each event.
-
-        With the ``block`` policy (unless ``force``) an event that a full sink takes is held
-        back, and so is every later event of its point and of ``held_points`` (points with
-        events held from earlier batches), so each point's events are stored in order; the
-        other events, for sinks with room, are stored. A sink with an empty outbox always takes
-        one event, however large.
-        """
-        if not self.routes:
-            return Admission(list(range(len(events))))
-        block = not (self.limits.drop_oldest or force)
-        states = self._order
-        added = [[0, 0] for _ in states]
-        admission = Admission([])
-        taken, held, routes = admission.taken, admission.held, admission.routes
-        holding = set(held_points) if block else set()
-        for position, (event, body) in enumerate(zip(events, bodies, strict=True)):
-            if holding and event.point in holding:
-                held.append(position)
-                continue
-            taking = tuple(index for index, state in enumerate(states)
-                           if state.route.accepts(event))
-            if taking:
-                size = len(body.encode())
-                if block and any(self._full(states[index].depth, added[index], size)
-                                 for index in taking):
-                    holding.add(event.point)
-                    held.append(position)
-                    continue
-                for index in taking:
-                    extra = added[index]
-                    extra[0] += 1
-                    extra[1] += size
-            taken.append(position)
-            routes.append(taking)
-        admission.added = {state.route.sink: extra
-                           for state, extra in zip(states, added, strict=True) if extra[0]}
-        return admission
-
-    def _full(self, depth: OutboxDepth, added: list[int], size: int) -> bool:
-        """Whether a sink has no room for an event of ``size`` bytes after ``added``."""
-        waiting = depth.events + added[0]
-        return waiting > 0 and (waiting >= self.limits.max_events
-                                or depth.bytes + added[1] + size > self.limits.max_bytes)
-
-    def trim(self, writer: sqlite3.Connection, admission: Admission) -> None:
-        """Under ``drop_oldest``, move each sink past its oldest events until the batch being
-        stored (already in the log, in the caller's transaction) fits its bound."""
+    def plan_drops(self, writer: sqlite3.Connection, admission: Admission, first: int
+                   ) -> None:
+        """Under ``drop_oldest``, find how far each sink's cursor must move past its oldest
+        events for the batch of ``admission`` (to be stored from ``seq`` ``first``) to fit its
+        bound, into ``admission.dropped``. Runs before the batch's transaction: it only reads
+        the log, and the batch's own events may be among those dropped."""
         if not self.limits.drop_oldest:
             return
         for sink, (events, size) in admission.added.items():
@@ -273,28 +243,52 @@ class Outbox:
             cursor = state.cursor
             with state.lock:
                 confirmed = set(state.confirmed)
-            for row in self._pending(writer, state, cursor):
+            for seq, length in self._drop_candidates(writer, state, admission, first):
                 if dropped >= excess_events and freed >= excess_bytes:
                     break
-                cursor = row.seq
-                if row.seq in confirmed:
+                cursor = seq
+                if seq in confirmed:
                     continue
                 dropped += 1
-                freed += len(row.body.encode())
-            if cursor == state.cursor:
-                continue
-            self._move(writer, state, cursor)
-            # Events of this batch may be among those dropped: its counts are added later.
-            with state.lock:
-                depth.events -= dropped
-                depth.bytes -= freed
-                depth.dropped += dropped
-            admission.dropped[sink] = cursor
+                freed += length
+            if cursor != state.cursor:
+                admission.dropped[sink] = Drop(cursor, dropped, freed)
 
-    def committed(self, admission: Admission, first: int, created: float,
-                  events: Sequence[Event], bodies: Sequence[str]) -> frozenset[str]:
-        """The batch of ``admission`` is committed at ``seq`` ``first``: count it, and hand its
-        rows to the sinks' feeds. Returns the sinks that got events."""
+    def _drop_candidates(self, writer: sqlite3.Connection, state: _SinkState,
+                         admission: Admission, first: int) -> Iterator[tuple[int, int]]:
+        """``(seq, bytes)`` of the sink's events after its cursor, the batch's included."""
+        for row in self._pending(writer, state, state.cursor):
+            yield row.seq, len(row.body.encode())
+        index = self._order.index(state)
+        for offset, taking in enumerate(admission.routes):
+            if index in taking:
+                yield first + offset, len(admission.bodies[offset].encode())
+
+    def write_drops(self, writer: sqlite3.Connection, admission: Admission) -> None:
+        """Write the cursors ``plan_drops`` moved, inside the batch's transaction (after
+        ``save``); they move in memory once it is committed (``committed``)."""
+        if admission.dropped:
+            # A confirmation may have moved a cursor further meanwhile: it never goes back.
+            writer.executemany("UPDATE cursors SET seq = ? WHERE sink = ?",
+                               [(max(drop.cursor, self._sinks[sink].cursor), sink)
+                                for sink, drop in admission.dropped.items()])
+
+    def _apply_drops(self, admission: Admission) -> None:
+        for sink, drop in admission.dropped.items():
+            state = self._sinks[sink]
+            with state.lock:
+                if drop.cursor > state.cursor:
+                    self._move_locked(state, drop.cursor)
+                # Events of this batch may be among those dropped: its counts are added later.
+                state.depth.events -= drop.events
+                state.depth.bytes -= drop.bytes
+                state.depth.dropped += drop.events
+
+    def committed(self, admission: Admission, first: int, created: float) -> frozenset[str]:
+        """The batch of ``admission`` is committed at ``seq`` ``first``: move the cursors it
+        dropped, count it, and hand its rows to the sinks' feeds (with the addresses computed
+        on the event loop). Returns the sinks that got events."""
+        self._apply_drops(admission)
         if not admission.added:
             return frozenset()
         for sink, (count, size) in admission.added.items():
@@ -306,18 +300,21 @@ class Outbox:
         following = {index for index, state in enumerate(self._order)
                      if state.feed_after is not None}
         if following:
-            for offset, taking in enumerate(admission.routes):
-                for index in taking:
+            events, bodies = admission.events, admission.bodies
+            for offset, (taking, addresses) in enumerate(
+                    zip(admission.routes, admission.addresses, strict=True)):
+                for index, address in zip(taking, addresses, strict=True):
                     if index not in following:
                         continue
                     event, body = events[offset], bodies[offset]
                     rows.setdefault(index, []).append(OutboxRow(
                         first + offset, event.id, event.source, event.point,
-                        event.quality.value, event.ts, created,
-                        self._order[index].route.address(event), len(body.encode()), body))
+                        event.quality.value, event.ts, created, address,
+                        len(body.encode()), body))
         for index, new in rows.items():
             state = self._order[index]
-            cutoff = admission.dropped.get(state.route.sink)
+            drop = admission.dropped.get(state.route.sink)
+            cutoff = drop.cursor if drop is not None else None
             with state.lock:
                 if state.feed_after is None:
                     continue
@@ -416,16 +413,6 @@ class Outbox:
         with self._moved_lock:
             self._moved.update(self._sinks)
 
-    def _move(self, writer: sqlite3.Connection, state: _SinkState, cursor: int) -> None:
-        """Move a sink's cursor forward to ``cursor``, inside the caller's transaction."""
-        writer.execute("UPDATE cursors SET seq = ? WHERE sink = ?", (cursor, state.route.sink))
-        self._move_in_memory(state, cursor)
-
-    @classmethod
-    def _move_in_memory(cls, state: _SinkState, cursor: int) -> None:
-        with state.lock:
-            cls._move_locked(state, cursor)
-
     @staticmethod
     def _move_locked(state: _SinkState, cursor: int) -> None:
         state.cursor = cursor
@@ -434,9 +421,13 @@ class Outbox:
             passed.popitem(last=False)
         state.confirmed = {seq for seq in state.confirmed if seq > cursor}
 
-    def needed(self) -> int:
-        """The lowest cursor of the configured sinks: the log after it must be kept."""
-        return min((state.cursor for state in self._order), default=1 << 62)
+    def needed(self, dropped: Mapping[str, Drop] | None = None) -> int:
+        """The lowest cursor of the configured sinks, with the moves ``dropped`` plans: the
+        log after it must be kept."""
+        dropped = dropped or {}
+        return min((max(state.cursor, dropped[state.route.sink].cursor)
+                    if state.route.sink in dropped else state.cursor
+                    for state in self._order), default=1 << 62)
 
     # --- on the event loop ---------------------------------------------------------------------
 
@@ -482,18 +473,10 @@ class Outbox:
             self._signals[sink].set()
 
     def made_room(self) -> None:
-        """A sink's events were confirmed: wake a router waiting for room."""
-        self.generation += 1
-        self._room.set()
+        """A sink's events were confirmed: tell the admission gate, which may retry what it
+        holds back."""
         for listener in self.room_listeners:
             listener()
-
-    async def wait_for_room(self, generation: int) -> None:
-        """Wait until a sink made room after ``generation`` (taken before the write that found
-        the outbox full, so no confirmation in between is missed)."""
-        while self.generation == generation:
-            self._room.clear()
-            await self._room.wait()
 
     def pending(self, connection: sqlite3.Connection, sink: str) -> list[OutboxRow]:
         """Every event waiting for ``sink`` (not confirmed), in order: for inspection and

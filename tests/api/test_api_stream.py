@@ -21,7 +21,8 @@ from bridge.api.app import create_app
 from bridge.api.server import ApiServer
 from bridge.api.stream import StreamSettings
 from bridge.core.model import Event, Quality, new_event_id
-from bridge.pipeline.store import Retention, Store, event_to_json
+from bridge.pipeline.outbox import Admission
+from bridge.pipeline.store import Retention, Store
 from bridge.registry import load_config
 from bridge.runtime import Runtime
 
@@ -84,7 +85,7 @@ async def test_stream_sends_each_stored_event_as_it_is_stored(bridge: Bridge) ->
     assert [message.id for message in received] == [event.id for event in events]
     assert {message.event for message in received} == {"event"}
     assert [message.json() for message in received] == [event.to_dict() for event in events]
-    assert received[0].data == event_to_json(events[0])
+    assert received[0].data == events[0].to_json()
     await bridge.wait_for_clients(0)
 
 
@@ -221,17 +222,16 @@ async def test_an_event_committed_before_the_replay_but_fanned_out_after_it_come
     first, late, last = make_event("boiler.first"), make_event("boiler.late"), make_event("x")
     await bridge.feed([first])
     committed, release = asyncio.Event(), asyncio.Event()
-    hold = store.hold
+    commit = store.commit
 
-    async def store_then_wait(events: Sequence[Event], **options: Any) -> Any:
-        stored = await hold(events, **options)
-        if events[0].id == late.id:
+    async def store_then_wait(admission: Admission) -> None:
+        await commit(admission)
+        if admission.events[0].id == late.id:
             # Stored, but the router has not handed the batch to its listeners yet.
             committed.set()
             await release.wait()
-        return stored
 
-    monkeypatch.setattr(store, "hold", store_then_wait)
+    monkeypatch.setattr(store, "commit", store_then_wait)
     await bridge.runtime.router.submit([late])
     async with asyncio.timeout(SETTLE):
         await committed.wait()
@@ -382,7 +382,7 @@ async def test_server_stop_ends_streams_promptly(bridge: Bridge) -> None:
     assert bridge.hub_clients == 0
 
 
-EVENT_BYTES = len(event_to_json(make_event("boiler.s0.0")))
+EVENT_BYTES = len(make_event("boiler.s0.0").to_json())
 BLOCKING_BYTES = 6 * 2**20
 
 

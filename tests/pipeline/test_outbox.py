@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,10 +13,11 @@ from helpers.brokers import wait_until
 
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.core.sink import EventSelector, OutboxRoute
+from bridge.pipeline.admission import AdmissionGate, Batch
 from bridge.pipeline.delivery import SinkOutbox
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.router import Router
-from bridge.pipeline.store import Replay, Retention, Store, event_to_json
+from bridge.pipeline.store import Replay, Retention, Store
 
 SINK = "rabbit"
 
@@ -68,8 +70,8 @@ async def test_events_enter_the_outbox_with_their_history(store: Store) -> None:
     stored = rows(store)
     assert [row[1] for row in stored] == [event.id for event in events]
     assert [row[3] for row in stored] == ["src/a.p"] * 3
-    assert [row[5] for row in stored] == [event_to_json(event) for event in events]
-    assert [row[4] for row in stored] == [len(event_to_json(event).encode()) for event in events]
+    assert [row[5] for row in stored] == [event.to_json() for event in events]
+    assert [row[4] for row in stored] == [len(event.to_json().encode()) for event in events]
     depth = outbox_of(store).depths[SINK]
     assert (depth.events, depth.bytes) == (3, sum(row[4] for row in stored))
     assert store.history_count("a.p") == 3
@@ -104,7 +106,7 @@ async def test_block_stores_only_what_fits_until_a_sink_confirms(store: Store) -
 
 
 async def test_block_bound_in_bytes_lets_one_oversized_event_through(tmp_path: Path) -> None:
-    size = len(event_to_json(make_event("a.p", 1.0)).encode())
+    size = len(make_event("a.p", 1.0).to_json().encode())
     store = open_store(tmp_path / "fb.db", OutboxLimits(100, 3 * size), [route()])
     try:
         assert await store.write([make_event("a.p", 1.0) for _ in range(5)]) == 3
@@ -130,6 +132,55 @@ async def test_drop_oldest_keeps_the_newest_and_counts_the_rest(tmp_path: Path) 
         assert (depth.events, depth.dropped) == (5, 3)
         assert depth.bytes == sum(row[4] for row in rows(store))
         assert store.history_count("a.p") == 8  # history keeps them all
+    finally:
+        store.close()
+
+
+async def test_drop_oldest_drops_from_the_batch_itself_when_it_alone_overflows(
+    tmp_path: Path,
+) -> None:
+    store = open_store(tmp_path / "fb.db", OutboxLimits(5, 1 << 20, drop_oldest=True),
+                       [route()])
+    try:
+        await store.write([make_event("a.p", 0)])
+        sink = SinkOutbox(store, SINK)
+        assert len(await sink.read(0, 10)) == 1  # the sink follows the feed from here
+        events = [make_event("a.p", value) for value in range(1, 9)]
+        assert await store.write(events) == 8
+        kept = [event.id for event in events[3:]]
+        assert [row[1] for row in rows(store)] == kept
+        depth = outbox_of(store).depths[SINK]
+        assert (depth.events, depth.dropped) == (5, 4)
+        assert depth.bytes == sum(row[4] for row in rows(store))
+        assert [row.id for row in sink.take(1, 10) or []] == kept
+    finally:
+        store.close()
+
+
+async def test_selectors_and_addresses_run_on_the_event_loop_not_in_the_transaction(
+    tmp_path: Path,
+) -> None:
+    threads: list[str] = []
+
+    def selects(event: Event) -> bool:
+        threads.append(threading.current_thread().name)
+        return True
+
+    def address(event: Event) -> str:
+        threads.append(threading.current_thread().name)
+        return event.point
+
+    store = open_store(tmp_path / "fb.db", OutboxLimits(3, 1 << 20),
+                       [OutboxRoute(SINK, selects, address)])
+    try:
+        sink = SinkOutbox(store, SINK)
+        assert await sink.read(0, 10) == []  # the sink follows the feed from here
+        threads.clear()
+        assert await store.write([make_event("a.p", value) for value in range(5)]) == 3
+        loop = threading.current_thread().name
+        assert threads
+        assert set(threads) == {loop}
+        assert [row.address for row in sink.take(0, 10) or []] == ["a.p"] * 3
     finally:
         store.close()
 
@@ -246,6 +297,37 @@ async def test_upstream_ack_waits_for_the_outbox_and_blocks_while_it_is_full(
     assert [ack.accepted_with_rows for ack in acks] == [True] * 4
     assert [event.value for event in store.history("a.p", newest_first=False)] == list(range(8))
     assert router.pending == 0
+
+
+async def test_the_gate_holds_a_full_sinks_points_in_order_until_a_sink_made_room(
+    tmp_path: Path,
+) -> None:
+    routes = [route("a", EventSelector(points=["a.*"])), route("b", EventSelector(points=["b.*"]))]
+    store = open_store(tmp_path / "fb.db", OutboxLimits(5, 1 << 20), routes)
+    woken: list[int] = []
+    gate = AdmissionGate(store.outbox, max_held=2, wake=lambda: woken.append(gate.generation))
+    try:
+        first = Batch([*(make_event("a.p", value) for value in range(6)),
+                       make_event("b.p", 0)], [])
+        admission = gate.admit(first.events, closing=False)
+        assert (admission.taken, admission.held) == ([0, 1, 2, 3, 4, 6], [5])
+        assert admission.addresses == [("src/a.p",)] * 5 + [("src/b.p",)]
+        await store.commit(admission)
+        stored, _ = gate.hold_back([first], admission, gate.generation)
+        assert [event.value for event in stored] == [0, 1, 2, 3, 4, 0]
+        assert (gate.held_events, gate.source_has_room("src")) == (1, True)
+        # A later event of a held point waits behind it, whatever the room of its sink.
+        later = gate.admit([make_event("a.p", 6), make_event("b.p", 1)], closing=False)
+        assert (later.taken, later.held) == ([1], [0])
+        assert not gate.retry_due(closing=False)
+        assert gate.retry_due(closing=True)
+        outbox_of(store).made_room()
+        assert woken == [1]
+        assert gate.retry_due(closing=False)
+        assert [list(batch.events) for batch in gate.release()] == [[first.events[5]]]
+        assert not gate.holding
+    finally:
+        store.close()
 
 
 async def test_router_stores_past_the_bound_when_it_stops(store: Store) -> None:

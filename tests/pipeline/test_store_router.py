@@ -7,7 +7,6 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers.store import CountingAck, make_event
@@ -112,7 +111,7 @@ async def test_router_cancelled_while_storing_finishes_that_batch(store: Store) 
 def two_hours_later(monkeypatch: pytest.MonkeyPatch) -> None:
     """The store's clock jumps two hours ahead."""
     later = time.time() + 7200
-    monkeypatch.setattr("bridge.pipeline.store.time.time", lambda: later)
+    monkeypatch.setattr("bridge.pipeline.store.writer.time.time", lambda: later)
 
 
 async def test_retention_by_count_and_age(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,13 +226,13 @@ async def test_batches_arriving_within_the_commit_interval_are_committed_togethe
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    hold = store.hold
+    commit = store.commit
 
-    async def counting(events: list[Event], **options: Any) -> Admission:
-        writes.append(len(events))
-        return await hold(events, **options)
+    async def counting(admission: Admission) -> None:
+        writes.append(len(admission.events))
+        await commit(admission)
 
-    monkeypatch.setattr(store, "hold", counting)
+    monkeypatch.setattr(store, "commit", counting)
     routed = Router(store, commit_interval=0.2)
     stored = asyncio.Event()
     routed.add_listener(lambda events: stored.set())
@@ -266,7 +265,7 @@ def crash_on_close(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_history_reads_join_rows_and_events_still_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("bridge.pipeline.store.CHUNK_EVENTS", 4)
+    monkeypatch.setattr("bridge.pipeline.store.history.CHUNK_EVENTS", 4)
     monkeypatch.setattr(Store, "LATEST_EVERY", 1e12)
     monkeypatch.setattr(Store, "PRUNE_EVERY", 1e12)
     store = Store(tmp_path / "fb.db", Retention(max_age=3600, max_rows=100))
@@ -296,7 +295,7 @@ async def test_history_reads_join_rows_and_events_still_in_memory(
 async def test_history_in_memory_comes_back_from_the_event_log_after_a_crash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("bridge.pipeline.store.CHUNK_EVENTS", 3)
+    monkeypatch.setattr("bridge.pipeline.store.history.CHUNK_EVENTS", 3)
     monkeypatch.setattr(Store, "LATEST_EVERY", 1e12)
     monkeypatch.setattr(Store, "PRUNE_EVERY", 1e12)
     path = tmp_path / "fb.db"
@@ -326,7 +325,7 @@ async def test_history_in_memory_comes_back_from_the_event_log_after_a_crash(
 async def test_retention_by_count_trims_inside_a_chunk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("bridge.pipeline.store.CHUNK_EVENTS", 4)
+    monkeypatch.setattr("bridge.pipeline.store.history.CHUNK_EVENTS", 4)
     store = Store(tmp_path / "fb.db", Retention(max_age=3600, max_rows=6))
     store.open()
     try:

@@ -21,6 +21,7 @@ from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, config, mosquitto
 from bridge.core.model import Event
 from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState
+from bridge.pipeline.outbox import Admission
 from bridge.pipeline.router import Router, Settlement
 from bridge.pipeline.store import Store
 from bridge.registry import load_config
@@ -34,7 +35,7 @@ BATCHES: list[float] = []
 
 
 def _hook() -> None:
-    submit, write, publish = Router.submit, Store.write, _Publishing.publish
+    submit, commit, publish = Router.submit, Store.commit, _Publishing.publish
 
     async def timed_submit(self: Router, events: Sequence[Event],
                            settlements: Sequence[Settlement] = ()) -> None:
@@ -42,21 +43,20 @@ def _hook() -> None:
         STAGES["received -> handed to the router"].extend(now - e.received_at for e in events)
         await submit(self, events, settlements)
 
-    async def timed_write(self: Store, events: Sequence[Event], *, force: bool = False) -> int:
+    async def timed_commit(self: Store, admission: Admission) -> None:
         started = time.perf_counter()
-        stored = await write(self, events, force=force)
+        await commit(self, admission)
         now = time.time()
         STAGES["store write (one batch)"].append(time.perf_counter() - started)
-        BATCHES.append(len(events))
-        STAGES["received -> stored"].extend(now - e.received_at for e in events[:stored])
-        return stored
+        BATCHES.append(len(admission.events))
+        STAGES["received -> stored"].extend(now - e.received_at for e in admission.events)
 
     def timed_publish(self: _Publishing, exchange: str, row: OutboxRow) -> None:
         STAGES["stored -> published to RabbitMQ"].append(time.time() - row.created)
         publish(self, exchange, row)
 
     Router.submit = timed_submit  # type: ignore[method-assign]
-    Store.write = timed_write  # type: ignore[method-assign]
+    Store.commit = timed_commit  # type: ignore[method-assign]
     _Publishing.publish = timed_publish  # type: ignore[method-assign]
 
 
