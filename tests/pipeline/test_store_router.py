@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from helpers.store import CountingAck, make_event
 
-from bridge.core.model import Event
 from bridge.pipeline.outbox import Admission
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Replay, Retention, Store
