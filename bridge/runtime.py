@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from bridge.config.models import ApiSection, Config, ResolvedPoint, SourceBase
 from bridge.core.model import Event, Reading, Value
-from bridge.core.sink import PointInfo, Sink, SinkContext
+from bridge.core.sink import PointInfo, Sink
 from bridge.core.source import BuildContext, SourceContext, SourceUnit, map_readings
 from bridge.core.status import EndpointStatus
 from bridge.errors import (
@@ -38,7 +38,7 @@ from bridge.errors import (
     excerpt,
     shorten,
 )
-from bridge.pipeline.delivery import SinkOutbox, deliver
+from bridge.pipeline.delivery import DeliveryContext, SinkDelivery, SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxDepth, OutboxLimits
 from bridge.pipeline.router import Listener, Router
@@ -63,9 +63,10 @@ class RunningSource:
 
 @dataclass
 class RunningSink:
-    """A configured sink and its live status."""
+    """A configured sink, the delivery engine's state for it, and its live status."""
 
     sink: Sink
+    delivery: SinkDelivery
     status: EndpointStatus
     enabled: bool
 
@@ -108,14 +109,14 @@ class Runtime:
         self.sinks: dict[str, RunningSink] = {}
         for sink_config in config.sinks:
             sink = registry[sink_config.protocol].sink(sink_config, context)
-            if sink_config.workers:
-                sink = SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
-                                                       config.state_dir, config.path.parent))
+            delivery = (SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
+                                                        config.state_dir, config.path.parent))
+                        if sink_config.workers else SinkDelivery(sink))
             status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
                                     endpoint=sink.endpoint)
             if not sink_config.enabled:
                 status.disabled()
-            self.sinks[sink.id] = RunningSink(sink, status, sink_config.enabled)
+            self.sinks[sink.id] = RunningSink(sink, delivery, status, sink_config.enabled)
         outbox = config.outbox
         self.outbox = Outbox(
             OutboxLimits(outbox.max_events, outbox.max_bytes, outbox.policy == "drop_oldest"),
@@ -372,11 +373,11 @@ class Runtime:
         for sink_id, running_sink in self.sinks.items():
             if not running_sink.enabled:
                 continue
-            sink_context = SinkContext(status=running_sink.status,
-                                       outbox=SinkOutbox(self.store, sink_id), deliver=deliver,
-                                       bridge=SinkBridge(self))
+            sink_context = DeliveryContext(status=running_sink.status,
+                                           outbox=SinkOutbox(self.store, sink_id),
+                                           bridge=SinkBridge(self))
             sink_tasks.append(group.create_task(
-                supervise(running_sink.sink, sink_context, Backoff()),
+                supervise(running_sink.delivery, sink_context, Backoff()),
                 name=f"{running_sink.sink.protocol}[{sink_id}].sink"))
         interval = watchdog_interval()
         if interval is not None:
@@ -429,7 +430,7 @@ class Runtime:
                                        if oldest is not None else None),
                 "max_events": limits.max_events, "max_bytes": limits.max_bytes,
                 "policy": "drop_oldest" if limits.drop_oldest else "block"}
-        entry.setdefault("details", {}).update(running.sink.details())
+        entry.setdefault("details", {}).update(running.delivery.details())
         return entry
 
 
@@ -780,7 +781,7 @@ class RuntimeFacade:
             figures.append(SinkFigures(
                 sink_id, running.status, depth,
                 max(0.0, now - oldest) if oldest is not None else None,
-                running.sink.in_flight, running.sink.confirm_latency))
+                running.delivery.in_flight, running.delivery.confirm_latency))
         return figures
 
     def outbox_limits(self) -> OutboxLimits:

@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.core.model import Acknowledger, Event
+from bridge.core.model import Event, Settlement
 from bridge.errors import StoreFullError
 from bridge.pipeline.store import Store
 
@@ -34,9 +34,6 @@ RETRY_FIRST = 0.25
 """Seconds before a batch the store could not write is tried again (doubling)."""
 RETRY_MAX = 5.0
 """Seconds between tries at most, so writing resumes soon after space returns."""
-
-Settlement = tuple[Acknowledger, str | None]
-"""An upstream message to settle once the batch is stored: accept it, or reject it with a reason."""
 
 
 @dataclass(slots=True)
