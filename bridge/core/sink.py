@@ -202,8 +202,8 @@ class Sink(abc.ABC):
     reports through the context (``confirmed``, ``refused``, ``failed``), then ``close``.
     The delivery engine (``bridge.pipeline.delivery``) owns the rest, for every sink alike:
     the cursor, reading the rows waiting in the outbox, the in-flight ``window``, recording
-    confirmations, publishing refused rows again in order after ``retry``, reconnecting,
-    and the figures (publish rate, confirm latency, in flight).
+    confirmations, publishing refused rows again in order after ``retry``, and the figures
+    (publish rate, confirm latency, in flight); the supervisor reconnects with backoff.
     """
 
     window: int = 1000
