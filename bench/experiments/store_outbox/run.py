@@ -56,7 +56,7 @@ class _Channel:
         self.session.on_confirm(_ConfirmFrame(self.tag))
 
 
-class _FakeBrokerSink(AmqpSink):
+class _InstantConfirmSink(AmqpSink):
     """The real AMQP sink's publishing, on a channel that confirms at once."""
 
     def __init__(self, config: AmqpSinkConfig, channel: _Channel) -> None:
@@ -85,7 +85,7 @@ async def run(total: int, batch: int, rate: float | None, sink_on: bool,
               sync: SyncMode) -> dict[str, float]:
     config = AmqpSinkConfig.model_validate({"id": "rabbit", "protocol": "amqp"})
     published: dict[str, float] = {}
-    sink = _FakeBrokerSink(config, _Channel(published))
+    sink = _InstantConfirmSink(config, _Channel(published))
     with tempfile.TemporaryDirectory() as directory:
         outbox = Outbox(OutboxLimits(max_events=1_000_000, max_bytes=1 << 30),
                         [sink.route()] if sink_on else [])
