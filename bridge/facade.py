@@ -333,7 +333,7 @@ class ApiFacade:
             figures.append(SinkFigures(
                 sink_id, running.status, depth,
                 max(0.0, now - oldest) if oldest is not None else None,
-                running.sink.in_flight, running.sink.confirm_latency))
+                running.delivery.in_flight, running.delivery.confirm_latency))
         return figures
 
     def outbox_limits(self) -> OutboxLimits:

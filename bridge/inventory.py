@@ -24,6 +24,7 @@ from bridge.core.model import Value
 from bridge.core.sink import Sink
 from bridge.core.source import SourceUnit
 from bridge.core.status import EndpointStatus
+from bridge.pipeline.delivery import SinkDelivery
 from bridge.pipeline.outbox import Outbox
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Store
@@ -40,9 +41,10 @@ class RunningSource:
 
 @dataclass
 class RunningSink:
-    """A configured sink and its live status."""
+    """A configured sink, the delivery engine's state for it, and its live status."""
 
     sink: Sink
+    delivery: SinkDelivery
     status: EndpointStatus
     enabled: bool
 
@@ -123,7 +125,7 @@ def sink_entry(runtime: RuntimeParts, sink_id: str) -> dict[str, Any]:
                                    if oldest is not None else None),
             "max_events": limits.max_events, "max_bytes": limits.max_bytes,
             "policy": "drop_oldest" if limits.drop_oldest else "block"}
-    entry.setdefault("details", {}).update(running.sink.details())
+    entry.setdefault("details", {}).update(running.delivery.details())
     return entry
 
 

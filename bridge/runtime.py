@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from bridge.config.models import Config, ResolvedPoint, SourceBase
 from bridge.core.model import Reading, Value
-from bridge.core.sink import SinkContext
 from bridge.core.source import BuildContext, SourceContext, map_readings
 from bridge.core.status import EndpointStatus
 from bridge.errors import (
@@ -38,7 +37,7 @@ from bridge.errors import (
 )
 from bridge.facade import ApiFacade, SinkFacade
 from bridge.inventory import RunningSink, RunningSource, sink_entries, sink_entry
-from bridge.pipeline.delivery import SinkOutbox, deliver
+from bridge.pipeline.delivery import DeliveryContext, SinkDelivery, SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.router import Router
@@ -90,14 +89,14 @@ class Runtime:
         self.sinks: dict[str, RunningSink] = {}
         for sink_config in config.sinks:
             sink = registry[sink_config.protocol].sink(sink_config, context)
-            if sink_config.workers:
-                sink = SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
-                                                       config.state_dir, config.path.parent))
+            delivery = (SinkWorker(sink, SinkWorkerSpec(sink_config, self.bridge_id,
+                                                        config.state_dir, config.path.parent))
+                        if sink_config.workers else SinkDelivery(sink))
             status = EndpointStatus(name=sink.id, kind="sink", protocol=sink.protocol,
                                     endpoint=sink.endpoint)
             if not sink_config.enabled:
                 status.disabled()
-            self.sinks[sink.id] = RunningSink(sink, status, sink_config.enabled)
+            self.sinks[sink.id] = RunningSink(sink, delivery, status, sink_config.enabled)
         outbox = config.outbox
         self.outbox = Outbox(
             OutboxLimits(outbox.max_events, outbox.max_bytes, outbox.policy == "drop_oldest"),
@@ -354,11 +353,11 @@ class Runtime:
         for sink_id, running_sink in self.sinks.items():
             if not running_sink.enabled:
                 continue
-            sink_context = SinkContext(status=running_sink.status,
-                                       outbox=SinkOutbox(self.store, sink_id), deliver=deliver,
-                                       bridge=SinkFacade(self))
+            sink_context = DeliveryContext(status=running_sink.status,
+                                           outbox=SinkOutbox(self.store, sink_id),
+                                           bridge=SinkFacade(self))
             sink_tasks.append(group.create_task(
-                supervise(running_sink.sink, sink_context, Backoff()),
+                supervise(running_sink.delivery, sink_context, Backoff()),
                 name=f"{running_sink.sink.protocol}[{sink_id}].sink"))
         interval = watchdog_interval()
         if interval is not None:

@@ -24,7 +24,7 @@ from bridge.api.stream import (
     EndReason,
     EventFilter,
     EventHub,
-    Frame,
+    SseMessage,
     StreamSettings,
     Subscription,
     event_frame,
@@ -203,7 +203,7 @@ class EventStreamResponse(Response):
         self._replayed = set(sent)
         return True
 
-    def _unsent(self, frames: list[Frame]) -> list[Frame]:
+    def _unsent(self, frames: list[SseMessage]) -> list[SseMessage]:
         """``frames`` without the leading ones the replay sent already."""
         if not self._replayed or not frames:
             return frames

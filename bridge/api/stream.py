@@ -98,16 +98,16 @@ class EventFilter:
 
 
 @dataclass(frozen=True, slots=True)
-class Frame:
+class SseMessage:
     """One SSE message of an event, ready to send."""
 
     event_id: str
     data: bytes
 
 
-def event_frame(event_id: str, body: str) -> Frame:
+def event_frame(event_id: str, body: str) -> SseMessage:
     """The SSE message of an event from its documented JSON (compact: no line breaks)."""
-    return Frame(event_id, f"id: {event_id}\nevent: event\ndata: {body}\n\n".encode())
+    return SseMessage(event_id, f"id: {event_id}\nevent: event\ndata: {body}\n\n".encode())
 
 
 def message(name: str, data: Mapping[str, Any]) -> bytes:
@@ -127,10 +127,10 @@ class Subscription:
         self.on_end: Callable[[EndReason], None] | None = None
         """Called once when the subscription ends (the response cuts a blocked send short)."""
         self._hub = hub
-        self._frames: deque[Frame] = deque()
+        self._frames: deque[SseMessage] = deque()
         self._wakeup = asyncio.Event()
 
-    def push(self, frame: Frame) -> bool:
+    def push(self, frame: SseMessage) -> bool:
         """Buffer a frame; on overflow drop the buffer, end as a slow consumer and return
         False."""
         if len(self._frames) >= self.limit:
@@ -141,7 +141,7 @@ class Subscription:
         self._wakeup.set()
         return True
 
-    def take(self) -> list[Frame]:
+    def take(self) -> list[SseMessage]:
         """Every buffered frame, oldest first; the buffer is left empty."""
         self._wakeup.clear()
         frames = list(self._frames)
@@ -242,7 +242,7 @@ class EventHub:
         self._changed = asyncio.Event()
 
     def _deliver(self, events: Sequence[Event]) -> None:
-        frames: list[Frame | None] = [None] * len(events)
+        frames: list[SseMessage | None] = [None] * len(events)
         buffered = 0
         for subscription in list(self._subscriptions):
             matches = subscription.filter.matches

@@ -1,29 +1,30 @@
-"""The Sink contract: what every delivery connector implements.
+"""The Sink contract: what every delivery connector implements, and what it is handed.
 
-A sink reads the events waiting for it in the outbox, in order, publishes them and deletes them
-once the broker confirmed them. Like a source it connects, serves until cancelled and raises
-``ConnectorError`` when the connection fails; the supervisor owns reconnecting and backoff.
-Events stay in the outbox while the sink is down, and a new connection starts again from the
-oldest unconfirmed one.
+A sink author meets three names: ``Sink`` (the contract), ``SinkContext`` (what one connection
+is handed: where to report what the broker did) and ``OutboxRow`` (one event waiting for the
+sink, handed over in batches). The delivery engine (``bridge.pipeline.delivery``) reads the
+rows waiting in the outbox, in order, hands them to the sink and deletes them once the broker
+confirmed them; the supervisor owns reconnecting and backoff. Events stay in the outbox while
+the sink is down, and a new connection starts again from the oldest unconfirmed one.
+
+Beside the contract: which events a sink takes (``EventSelector``), address templates
+(``compile_address``), and what a sink that mirrors the bridge sees of it (``BridgeView``).
+This module may import the config models, the rest of the core and the errors.
 """
-
 from __future__ import annotations
 
 import abc
-import asyncio
 import fnmatch
 import re
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bridge.config.models import SinkBase, ValueType
 from bridge.core.model import Event, Value
 from bridge.core.status import EndpointStatus
 from bridge.core.templates import Template
-from bridge.errors import ConnectorError, ErrorCategory
+from bridge.errors import ConnectorError
 
 
 class EventSelector:
@@ -93,64 +94,6 @@ def _tag(name: str) -> Callable[[Event], str]:
     return value
 
 
-class OutboxView(Protocol):
-    """What a sink needs of the outbox: ``SinkOutbox`` in the daemon's process, a view whose
-    reads and deletions the daemon carries out in a sink's worker process."""
-
-    @property
-    def signal(self) -> asyncio.Event:
-        """Set when rows were stored for the sink (the sink may set it to wake itself)."""
-        ...
-
-    @property
-    def arrivals(self) -> int:
-        """Batches stored with rows for the sink so far."""
-        ...
-
-    def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
-        """The oldest ``limit`` rows after ``seq`` ``after``, in order."""
-        ...
-
-    def take(self, after: int, limit: int) -> list[OutboxRow] | None:
-        """Like ``read``, from memory, or ``None``: then ``read``."""
-        ...
-
-    def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
-        """Delete rows the broker confirmed."""
-        ...
-
-
-@dataclass
-class RateMeter:
-    """Events per second over the last ``window`` seconds, from a running total."""
-
-    window: float = 10.0
-    total: int = 0
-    _samples: deque[tuple[float, int]] = field(default_factory=deque)
-
-    def add(self, count: int, now: float | None = None) -> None:
-        """Count ``count`` more events."""
-        now = time.monotonic() if now is None else now
-        self.total += count
-        samples = self._samples
-        if not samples or now - samples[-1][0] >= 1.0:
-            samples.append((now, self.total))
-        else:
-            samples[-1] = (samples[-1][0], self.total)
-        while len(samples) > 2 and now - samples[1][0] >= self.window:
-            samples.popleft()
-
-    def rate(self, now: float | None = None) -> float:
-        """Events per second over the window (0 when idle)."""
-        now = time.monotonic() if now is None else now
-        samples = self._samples
-        if not samples or now - samples[-1][0] >= self.window:
-            return 0.0
-        start_time, start_total = samples[0]
-        span = max(now - start_time, 1.0)
-        return (self.total - start_total) / span
-
-
 @dataclass(frozen=True, slots=True)
 class OutboxRoute:
     """Which events one sink takes, and the address (routing key) each is published to."""
@@ -177,28 +120,6 @@ class OutboxRow:
     """Bytes of ``body`` (UTF-8)."""
     body: str
     """The event's documented JSON."""
-
-
-class SinkLink(Protocol):
-    """What a connected sink reports to the delivery engine, from its broker's callbacks."""
-
-    @property
-    def status(self) -> EndpointStatus:
-        """The sink's state and counters (a sink may count what only it knows, such as
-        unroutable messages, and mark itself degraded while its broker holds it back)."""
-        ...
-
-    def confirmed(self, seqs: Sequence[int]) -> None:
-        """The broker took these rows for good: they leave the outbox."""
-        ...
-
-    def refused(self, seqs: Sequence[int]) -> None:
-        """The broker refused these rows: they are published again, in order, later."""
-        ...
-
-    def failed(self, error: ConnectorError) -> None:
-        """The connection is lost: the engine ends this connection with ``error``."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,71 +166,44 @@ class BridgeView(Protocol):
         ...
 
 
-Deliver = Callable[["BrokerSink", "SinkContext"], Awaitable[None]]
-"""The delivery engine: drives one connection of a ``BrokerSink`` over its outbox."""
+class SinkContext(Protocol):
+    """What a sink is handed for one connection: where it reports what its broker did with
+    the rows it published, its status, and the bridge (for a sink that mirrors it)."""
 
+    @property
+    def status(self) -> EndpointStatus:
+        """The sink's state and counters (a sink may count what only it knows, such as
+        unroutable messages, and mark itself degraded while its broker holds it back)."""
+        ...
 
-@dataclass(frozen=True)
-class SinkContext:
-    """What a running sink is handed by the supervisor."""
+    @property
+    def bridge(self) -> BridgeView | None:
+        """The bridge's points, latest values, source states and write path, for the sinks
+        that mirror it; ``None`` in a sink's worker process."""
+        ...
 
-    status: EndpointStatus
-    outbox: OutboxView
-    deliver: Deliver | None = None
-    """The delivery engine (``bridge.pipeline.delivery.deliver``)."""
-    bridge: BridgeView | None = None
-    """The bridge's points, latest values, source states and write path, for the sinks that
-    mirror it; ``None`` in a sink's worker process."""
+    def confirmed(self, seqs: Sequence[int]) -> None:
+        """The broker took these rows for good: they leave the outbox."""
+        ...
+
+    def refused(self, seqs: Sequence[int]) -> None:
+        """The broker refused these rows: they are published again, in order, later."""
+        ...
+
+    def failed(self, error: ConnectorError) -> None:
+        """The connection is lost: the engine ends this connection with ``error``."""
+        ...
 
 
 class Sink(abc.ABC):
-    """One supervised connection that delivers the outbox to a broker."""
+    """The contract of a delivery connector: talk to one broker (or file, or service).
 
-    def __init__(self, *, sink_id: str, protocol: str, endpoint: str,
-                 selector: EventSelector) -> None:
-        self.id = sink_id
-        self.protocol = protocol
-        self.endpoint = endpoint
-        """Where it connects, secrets redacted: shown in the inventory and logs."""
-        self.selector = selector
-        self.meter = RateMeter()
-        """Deliveries the broker confirmed: the publish rate."""
-        self.confirm_latency: float | None = None
-        """Seconds from publish to confirmation, as a moving average."""
-        self.in_flight = 0
-        """Published, not yet confirmed."""
-
-    def route(self) -> OutboxRoute:
-        """How the store fills this sink's outbox."""
-        return OutboxRoute(self.id, self.selector, self.address)
-
-    @abc.abstractmethod
-    def address(self, event: Event) -> str:
-        """Where ``event`` is published (a routing key, a topic)."""
-
-    @abc.abstractmethod
-    async def run(self, context: SinkContext) -> None:
-        """Connect, then deliver the outbox until cancelled; raise ``ConnectorError`` when the
-        connection fails or is lost."""
-
-    def details(self) -> dict[str, Any]:
-        """Live figures for the inventory: publish rate, confirm latency, in flight."""
-        latency = self.confirm_latency
-        return {
-            "publish_rate": round(self.meter.rate(), 1),
-            "confirm_latency_ms": round(latency * 1000, 2) if latency is not None else None,
-            "in_flight": self.in_flight,
-        }
-
-
-class BrokerSink(Sink):
-    """A sink the delivery engine drives: it only talks to its broker.
-
-    The engine owns the rest: the cursor, reading stored rows (from memory when they are
-    fresh, from the store when catching up), the in-flight window, turning confirmations
-    into outbox updates, publishing refused rows again in order, and the counters. A
-    connection is ``connect``, any number of ``publish`` calls whose outcomes the sink
-    reports through the ``SinkLink``, then ``close``.
+    A connection is ``connect``, any number of ``publish`` calls whose outcomes the sink
+    reports through the context (``confirmed``, ``refused``, ``failed``), then ``close``.
+    The delivery engine (``bridge.pipeline.delivery``) owns the rest, for every sink alike:
+    the cursor, reading the rows waiting in the outbox, the in-flight ``window``, recording
+    confirmations, publishing refused rows again in order after ``retry``, and the figures
+    (publish rate, confirm latency, in flight); the supervisor reconnects with backoff.
     """
 
     window: int = 1000
@@ -319,17 +213,27 @@ class BrokerSink(Sink):
     refusal: str = "refused by the broker"
     """What a refusal most likely means, for the status message."""
 
-    async def run(self, context: SinkContext) -> None:
-        """Hand the connection to the delivery engine."""
-        if context.deliver is None:
-            raise ConnectorError(self.endpoint, "no delivery engine to run the sink",
-                                 ErrorCategory.CONFIG)
-        await context.deliver(self, context)
+    def __init__(self, config: SinkBase, *, endpoint: str) -> None:
+        self.id = config.id
+        self.protocol = config.protocol
+        self.endpoint = endpoint
+        """Where it connects, secrets redacted: shown in the inventory and logs."""
+        self.selector = EventSelector.of(config)
+
+    def address(self, event: Event) -> str:
+        """Where ``event`` is published (a routing key, a topic); computed once, when the
+        event is stored, and handed back as ``OutboxRow.address``. Empty unless overridden:
+        a sink with one destination needs none."""
+        return ""
+
+    def route(self) -> OutboxRoute:
+        """How the store fills this sink's outbox."""
+        return OutboxRoute(self.id, self.selector, self.address)
 
     @abc.abstractmethod
-    async def connect(self, link: SinkLink) -> None:
+    async def connect(self, context: SinkContext) -> None:
         """Open the connection and prepare publishing (declare, enable confirms); raise
-        ``ConnectorError`` when it cannot. Report outcomes and failures through ``link``
+        ``ConnectorError`` when it cannot. Report outcomes and failures through ``context``
         from now until ``close``."""
 
     @abc.abstractmethod
@@ -345,3 +249,8 @@ class BrokerSink(Sink):
         """False while the broker holds publishing back (the sink said why in the status):
         the engine then leaves the status alone when refusals end."""
         return True
+
+    def details(self) -> dict[str, Any]:
+        """What the inventory shows of this sink beyond the engine's figures (its window, its
+        client id); nothing unless overridden."""
+        return {}

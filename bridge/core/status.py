@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from bridge.core.model import isoformat
 from bridge.errors import ErrorCategory
 
@@ -124,34 +126,30 @@ class EndpointStatus:
         self.last_error_at = time.time()
         self.counters["errors"] += 1
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StatusSnapshot:
         """State, errors, counters, details and devices as plain data (sent by a worker
         process to the daemon, which ``mirror``s it)."""
-        return {
-            "state": self.state.value, "since": self.since, "last_success": self.last_success,
-            "last_error": self.last_error,
-            "error_category": self.error_category.value if self.error_category else None,
-            "last_error_at": self.last_error_at, "counters": dict(self.counters),
-            "details": dict(self.details),
-            "children": {name: child.snapshot() for name, child in self.children.items()},
-        }
+        return StatusSnapshot(
+            state=self.state, since=self.since, last_success=self.last_success,
+            last_error=self.last_error, error_category=self.error_category,
+            last_error_at=self.last_error_at, counters=dict(self.counters),
+            details=dict(self.details),
+            children={name: child.snapshot() for name, child in self.children.items()})
 
-    def mirror(self, snapshot: dict[str, Any], *, counters: bool = True) -> None:
+    def mirror(self, snapshot: StatusSnapshot, *, counters: bool = True) -> None:
         """Take state, errors, details and devices (and counters, unless told not to) from a
         ``snapshot``, without logging: the process that made it logged its changes."""
-        state = ConnectionState(snapshot["state"])
-        moved = state is not self.state
-        self.state = state
-        self.since = snapshot["since"]
-        self.last_success = snapshot["last_success"]
-        self.last_error = snapshot["last_error"]
-        category = snapshot["error_category"]
-        self.error_category = ErrorCategory(category) if category is not None else None
-        self.last_error_at = snapshot["last_error_at"]
+        moved = snapshot.state is not self.state
+        self.state = snapshot.state
+        self.since = snapshot.since
+        self.last_success = snapshot.last_success
+        self.last_error = snapshot.last_error
+        self.error_category = snapshot.error_category
+        self.last_error_at = snapshot.last_error_at
         if counters:
-            self.counters = Counter(snapshot["counters"])
-        self.details.update(snapshot["details"])
-        for name, child in snapshot["children"].items():
+            self.counters = Counter(snapshot.counters)
+        self.details.update(snapshot.details)
+        for name, child in snapshot.children.items():
             self.child(name).mirror(child)
         if moved and self.watcher is not None:
             self.watcher(self)
@@ -180,3 +178,18 @@ class EndpointStatus:
         if self.children:
             entry["devices"] = [child.to_dict() for child in self.children.values()]
         return entry
+
+
+class StatusSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """An ``EndpointStatus`` as plain data: what a worker process reports of its source or
+    sink, and its devices under it."""
+
+    state: ConnectionState
+    since: float
+    last_success: float | None = None
+    last_error: str | None = None
+    error_category: ErrorCategory | None = None
+    last_error_at: float | None = None
+    counters: dict[str, int] = msgspec.field(default_factory=dict)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+    children: dict[str, StatusSnapshot] = msgspec.field(default_factory=dict)

@@ -1,9 +1,15 @@
 """The delivery engine: one for every sink, in the daemon's process or in a worker's.
 
-``deliver`` drives a ``BrokerSink`` over its outbox: the sink only connects, publishes batches,
-reports confirmations, refusals and failures, and closes. ``SinkOutbox`` is the outbox as one
-sink sees it in the daemon's process; a sink in a worker process gets a view whose reads and
-confirmations the daemon carries out (``bridge.pipeline.worker``), and the same engine.
+``SinkDelivery`` is the engine's own state for one sink and what the supervisor runs: each
+run is one connection, which ``deliver`` drives over the sink's outbox. The sink (the
+``bridge.core.sink.Sink`` contract) only connects, publishes batches, reports confirmations,
+refusals and failures through its ``SinkContext``, and closes; the engine keeps the cursor,
+the in-flight window, the retries and its figures (publish rate, confirm latency, in flight).
+``SinkOutbox`` is the outbox as one sink's delivery sees it in the daemon's process; a sink in
+a worker process gets a view whose reads and confirmations the daemon carries out
+(``bridge.pipeline.worker``), and the same engine.
+
+This module may import the core, the errors and the pipeline's outbox and store.
 """
 
 from __future__ import annotations
@@ -13,13 +19,43 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
-from bridge.core.sink import BrokerSink, OutboxRow, OutboxView, SinkContext
+import msgspec
+
+from bridge.core.sink import BridgeView, OutboxRoute, OutboxRow, Sink
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
 from bridge.pipeline.outbox import Outbox
 from bridge.pipeline.store import Store
+
+
+class OutboxView(Protocol):
+    """What the engine needs of one sink's outbox: ``SinkOutbox`` in the daemon's process, a
+    view whose reads and deletions the daemon carries out in a sink's worker process."""
+
+    @property
+    def signal(self) -> asyncio.Event:
+        """Set when rows were stored for the sink (the engine sets it to wake itself)."""
+        ...
+
+    @property
+    def arrivals(self) -> int:
+        """Batches stored with rows for the sink so far."""
+        ...
+
+    def read(self, after: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        """The oldest ``limit`` rows after ``seq`` ``after``, in order."""
+        ...
+
+    def take(self, after: int, limit: int) -> list[OutboxRow] | None:
+        """Like ``read``, from memory, or ``None``: then ``read``."""
+        ...
+
+    def confirm(self, seqs: Sequence[int]) -> asyncio.Future[int]:
+        """Delete rows the broker confirmed."""
+        ...
 
 
 class SinkOutbox:
@@ -83,14 +119,125 @@ LATENCY_WEIGHT = 0.1
 Result = TypeVar("Result")
 
 
-class _Link:
-    """One connection's delivery state: rows in flight, and the outcome of those the broker
-    settled. The sink reports to it from its broker's callbacks."""
+@dataclass
+class RateMeter:
+    """Events per second over the last ``window`` seconds, from a running total."""
 
-    def __init__(self, sink: BrokerSink, status: EndpointStatus, wake: asyncio.Event) -> None:
+    window: float = 10.0
+    total: int = 0
+    _samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, count: int, now: float | None = None) -> None:
+        """Count ``count`` more events."""
+        now = time.monotonic() if now is None else now
+        self.total += count
+        samples = self._samples
+        if not samples or now - samples[-1][0] >= 1.0:
+            samples.append((now, self.total))
+        else:
+            samples[-1] = (samples[-1][0], self.total)
+        while len(samples) > 2 and now - samples[1][0] >= self.window:
+            samples.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        """Events per second over the window (0 when idle)."""
+        now = time.monotonic() if now is None else now
+        samples = self._samples
+        if not samples or now - samples[-1][0] >= self.window:
+            return 0.0
+        start_time, start_total = samples[0]
+        span = max(now - start_time, 1.0)
+        return (self.total - start_total) / span
+
+
+class DeliveryFigures(msgspec.Struct, frozen=True):
+    """What the engine measured of one sink's delivery, as the inventory and a worker's status
+    report carry it."""
+
+    publish_rate: float = 0.0
+    """Deliveries the broker confirmed per second, lately."""
+    confirm_latency: float | None = None
+    """Seconds from publish to confirmation, as a moving average."""
+    in_flight: int = 0
+    """Published, not yet confirmed."""
+
+    def details(self) -> dict[str, Any]:
+        """The inventory's figures: publish rate, confirm latency, in flight."""
+        latency = self.confirm_latency
+        return {
+            "publish_rate": round(self.publish_rate, 1),
+            "confirm_latency_ms": round(latency * 1000, 2) if latency is not None else None,
+            "in_flight": self.in_flight,
+        }
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    """What the supervisor hands a sink's delivery: its status, its outbox and the bridge."""
+
+    status: EndpointStatus
+    outbox: OutboxView
+    bridge: BridgeView | None = None
+    """For the sinks that mirror the bridge; ``None`` in a sink's worker process."""
+
+
+class SinkDelivery:
+    """The engine's own state for one sink, across its connections, and what the supervisor
+    runs for it: each ``run`` is one connection, delivered by ``deliver``."""
+
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self._status = status
-        self.wake = wake
+        self.meter = RateMeter()
+        """Deliveries the broker confirmed: the publish rate."""
+        self.confirm_latency: float | None = None
+        """Seconds from publish to confirmation, as a moving average."""
+        self.in_flight = 0
+        """Published, not yet confirmed."""
+
+    @property
+    def id(self) -> str:
+        """The sink's id."""
+        return self.sink.id
+
+    def route(self) -> OutboxRoute:
+        """How the store fills the sink's outbox."""
+        return self.sink.route()
+
+    def figures(self) -> DeliveryFigures:
+        """Publish rate, confirm latency and what is in flight, now."""
+        return DeliveryFigures(self.meter.rate(), self.confirm_latency, self.in_flight)
+
+    def details(self) -> dict[str, Any]:
+        """The inventory's live figures, then what the sink shows of itself."""
+        return {**self.figures().details(), **self.sink.details()}
+
+    def confirmed(self, count: int, latency: float) -> None:
+        """The broker confirmed ``count`` rows, the last ``latency`` seconds after it was
+        published."""
+        self.meter.add(count)
+        self.settled(latency)
+
+    def settled(self, latency: float) -> None:
+        """The broker answered a row ``latency`` seconds after it was published."""
+        average = self.confirm_latency
+        self.confirm_latency = latency if average is None else (
+            average + LATENCY_WEIGHT * (latency - average))
+
+    async def run(self, context: DeliveryContext) -> None:
+        """Deliver the outbox through one connection of the sink until cancelled; raises
+        ``ConnectorError`` when the connection fails or is lost."""
+        await deliver(self, context)
+
+
+class _Connection:
+    """One connection's delivery state: rows in flight, and the outcome of those the broker
+    settled. It is the ``SinkContext`` the sink reports to from its broker's callbacks."""
+
+    def __init__(self, delivery: SinkDelivery, context: DeliveryContext) -> None:
+        self.delivery = delivery
+        self._status = context.status
+        self._bridge = context.bridge
+        self.wake = context.outbox.signal
         self.in_flight: dict[int, tuple[OutboxRow, float]] = {}
         """Published, not yet settled: ``seq`` → (row, when it was published)."""
         self.confirmed_seqs: list[int] = []
@@ -110,6 +257,11 @@ class _Link:
         """The sink's state and counters."""
         return self._status
 
+    @property
+    def bridge(self) -> BridgeView | None:
+        """The bridge, for the sinks that mirror it."""
+        return self._bridge
+
     def sent(self, rows: Sequence[OutboxRow]) -> None:
         """``rows`` are being published."""
         now = time.monotonic()
@@ -123,7 +275,7 @@ class _Link:
         settled = self._settle(seqs, self.confirmed_seqs.append, acked=True)
         if settled and self.refusing and not self.refused_rows:
             self.refusing = False
-            if self.sink.ready():
+            if self.delivery.sink.ready():
                 self._status.up()
 
     def refused(self, seqs: Sequence[int]) -> None:
@@ -145,14 +297,12 @@ class _Link:
             if keep is not None:
                 keep.append(row)
         if settled and last is not None:
-            sink = self.sink
             self._status.counters["confirmed" if acked else "nacked"] += settled
-            if acked:
-                sink.meter.add(settled)
             latency = time.monotonic() - last
-            average = sink.confirm_latency
-            sink.confirm_latency = latency if average is None else (
-                average + LATENCY_WEIGHT * (latency - average))
+            if acked:
+                self.delivery.confirmed(settled, latency)
+            else:
+                self.delivery.settled(latency)
         self.wake.set()
         return settled
 
@@ -164,8 +314,8 @@ class _Link:
         self.wake.set()
 
 
-async def deliver(sink: BrokerSink, context: SinkContext) -> None:
-    """Deliver the outbox through one connection of ``sink`` until cancelled or the
+async def deliver(delivery: SinkDelivery, context: DeliveryContext) -> None:
+    """Deliver the outbox through one connection of ``delivery.sink`` until cancelled or the
     connection is lost.
 
     Rows are published in ``seq`` order with at most ``sink.window`` of them unconfirmed.
@@ -179,24 +329,25 @@ async def deliver(sink: BrokerSink, context: SinkContext) -> None:
     it; the next one starts from the oldest row too, so what was in flight is published again
     and may reach consumers twice (at-least-once; they de-duplicate on the event id).
     """
-    status, outbox = context.status, context.outbox
-    link = _Link(sink, status, outbox.signal)
+    status, outbox, sink = context.status, context.outbox, delivery.sink
+    connection = _Connection(delivery, context)
     try:
-        await sink.connect(link)
-        if link.failure is not None:
-            raise link.failure
+        await sink.connect(connection)
+        if connection.failure is not None:
+            raise connection.failure
         status.up()
-        await _publish(sink, link, outbox)
+        await _publish(delivery, connection, outbox)
     finally:
-        status.counters["republished"] += len(link.in_flight)
-        sink.in_flight = 0
+        status.counters["republished"] += len(connection.in_flight)
+        delivery.in_flight = 0
         try:
-            await _settle_outbox(link, outbox)
+            await _settle_outbox(connection, outbox)
         finally:
             await sink.close()
 
 
-async def _publish(sink: BrokerSink, link: _Link, outbox: OutboxView) -> None:
+async def _publish(delivery: SinkDelivery, connection: _Connection, outbox: OutboxView) -> None:
+    sink = delivery.sink
     window = sink.window
     limit = max(window, MIN_READ)
     signal = outbox.signal
@@ -204,54 +355,54 @@ async def _publish(sink: BrokerSink, link: _Link, outbox: OutboxView) -> None:
     cursor = 0  # the last seq read on this connection; 0: from the oldest row
     read_at = -1  # outbox.arrivals when a read came back short: nothing new until it moves
     retry = sink.retry
-    in_flight = link.in_flight
+    in_flight = connection.in_flight
     while True:
         # Cleared first: anything that happens from here on sets it again.
         signal.clear()
-        if link.failure is not None:
-            raise link.failure
+        if connection.failure is not None:
+            raise connection.failure
         progressed = False
-        reading = link.reading
+        reading = connection.reading
         if reading is not None and reading.done():
-            link.reading = None
+            connection.reading = None
             rows = reading.result()
             if rows:
                 cursor = rows[-1].seq
                 buffer.extend(rows)
             if len(rows) < limit:
-                read_at = link.read_arrivals
+                read_at = connection.read_arrivals
             progressed = True
-        confirming = link.confirming
+        confirming = connection.confirming
         if confirming is not None and confirming.done():
-            link.confirming = None
+            connection.confirming = None
             confirming.result()
             progressed = True
-        if link.refused_rows:
-            if not in_flight and link.reading is None and link.confirming is None:
-                retry = await _refused(sink, link, outbox, retry)
+        if connection.refused_rows:
+            if not in_flight and connection.reading is None and connection.confirming is None:
+                retry = await _refused(sink, connection, outbox, retry)
                 buffer.clear()
                 cursor, read_at = 0, -1
                 continue
         else:
-            if link.reading is None and len(buffer) < limit // 2:
+            if connection.reading is None and len(buffer) < limit // 2:
                 taken = outbox.take(cursor, limit)
                 if taken:
                     cursor = taken[-1].seq
                     buffer.extend(taken)
                 elif taken is None and outbox.arrivals != read_at:
-                    link.read_arrivals = outbox.arrivals
-                    link.reading = _wake_when_done(outbox.read(cursor, limit), signal)
+                    connection.read_arrivals = outbox.arrivals
+                    connection.reading = _wake_when_done(outbox.read(cursor, limit), signal)
             room = window - len(in_flight)
             if buffer and room > 0:
                 batch = [buffer.popleft() for _ in range(min(room, len(buffer)))]
-                link.sent(batch)
+                connection.sent(batch)
                 sink.publish(batch)
                 progressed = True
-            sink.in_flight = len(in_flight)
-        if link.confirming is None and link.confirmed_seqs and (
-                len(link.confirmed_seqs) >= CONFIRM_BATCH or not progressed):
-            confirmed, link.confirmed_seqs = link.confirmed_seqs, []
-            link.confirming = _wake_when_done(outbox.confirm(confirmed), signal)
+            delivery.in_flight = len(in_flight)
+        if connection.confirming is None and connection.confirmed_seqs and (
+                len(connection.confirmed_seqs) >= CONFIRM_BATCH or not progressed):
+            confirmed, connection.confirmed_seqs = connection.confirmed_seqs, []
+            connection.confirming = _wake_when_done(outbox.confirm(confirmed), signal)
             retry = sink.retry
         if not progressed:
             await signal.wait()
@@ -263,32 +414,32 @@ def _wake_when_done(future: asyncio.Future[Result], signal: asyncio.Event
     return future
 
 
-async def _refused(sink: BrokerSink, link: _Link, outbox: OutboxView, retry: float) -> float:
+async def _refused(sink: Sink, connection: _Connection, outbox: OutboxView, retry: float) -> float:
     """Everything in flight is settled and some of it was refused: wait, then start over
     from the oldest row left. Returns the next delay."""
-    confirmed, link.confirmed_seqs = link.confirmed_seqs, []
+    confirmed, connection.confirmed_seqs = connection.confirmed_seqs, []
     await outbox.confirm(confirmed)
-    count = len(link.refused_rows)
-    link.refused_rows.clear()
-    link.refusing = True
-    status = link.status
+    count = len(connection.refused_rows)
+    connection.refused_rows.clear()
+    connection.refusing = True
+    status = connection.status
     status.counters["republished"] += count
     status.degraded(f"the broker refused {count} messages ({sink.refusal}); publishing them "
                     f"again in {retry:g}s", ErrorCategory.TRANSIENT)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(link.lost.wait(), retry)
+        await asyncio.wait_for(connection.lost.wait(), retry)
     return min(retry * 2, MAX_RETRY)
 
 
-async def _settle_outbox(link: _Link, outbox: OutboxView) -> None:
+async def _settle_outbox(connection: _Connection, outbox: OutboxView) -> None:
     """Finish the outbox work under way and record what was confirmed: confirmed is
     confirmed, whatever ended the connection, and is not published again."""
-    reading, confirming = link.reading, link.confirming
-    link.reading = link.confirming = None
+    reading, confirming = connection.reading, connection.confirming
+    connection.reading = connection.confirming = None
     for pending in (reading, confirming):
         if pending is not None:
             with contextlib.suppress(Exception):
                 await pending
-    if link.confirmed_seqs:
-        confirmed, link.confirmed_seqs = link.confirmed_seqs, []
+    if connection.confirmed_seqs:
+        confirmed, connection.confirmed_seqs = connection.confirmed_seqs, []
         await outbox.confirm(confirmed)

@@ -20,7 +20,7 @@ import pika.exceptions
 import pika.spec
 
 from bridge.core.model import Event
-from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, SinkLink, compile_address
+from bridge.core.sink import OutboxRow, Sink, SinkContext, compile_address
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.amqp.connection import (
@@ -29,7 +29,6 @@ from protocols.amqp.connection import (
     ConnectionFactory,
     request,
 )
-from protocols.amqp.mapping import PROTOCOL
 from protocols.amqp.sink_config import AmqpSinkConfig, QueueBinding
 
 logger = logging.getLogger(__name__)
@@ -65,10 +64,10 @@ def compile_routing_key(text: str) -> Callable[[Event], str]:
 class _Publishing(AmqpSession):
     """One connection's publishing state: the ``seq`` of each delivery tag in flight."""
 
-    def __init__(self, endpoint: str, *, step_timeout: float, link: SinkLink,
+    def __init__(self, endpoint: str, *, step_timeout: float, context: SinkContext,
                  sink: AmqpSink) -> None:
         super().__init__(endpoint, step_timeout=step_timeout)
-        self.link = link
+        self.context = context
         self.sink = sink
         self.tags: dict[int, int] = {}
         """Delivery tag → outbox ``seq``, while in flight."""
@@ -81,7 +80,7 @@ class _Publishing(AmqpSession):
 
     def fail(self, error: ConnectorError) -> None:
         super().fail(error)
-        self.link.failed(error)
+        self.context.failed(error)
 
     def publish(self, exchange: str, row: OutboxRow) -> None:
         properties = pika.BasicProperties(
@@ -110,25 +109,25 @@ class _Publishing(AmqpSession):
         while self.lowest < self.next_tag and self.lowest not in tags:
             self.lowest += 1
         if isinstance(method, pika.spec.Basic.Ack):
-            self.link.confirmed(seqs)
+            self.context.confirmed(seqs)
         else:
-            self.link.refused(seqs)
+            self.context.refused(seqs)
 
     def on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        self.sink.unroutable(method.routing_key, self.link.status)
+        self.sink.unroutable(method.routing_key, self.context.status)
 
     def on_blocked(self, connection: Any, frame: Any) -> None:
         self.sink.blocked = True
         reason = frame.method.reason or "resource alarm"
-        self.link.status.degraded(f"the broker blocks publishing ({reason})",
+        self.context.status.degraded(f"the broker blocks publishing ({reason})",
                                   ErrorCategory.TRANSIENT)
 
     def on_unblocked(self, connection: Any, frame: Any) -> None:
         self.sink.blocked = False
-        self.link.status.up()
+        self.context.status.up()
 
 
-class AmqpSink(BrokerSink):
+class AmqpSink(Sink):
     """Publishes every event of its outbox to one exchange."""
 
     refusal = "nack; a full queue with overflow: reject-publish?"
@@ -140,8 +139,7 @@ class AmqpSink(BrokerSink):
         bridge_id: str,
         connection_factory: ConnectionFactory = CoalescingConnection,
     ) -> None:
-        super().__init__(sink_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint(),
-                         selector=EventSelector.of(config))
+        super().__init__(config, endpoint=config.endpoint())
         self.config = config
         self.bridge_id = bridge_id
         self.window = config.window
@@ -158,8 +156,8 @@ class AmqpSink(BrokerSink):
         return self.routing_key(event)
 
     def details(self) -> dict[str, Any]:
-        """Publish rate, confirm latency, what is in flight, and the window."""
-        return {**super().details(), "window": self.config.window}
+        """The window."""
+        return {"window": self.config.window}
 
     def ready(self) -> bool:
         """Not while the broker blocks publishing."""
@@ -175,15 +173,15 @@ class AmqpSink(BrokerSink):
                            "dropped by the broker and counted as unroutable", self.id,
                            routing_key)
 
-    async def connect(self, link: SinkLink) -> None:
+    async def connect(self, context: SinkContext) -> None:
         """Connect, declare the exchange and topology, and turn on publisher confirms."""
         config = self.config
         self.blocked = False
         session = self._session = _Publishing(self.endpoint, step_timeout=config.timeout,
-                                              link=link, sink=self)
+                                              context=context, sink=self)
         connection = await session.connect(
             config, self._connection_factory, f"fieldbridge {self.bridge_id} sink {self.id}",
-            status=link.status)
+            status=context.status)
         connection.add_on_connection_blocked_callback(session.on_blocked)
         connection.add_on_connection_unblocked_callback(session.on_unblocked)
         channel = await session.channel()

@@ -7,7 +7,7 @@ paho's ``on_publish`` back into rows for the engine: for QoS 1 that is the broke
 QoS 2 its PUBCOMP, for QoS 0 the moment the message was written to the connection. An MQTT 5
 PUBACK with a failure reason code (not authorized, quota exceeded) is a refusal: the engine
 publishes the message again, in order, after ``retry``. A lost connection ends the connection
-(``SinkLink.failed``); the engine publishes what was in flight again on the next one.
+(``SinkContext.failed``); the engine publishes what was in flight again on the next one.
 
 Every connection starts a clean session with a stable client id: the outbox, not the broker,
 keeps what is not yet acknowledged, and a new paho client numbers its packets from 1 again, so
@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.core.model import Event
-from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, SinkLink, compile_address
+from bridge.core.sink import OutboxRow, Sink, SinkContext, compile_address
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.mqtt.connection import (
     ClientFactory,
@@ -69,7 +69,7 @@ class OutgoingMessage:
     qos: int
     retain: bool = False
     seqs: tuple[int, ...] = ()
-    """Outbox rows confirmed (``SinkLink.confirmed``) once the broker took this message, or
+    """Outbox rows confirmed (``SinkContext.confirmed``) once the broker took this message, or
     refused when it refused it; empty for a message of the sink's own (a birth, say)."""
     properties: Properties | None = None
     """MQTT 5 publish properties."""
@@ -78,8 +78,8 @@ class OutgoingMessage:
 class _Connection:
     """One connection's state: the client, and the rows of each publish awaiting its ack."""
 
-    def __init__(self, link: SinkLink) -> None:
-        self.link = link
+    def __init__(self, context: SinkContext) -> None:
+        self.context = context
         self.exits = contextlib.AsyncExitStack()
         self.client: aiomqtt.Client | None = None
         self.receiver: asyncio.Task[None] | None = None
@@ -94,12 +94,12 @@ class _Connection:
         if seqs is None:
             return  # a message of the sink's own, or one aiomqtt's publish() awaits
         if reason.is_failure:
-            self.link.refused(seqs)
+            self.context.refused(seqs)
         else:
-            self.link.confirmed(seqs)
+            self.context.confirmed(seqs)
 
 
-class MqttSink(BrokerSink):
+class MqttSink(Sink):
     """Publishes every event of its outbox to an MQTT broker, one JSON message per event."""
 
     refusal = "PUBACK with a failure reason code; may the bridge publish to that topic?"
@@ -111,8 +111,7 @@ class MqttSink(BrokerSink):
         bridge_id: str,
         client_factory: ClientFactory = aiomqtt.Client,
     ) -> None:
-        super().__init__(sink_id=config.id, protocol=PROTOCOL, endpoint=config.endpoint(),
-                         selector=EventSelector.of(config))
+        super().__init__(config, endpoint=config.endpoint())
         self.config = config
         self.bridge_id = bridge_id
         self.client_id = config.client_id or f"fieldbridge-{bridge_id}-sink-{config.id}"
@@ -137,8 +136,8 @@ class MqttSink(BrokerSink):
         return self.topic(event)
 
     def details(self) -> dict[str, Any]:
-        """Publish rate, confirm latency, what is in flight, the window and the client id."""
-        return {**super().details(), "window": self.window, "client_id": self.client_id}
+        """The window and the client id."""
+        return {"window": self.window, "client_id": self.client_id}
 
     # --- override points -----------------------------------------------------------------
 
@@ -191,7 +190,7 @@ class MqttSink(BrokerSink):
 
     def send(self, message: OutgoingMessage) -> None:
         """Publish ``message`` without waiting: its ``seqs`` are confirmed or refused through
-        the link when paho reports it published. Messages go out in the order they are sent.
+        the context when paho reports it published. Messages go out in the order they are sent.
         Raises ``ConnectorError`` when the connection cannot take it."""
         connection = self._connection
         client = self.client
@@ -205,7 +204,7 @@ class MqttSink(BrokerSink):
             return
         if info.is_published():
             # Written at once, before it could be registered (paho without an event loop).
-            connection.link.confirmed(message.seqs)
+            connection.context.confirmed(message.seqs)
         else:
             connection.pending[info.mid] = message.seqs
 
@@ -216,15 +215,15 @@ class MqttSink(BrokerSink):
         connection = self._connection
         if connection is None:
             raise ConnectorError(self.endpoint, "not connected", ErrorCategory.TRANSIENT)
-        connection.link.confirmed(seqs)
+        connection.context.confirmed(seqs)
 
-    # --- BrokerSink ----------------------------------------------------------------------
+    # --- Sink ----------------------------------------------------------------------------
 
-    async def connect(self, link: SinkLink) -> None:
+    async def connect(self, context: SinkContext) -> None:
         """Connect with a clean session, subscribe, run ``on_connected``; from then on report
-        acknowledgements and a lost connection through ``link``."""
+        acknowledgements and a lost connection through ``context``."""
         config = self.config
-        connection = self._connection = _Connection(link)
+        connection = self._connection = _Connection(context)
         arguments = await client_arguments(config, client_id=self.client_id,
                                            keepalive=config.keepalive, logger=logger)
         arguments["will"] = self.will()
@@ -260,8 +259,8 @@ class MqttSink(BrokerSink):
             if filters:
                 await subscribe(client, filters, config)
             receiver = connection.receiver = asyncio.create_task(
-                self._receive(client, link), name=f"{PROTOCOL}[{self.id}].receive")
-            receiver.add_done_callback(lambda _: self._receiver_ended(receiver, link))
+                self._receive(client, context), name=f"{PROTOCOL}[{self.id}].receive")
+            receiver.add_done_callback(lambda _: self._receiver_ended(receiver, context))
             await self.on_connected()
         except aiomqtt.MqttError as exc:
             raise connector_error(self.endpoint, exc) from exc
@@ -293,19 +292,19 @@ class MqttSink(BrokerSink):
         finally:
             self._connection = None
 
-    async def _receive(self, client: aiomqtt.Client, link: SinkLink) -> None:
+    async def _receive(self, client: aiomqtt.Client, context: SinkContext) -> None:
         """Hand incoming messages to ``on_command`` until the connection is lost, then tell the
         engine (aiomqtt ends the iteration with the reason)."""
         try:
             async for message in client.messages:
                 await self.on_command(message)
         except aiomqtt.MqttError as exc:
-            link.failed(connector_error(self.endpoint, exc))
+            context.failed(connector_error(self.endpoint, exc))
         except ConnectorError as exc:
-            link.failed(exc)
+            context.failed(exc)
 
-    def _receiver_ended(self, receiver: asyncio.Task[None], link: SinkLink) -> None:
+    def _receiver_ended(self, receiver: asyncio.Task[None], context: SinkContext) -> None:
         # A bug in on_command: end the connection now; close() raises it for the supervisor.
         if not receiver.cancelled() and receiver.exception() is not None:
-            link.failed(ConnectorError(self.endpoint, "handling an incoming message failed",
+            context.failed(ConnectorError(self.endpoint, "handling an incoming message failed",
                                        ErrorCategory.PROTOCOL))

@@ -112,18 +112,18 @@ class SparkplugSink(MqttSink):
             "born_devices": sorted(device.id for device in self.node.devices.values()
                                    if device.born)}}
 
-    async def run(self, context: SinkContext) -> None:
-        """Take the bridge's view, then run as every MQTT sink does."""
+    async def connect(self, context: SinkContext) -> None:
+        """Take the bridge's view, then connect as every MQTT sink does."""
         if context.bridge is None:
             raise ConnectorError(self.endpoint, "a Sparkplug B edge node needs the bridge's "
                                  "points and states: it cannot run in a worker process",
                                  ErrorCategory.CONFIG)
         self._bridge, self._status = context.bridge, context.status
-        await super().run(context)
+        await super().connect(context)
 
     @property
     def bridge(self) -> BridgeView:
-        """The bridge this edge node mirrors (from ``run``)."""
+        """The bridge this edge node mirrors (from ``connect``)."""
         if self._bridge is None:
             raise ConnectorError(self.endpoint, "not running", ErrorCategory.CONFIG)
         return self._bridge

@@ -24,10 +24,10 @@ WITHIN = 20.0
 async def sink_worker_up(bridge: BridgeRun, sink: str) -> int | None:
     """Wait until the sink, run by a worker process, is connected; the worker's pid."""
     running = bridge.sink(sink)
-    assert isinstance(running.sink, SinkWorker)
+    assert isinstance(running.delivery, SinkWorker)
     await wait_until(lambda: running.status.state is ConnectionState.UP, WITHIN,
                      f"the sink worker up ({running.status.last_error})")
-    return running.sink.pid
+    return running.delivery.pid
 
 
 def assert_gone(pids: list[int]) -> None:

@@ -373,8 +373,10 @@ async def test_a_subclass_has_its_will_birth_commands_batches_and_death(
     assert len(batches) < len(events)
 
 
-class CountingLink:
-    """Records what a connection reports to the delivery engine."""
+class CountingContext:
+    """Records what a connection reports to the delivery engine (a ``SinkContext``)."""
+
+    bridge = None
 
     def __init__(self) -> None:
         self.status = EndpointStatus(name=SINK, kind="sink", protocol="mqtt", endpoint="e")
@@ -392,12 +394,12 @@ class CountingLink:
 
 
 def test_a_puback_with_a_failure_reason_code_is_a_refusal() -> None:
-    link = CountingLink()
-    connection = _Connection(link)
+    context = CountingContext()
+    connection = _Connection(context)
     connection.pending.update({1: (10,), 2: (11, 12), 3: (13,)})
     connection.published(1, ReasonCode(PacketTypes.PUBACK, identifier=0))
     connection.published(2, ReasonCode(PacketTypes.PUBACK, identifier=0x87))  # not authorized
     connection.published(7, ReasonCode(PacketTypes.PUBACK, identifier=0))  # not the sink's
     connection.published(3, ReasonCode(PacketTypes.PUBACK, identifier=0x10))  # no subscribers
-    assert (link.confirmed_seqs, link.refused_seqs) == ([10, 13], [11, 12])
+    assert (context.confirmed_seqs, context.refused_seqs) == ([10, 13], [11, 12])
     assert connection.pending == {}

@@ -31,36 +31,36 @@ from helpers.workers import WITHIN, assert_gone, sink_worker_up
 
 from bridge.core.model import Quality, Reading
 from bridge.core.sink import OutboxRow
-from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.core.status import ConnectionState, EndpointStatus, StatusSnapshot
 from bridge.demo.run import PORT_VARIABLE, load_demo_config
 from bridge.demo.simulator import PlantSimulator
 from bridge.errors import ConfigError, ConnectorError, ErrorCategory
-from bridge.pipeline.worker import (
-    _SINK_ANSWERS,
-    _SINK_REQUESTS,
-    _SOURCE_ORDERS,
-    _SOURCE_REPORTS,
-    _STARTS,
+from bridge.pipeline.delivery import DeliveryFigures
+from bridge.pipeline.worker import SinkWorker, WorkerSource
+from bridge.pipeline.worker.frames import (
+    SINK_ANSWERS,
+    SINK_REQUESTS,
+    SOURCE_ORDERS,
+    SOURCE_REPORTS,
+    STARTS,
     Arrivals,
     CallFailed,
     Confirmed,
     ConfirmRows,
     Events,
-    Frame,
     ReadDone,
     ReadPoint,
     ReadRows,
     Rows,
-    SinkWorker,
     Start,
     Status,
     Stored,
-    WorkerSource,
+    WorkerFrame,
     WriteDone,
     WritePoint,
-    _frame,
-    _frames,
-    _read_frame,
+    encode,
+    read_frame,
+    read_frames,
 )
 from bridge.registry import load_config
 from bridge.runtime import Runtime
@@ -247,6 +247,11 @@ async def test_a_sink_worker_delivers_the_outbox_in_order_and_reports_its_figure
         pid = await sink_worker_up(bridge, SINK)
         await feed(bridge, events)
         await bridge.delivered(SINK, len(events), within=WITHIN)
+        # The engine's figures, measured in the worker process, reach the daemon's inventory
+        # and metrics.
+        delivery = bridge.sink(SINK).delivery
+        await wait_until(lambda: delivery.confirm_latency is not None, WITHIN,
+                         "the worker's confirm latency")
         entry = bridge.runtime.sink_entry(SINK)
     received = rabbit.drain(queue, len(events))
     assert [delivery.message_id for delivery in received] == [event.id for event in events]
@@ -255,6 +260,8 @@ async def test_a_sink_worker_delivers_the_outbox_in_order_and_reports_its_figure
     assert entry["outbox"]["events"] == 0
     assert entry["details"]["worker_pid"] == pid
     assert entry["details"]["window"] == 1000
+    assert entry["details"]["confirm_latency_ms"] is not None
+    assert entry["details"]["in_flight"] == 0
     assert pid is not None
     assert_gone([pid])
 
@@ -272,9 +279,9 @@ async def test_a_killed_sink_worker_loses_nothing(tmp_path: Path, rabbit: Rabbit
         await wait_until(lambda: status.state is ConnectionState.UP, WITHIN, "the sink up")
         await feed(bridge, first)
         await bridge.delivered(SINK, len(first), within=WITHIN)
-        assert isinstance(running.sink, SinkWorker)
-        assert running.sink.pid is not None
-        killed = running.sink.pid
+        assert isinstance(running.delivery, SinkWorker)
+        assert running.delivery.pid is not None
+        killed = running.delivery.pid
         os.kill(killed, signal.SIGKILL)
         # Stored while no worker runs: kept in the outbox for the next one.
         await feed(bridge, second)
@@ -325,11 +332,11 @@ def test_a_share_group_is_one_topic_level(tmp_path: Path) -> None:
 # --- the frames ------------------------------------------------------------------------------
 
 
-def stream(*frames: Frame, tail: bytes = b"") -> asyncio.StreamReader:
+def stream(*frames: WorkerFrame, tail: bytes = b"") -> asyncio.StreamReader:
     """A reader holding ``frames`` (and ``tail``), then the end of the stream."""
     reader = asyncio.StreamReader()
     for frame in frames:
-        reader.feed_data(bytes(_frame(frame)))
+        reader.feed_data(bytes(encode(frame)))
     reader.feed_data(tail)
     reader.feed_eof()
     return reader
@@ -341,25 +348,27 @@ async def test_every_frame_arrives_as_the_typed_frame_that_was_sent() -> None:
     readings = [Reading("plant", ("holding", 0, 2), [1, 2], 1.5, quality=Quality.GOOD)]
     row = OutboxRow(7, event.id, "plant", "boiler.t", "good", 1.0, 2.0, "plant.boiler%2Et",
                     10, event.to_json())
-    directions: list[tuple[msgspec.msgpack.Decoder[Any], list[Frame]]] = [
-        (_SOURCE_REPORTS, [
+    directions: list[tuple[msgspec.msgpack.Decoder[Any], list[WorkerFrame]]] = [
+        (SOURCE_REPORTS, [
             Events(3, [carried]), Events(0, []),
-            Status({"state": "up", "counters": {"readings": 2}, "details": {"a": [1]}}),
+            Status(StatusSnapshot(state=ConnectionState.UP, since=1.0,
+                                  counters={"readings": 2}, details={"a": [1]})),
             ReadDone(1, pickle.dumps(readings)), WriteDone(2),
             CallFailed(4, "boiler.setpoint", "refused", ErrorCategory.DEVICE)]),
-        (_SOURCE_ORDERS, [Stored(3), ReadPoint(1, "boiler.t"), WritePoint(2, "boiler.sp", 61.5),
+        (SOURCE_ORDERS, [Stored(3), ReadPoint(1, "boiler.t"), WritePoint(2, "boiler.sp", 61.5),
                           WritePoint(5, "boiler.mode", "auto"), WritePoint(6, "b.on", True)]),
-        (_SINK_REQUESTS, [ReadRows(1, 0, 500), ConfirmRows(2, [7, 8]),
-                          Status({"state": "up"}, {"window": 1000})]),
-        (_SINK_ANSWERS, [Rows(1, [row]), Confirmed(2, 2), Arrivals(9)]),
-        (_STARTS, [Start(b"spec")]),
+        (SINK_REQUESTS, [ReadRows(1, 0, 500), ConfirmRows(2, [7, 8]),
+                          Status(StatusSnapshot(state=ConnectionState.UP, since=1.0),
+                                 DeliveryFigures(12.5, 0.004, 3), {"window": 1000})]),
+        (SINK_ANSWERS, [Rows(1, [row]), Confirmed(2, 2), Arrivals(9)]),
+        (STARTS, [Start(b"spec")]),
     ]
     for decoder, sent in directions:
-        received = [frame async for frame in _frames(stream(*sent), decoder, "peer")]
+        received = [frame async for frame in read_frames(stream(*sent), decoder, "peer")]
         assert received == sent
         assert [type(frame) for frame in received] == [type(frame) for frame in sent]
-    (events_frame, *_) = [frame async for frame in _frames(stream(Events(3, [carried])),
-                                                           _SOURCE_REPORTS, "peer")]
+    (events_frame, *_) = [frame async for frame in read_frames(stream(Events(3, [carried])),
+                                                           SOURCE_REPORTS, "peer")]
     assert isinstance(events_frame, Events)
     (decoded,) = events_frame.events
     assert decoded == event
@@ -369,16 +378,44 @@ async def test_every_frame_arrives_as_the_typed_frame_that_was_sent() -> None:
     assert reading.address == ("holding", 0, 2)
 
 
+async def test_a_status_travels_typed_with_its_devices_and_errors() -> None:
+    worker = EndpointStatus(name="plant", kind="source", protocol="modbus", endpoint="x")
+    worker.child("boiler").down("timed out", ErrorCategory.DEVICE)
+    worker.degraded("a device is down", ErrorCategory.DEVICE)
+    worker.counters["readings"] += 5
+    (frame,) = [frame async for frame in read_frames(stream(Status(worker.snapshot())),
+                                                     SOURCE_REPORTS, "peer")]
+    assert isinstance(frame, Status)
+    snapshot = frame.status
+    assert snapshot.state is ConnectionState.DEGRADED
+    assert snapshot.error_category is ErrorCategory.DEVICE
+    assert snapshot.counters == {"readings": 5, "errors": 1}
+    assert snapshot.children["boiler"].state is ConnectionState.DOWN
+    assert snapshot.children["boiler"].last_error == "timed out"
+    daemon = EndpointStatus(name="plant", kind="source", protocol="modbus", endpoint="x")
+    daemon.mirror(snapshot)
+    assert daemon.to_dict() == worker.to_dict()
+
+
+async def test_a_status_whose_state_is_unknown_is_a_protocol_error() -> None:
+    data = bytearray(encode(Status(StatusSnapshot(state=ConnectionState.UP, since=1.0))))
+    data = data.replace(b"\xa2up", b"\xa2no")
+    with pytest.raises(ConnectorError) as raised:
+        await read_frame(stream(tail=bytes(data)), SOURCE_REPORTS, "worker process 0")
+    assert raised.value.category is ErrorCategory.PROTOCOL
+    assert "malformed frame" in raised.value.reason
+
+
 async def test_a_frame_from_the_wrong_direction_is_a_protocol_error() -> None:
     with pytest.raises(ConnectorError) as raised:
-        await _read_frame(stream(Stored(1)), _SOURCE_REPORTS, "worker process 0")
+        await read_frame(stream(Stored(1)), SOURCE_REPORTS, "worker process 0")
     assert raised.value.category is ErrorCategory.PROTOCOL
     assert "malformed frame" in raised.value.reason
 
 
 async def test_frames_end_where_the_stream_ends_even_mid_frame() -> None:
-    assert await _read_frame(stream(), _SOURCE_ORDERS, "daemon") is None
-    truncated = bytes(_frame(Stored(1)))[:-1]
-    received = [frame async for frame in _frames(stream(Stored(2), tail=truncated),
-                                                 _SOURCE_ORDERS, "daemon")]
+    assert await read_frame(stream(), SOURCE_ORDERS, "daemon") is None
+    truncated = bytes(encode(Stored(1)))[:-1]
+    received = [frame async for frame in read_frames(stream(Stored(2), tail=truncated),
+                                                 SOURCE_ORDERS, "daemon")]
     assert received == [Stored(2)]

@@ -32,11 +32,11 @@ WITHIN = 20.0
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The two test distributions, built from copies (no build output in the tree) and
-    installed into a target directory."""
+    """The test distributions, built from copies (no build output in the tree) and installed
+    into a target directory."""
     base = tmp_path_factory.mktemp("plugins")
     sources = []
-    for name in ("fieldbridge-tick", "fieldbridge-faulty"):
+    for name in ("fieldbridge-tick", "fieldbridge-jsonl", "fieldbridge-faulty"):
         copy = base / "src" / name
         shutil.copytree(PLUGINS / name, copy)
         sources.append(str(copy))
@@ -180,6 +180,24 @@ async def test_run_bridges_a_plugin_source_into_a_plugin_sink(
     assert values == [2.0 * index for index in range(len(values))]
     assert {(event["point"], event["protocol"], event["bridge"]) for event in events} == {
         ("plant.count", "tick", "plugged")}
+
+
+README_SINK = PLUGINS / "fieldbridge-jsonl" / "fieldbridge_jsonl" / "__init__.py"
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_the_readme_shows_the_complete_sink_the_plugin_test_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", _readme_section("Writing a connector"),
+                        flags=re.DOTALL)
+    shown = README_SINK.read_text(encoding="utf-8")
+    assert shown in blocks
+    assert len(shown.splitlines()) < 60
 
 
 # --- discovery, without installing anything ---------------------------------------------------

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 from bench.harness import Peer, percentile, workdir
 from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, config, mosquitto
-from bridge.core.model import Event
+from bridge.core.model import Event, Settlement
 from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState
 from bridge.pipeline.outbox import Admission
-from bridge.pipeline.router import Router, Settlement
+from bridge.pipeline.router import Router
 from bridge.pipeline.store import Store
 from bridge.registry import load_config
 from bridge.runtime import Runtime

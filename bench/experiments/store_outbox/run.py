@@ -19,16 +19,16 @@ from typing import Any
 import pika.spec
 
 from bridge.core.model import Event, Quality, new_event_id
-from bridge.core.sink import SinkContext, SinkLink
+from bridge.core.sink import SinkContext
 from bridge.core.status import EndpointStatus
-from bridge.pipeline.delivery import SinkOutbox, deliver
+from bridge.pipeline.delivery import DeliveryContext, SinkDelivery, SinkOutbox, deliver
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.store import Retention, Store, SyncMode
 from protocols.amqp.sink import AmqpSink, _Publishing
 from protocols.amqp.sink_config import AmqpSinkConfig
 
 
-class _Frame:
+class _ConfirmFrame:
     def __init__(self, tag: int) -> None:
         self.method = pika.spec.Basic.Ack(delivery_tag=tag, multiple=True)
 
@@ -53,18 +53,19 @@ class _Channel:
     def _confirm(self) -> None:
         self.scheduled = False
         assert self.session is not None
-        self.session.on_confirm(_Frame(self.tag))
+        self.session.on_confirm(_ConfirmFrame(self.tag))
 
 
-class _FakeBrokerSink(AmqpSink):
+class _InstantConfirmSink(AmqpSink):
     """The real AMQP sink's publishing, on a channel that confirms at once."""
 
     def __init__(self, config: AmqpSinkConfig, channel: _Channel) -> None:
         super().__init__(config, bridge_id="edge")
         self.channel = channel
 
-    async def connect(self, link: SinkLink) -> None:
-        session = self._session = _Publishing("fake", step_timeout=5, link=link, sink=self)
+    async def connect(self, context: SinkContext) -> None:
+        session = self._session = _Publishing("fake", step_timeout=5, context=context,
+                                              sink=self)
         session.publishing = self.channel
         self.channel.session = session
 
@@ -84,7 +85,7 @@ async def run(total: int, batch: int, rate: float | None, sink_on: bool,
               sync: SyncMode) -> dict[str, float]:
     config = AmqpSinkConfig.model_validate({"id": "rabbit", "protocol": "amqp"})
     published: dict[str, float] = {}
-    sink = _FakeBrokerSink(config, _Channel(published))
+    sink = _InstantConfirmSink(config, _Channel(published))
     with tempfile.TemporaryDirectory() as directory:
         outbox = Outbox(OutboxLimits(max_events=1_000_000, max_bytes=1 << 30),
                         [sink.route()] if sink_on else [])
@@ -95,9 +96,8 @@ async def run(total: int, batch: int, rate: float | None, sink_on: bool,
         status = EndpointStatus(name="rabbit", kind="sink", protocol="amqp", endpoint="fake")
         task = None
         if sink_on:
-            context = SinkContext(status=status, outbox=SinkOutbox(store, "rabbit"),
-                                  deliver=deliver)
-            task = asyncio.create_task(deliver(sink, context))
+            context = DeliveryContext(status=status, outbox=SinkOutbox(store, "rabbit"))
+            task = asyncio.create_task(deliver(SinkDelivery(sink), context))
         events = [make_event(index) for index in range(total)]
         cpu, wall = time.process_time(), time.perf_counter()
         for start in range(0, total, batch):

@@ -1,12 +1,11 @@
-"""A connector distribution: a counter source (``tick``) and a JSON Lines sink (``jsonl``)."""
+"""A connector distribution: a counter source (``tick``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal
 
 from pydantic import Field
 
@@ -15,17 +14,13 @@ from bridge.config.models import (
     PointBase,
     ReportSpec,
     ResolvedPoint,
-    SinkBase,
     SourceBase,
 )
 from bridge.config.yamlsource import KeyPath
 from bridge.core.mapping import PointProgram
 from bridge.core.model import Event, Reading
-from bridge.core.sink import BrokerSink, EventSelector, OutboxRow, Sink, SinkLink
 from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit
 from bridge.registry import ProtocolSpec
-
-# --- the source ---------------------------------------------------------------------------
 
 
 class TickPoint(PointBase):
@@ -102,57 +97,3 @@ def build_tick(source: SourceBase, points: Sequence[ResolvedPoint],
 TICK = ProtocolSpec(name="tick", source_model=TickSourceConfig, build=build_tick,
                     source_points=tick_points)
 """The ``tick`` protocol: a source only."""
-
-# --- the sink -----------------------------------------------------------------------------
-
-
-class JsonLinesSinkConfig(SinkBase):
-    """Append every event to a file, one JSON object a line."""
-
-    protocol: Literal["jsonl"]
-    path: Path = Field(description="The file; relative to the configuration file.")
-
-
-class JsonLinesSink(BrokerSink):
-    """Appends the rows the delivery engine hands it to a file, and confirms what it wrote."""
-
-    def __init__(self, config: JsonLinesSinkConfig, context: BuildContext) -> None:
-        self.path = context.resolve(config.path)
-        super().__init__(sink_id=config.id, protocol="jsonl", endpoint=str(self.path),
-                         selector=EventSelector.of(config))
-        self.window = 500
-        self._file: TextIO | None = None
-        self._link: SinkLink | None = None
-
-    def address(self, event: Event) -> str:
-        """Every event goes to the one file."""
-        return ""
-
-    async def connect(self, link: SinkLink) -> None:
-        """Open the file for appending."""
-        self._link = link
-        self._file = await asyncio.to_thread(self.path.open, "a", encoding="utf-8")
-
-    def publish(self, rows: Sequence[OutboxRow]) -> None:
-        """Write the rows, flush, and confirm them."""
-        assert self._file is not None
-        assert self._link is not None
-        self._file.writelines(f"{row.body}\n" for row in rows)
-        self._file.flush()
-        self._link.confirmed([row.seq for row in rows])
-
-    async def close(self) -> None:
-        """Close the file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def build_jsonl(config: SinkBase, context: BuildContext) -> Sink:
-    """The sink for one configured ``jsonl`` sink."""
-    assert isinstance(config, JsonLinesSinkConfig)
-    return JsonLinesSink(config, context)
-
-
-JSONL = ProtocolSpec(name="jsonl", sink_model=JsonLinesSinkConfig, build_sink=build_jsonl)
-"""The ``jsonl`` protocol: a sink only."""
