@@ -63,23 +63,17 @@ class OpcuaMapper:
 
     def __init__(self, points: Sequence[ResolvedPoint], *, bridge_id: str) -> None:
         self._programs: dict[str, list[PointProgram]] = {}
-        self._addresses: dict[str, str] = {}
         for point in points:
             spec = point.spec
             if not isinstance(spec, OpcuaPoint):
                 raise TypeError(f"point {point.id} is not an OPC-UA point")
             program = PointProgram(point, protocol=PROTOCOL, bridge_id=bridge_id)
             self._programs.setdefault(spec.address, []).append(program)
-            self._addresses[point.id] = spec.address
 
     @property
     def addresses(self) -> list[str]:
         """Every node address the source must serve, in configuration order."""
         return list(self._programs)
-
-    def address_of(self, point_id: str) -> str | None:
-        """The node address a point reads, or ``None`` for a point of another source."""
-        return self._addresses.get(point_id)
 
     def map(self, reading: Reading) -> list[Event]:
         """Events of every point on the reading's node; ``bad`` ones if the value is unusable."""
