@@ -9,8 +9,10 @@ a node with two parents) is not browsed again; it keeps the first browse path. P
 
 Each variable's DataType, ValueRank, AccessLevel, Description and current value are read in
 batches within MaxNodesPerRead. A variable becomes a point when the bridge can map its value
-(numbers, booleans, strings, texts, times); arrays, structures, byte strings, unreadable and
-empty variables are listed as comments at the end of the file, each with the reason.
+(numbers, booleans, strings, texts, times); arrays, structures, byte strings and unreadable
+variables are listed as comments at the end of the file, each with the reason. A variable
+whose value reads Bad right now (a failed sensor) is mapped from its DataType and listed too:
+it runs ``bad`` until it reads.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from protocols.opcua.config import (
     parse_node_id,
     redact_url,
 )
-from protocols.opcua.mapping import normalize
+from protocols.opcua.mapping import normalize, variant_value
 from protocols.opcua.session import default_client
 from protocols.opcua.source import OpcuaSource
 
@@ -76,7 +78,15 @@ _READ_ATTRIBUTES = (AttributeIds.DataType, AttributeIds.ValueRank, AttributeIds.
                     AttributeIds.Description, AttributeIds.Value)
 _CURRENT_READ = 1
 _CURRENT_WRITE = 2
-_STRUCTURE = ua.NodeId(ua.Int32(ObjectIds.Structure))
+_MAPPABLE_TYPES = frozenset({
+    ObjectIds.Boolean, ObjectIds.SByte, ObjectIds.Byte, ObjectIds.Int16, ObjectIds.UInt16,
+    ObjectIds.Int32, ObjectIds.UInt32, ObjectIds.Int64, ObjectIds.UInt64, ObjectIds.Float,
+    ObjectIds.Double, ObjectIds.String, ObjectIds.DateTime, ObjectIds.Guid,
+    ObjectIds.XmlElement, ObjectIds.NodeId, ObjectIds.ExpandedNodeId, ObjectIds.QualifiedName,
+    ObjectIds.LocalizedText, ObjectIds.Number, ObjectIds.Integer, ObjectIds.UInteger,
+    ObjectIds.Enumeration,
+})
+"""Builtin DataTypes whose values the mapping carries (the abstract numeric ones included)."""
 
 
 class OpcuaDiscoverRequest(DiscoveryRequest):
@@ -131,7 +141,20 @@ def _target(text: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _TypeInfo:
     name: str
-    structure: bool
+    base: int | None
+    """The builtin (namespace 0, below 30) type it derives from, when known."""
+
+    @property
+    def structure(self) -> bool:
+        """Whether its values are structures (extension objects)."""
+        return self.base == ObjectIds.Structure
+
+    @property
+    def mappable(self) -> bool | None:
+        """Whether a value of this type can be a point; ``None``: the type does not say."""
+        if self.base is None or self.base == ObjectIds.BaseDataType:
+            return None
+        return self.base in _MAPPABLE_TYPES
 
 
 async def _data_types(client: Client, types: set[ua.NodeId]) -> dict[ua.NodeId, _TypeInfo]:
@@ -145,12 +168,13 @@ async def _data_types(client: Client, types: set[ua.NodeId]) -> dict[ua.NodeId, 
             browse_name = await call("read a data type", client.get_node(data_type)
                                       .read_browse_name())
             name = browse_name.Name
+        base: int | None = None
         try:
-            base = await get_base_data_type(client.get_node(data_type))
-            structure = base.nodeid == _STRUCTURE
+            found = (await get_base_data_type(client.get_node(data_type))).nodeid.Identifier
+            base = found if isinstance(found, int) else None
         except (UaError, OSError, TimeoutError):
-            structure = False
-        info[data_type] = _TypeInfo(name, structure)
+            pass  # the type's ancestry is not readable: judged by the value alone
+        info[data_type] = _TypeInfo(name, base)
     return info
 
 
@@ -239,10 +263,12 @@ async def _describe(client: Client, found: BrowseResult, limits: ServerLimits,
         text = _text(description)
         if variable.path and text == variable.path[-1].Name:
             text = None  # many servers repeat the browse name: no news
+        extra: dict[str, Any] = {"path": path, "value_rank": rank}
+        if value.StatusCode is not None and value.StatusCode.is_bad():
+            extra["status"] = value.StatusCode.name
         items.append(DiscoveredItem(
             name=name, address=node, type=type_name, unit=units.get(variable.node_id),
-            writable=bool(level & _CURRENT_WRITE), description=text,
-            extra={"path": path, "value_rank": rank}))
+            writable=bool(level & _CURRENT_WRITE), description=text, extra=extra))
     return items, skipped, None
 
 
@@ -257,8 +283,15 @@ def _unmappable(type_info: _TypeInfo | None, type_name: str, rank: Any, level: i
     if type_info is not None and type_info.structure:
         return f"a structure ({type_name}); only numbers, booleans and strings are bridged"
     if value.StatusCode is not None and value.StatusCode.is_bad():
-        return f"reading it gives {value.StatusCode.name}; add it by hand once it reads"
-    raw = value.Value.Value if value.Value is not None else None
+        # A failed sensor is still a point: its DataType says what it will hold.
+        mappable = type_info.mappable if type_info is not None else None
+        if mappable is None:
+            return (f"reading it gives {value.StatusCode.name} and its DataType ({type_name}) "
+                    "does not say what it holds; add it by hand once it reads")
+        if not mappable:
+            return f"a {type_name}; only numbers, booleans and strings are bridged"
+        return None
+    raw = variant_value(value.Value)
     try:
         normalize(raw)
     except DecodeError as exc:
@@ -326,7 +359,13 @@ def _result(request: OpcuaDiscoverRequest, context: DiscoveryContext,
         header.append(f"{found.revisited} references led to nodes already seen (cycles or "
                       "nodes with several parents): each is listed once.")
     header.extend(f"warning: {warning}" for warning in warnings)
+    failing = [item for item in items if "status" in item.extra]
     footer: list[str] = []
+    if failing:
+        footer.append("Reading Bad during discovery (mapped from their DataType; they stay "
+                      "bad until they read):")
+        footer.extend(f"  {item.extra['path']} ({item.address}): {item.extra['status']}"
+                      for item in failing)
     if skipped:
         footer.append("Not mapped:")
         footer.extend(f"  {entry.path} ({entry.node}): {entry.reason}" for entry in skipped)

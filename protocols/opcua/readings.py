@@ -17,6 +17,7 @@ from asyncua import ua
 from bridge.core.model import Quality, Reading
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ErrorCategory
+from protocols.opcua.mapping import variant_value
 
 UNAVAILABLE_STATUSES = frozenset({
     "BadNodeIdUnknown", "BadNodeIdInvalid", "BadNotReadable", "BadUserAccessDenied",
@@ -55,7 +56,7 @@ def reading_of(source_id: str, address: str, data: ua.DataValue | None,
         return Reading(source=source_id, address=address, value=None,
                        received_at=received_at, quality=Quality.BAD, reason="no value")
     quality, reason = quality_of(data.StatusCode)
-    value = data.Value.Value if data.Value is not None else None
+    value = variant_value(data.Value)
     ts = timestamp_of(data.SourceTimestamp) or timestamp_of(data.ServerTimestamp)
     return Reading(source=source_id, address=address,
                    value=None if quality is Quality.BAD else value,

@@ -21,6 +21,7 @@ from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.crypto import security_policies
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bridge.core.status import EndpointStatus
@@ -149,13 +150,45 @@ def connect_url(url: str) -> str:
     return f"{scheme}://{host}:{DEFAULT_PORT}{slash}{path}"
 
 
-ClientFactory = Callable[[OpcuaSourceConfig], Client]
+class SessionClient(Client):
+    """asyncua's client, able to encrypt a password on an unsecured channel.
+
+    On a channel without security the server sends no certificate with CreateSession, yet
+    its user token policy may still ask for the password encrypted with the server's key;
+    asyncua then has no key to encrypt with. ``token_certificate`` (the certificate of the
+    endpoint description) fills that gap for the one ActivateSession that needs it.
+    """
+
+    token_certificate: bytes | None = None
+    """The server certificate (DER) to encrypt the identity token with, if the channel
+    brings none."""
+
+    async def activate_session(
+        self, username: str | None = None, password: str | None = None,
+        certificate: x509.Certificate | None = None,
+    ) -> ua.ActivateSessionResult:
+        """ActivateSession, with ``token_certificate`` standing in for the channel's."""
+        policy = self.security_policy
+        channel_certificate = policy.peer_certificate
+        borrowed = not channel_certificate and self.token_certificate is not None
+        if borrowed:
+            policy.peer_certificate = self.token_certificate
+        try:
+            return await super().activate_session(username, password, certificate)
+        finally:
+            if borrowed:
+                # Only the token is encrypted with it: the unsecured channel, renewed
+                # later, must not name a receiver certificate.
+                policy.peer_certificate = channel_certificate
+
+
+ClientFactory = Callable[[OpcuaSourceConfig], SessionClient]
 """Creates the asyncua client for one run; tests may pass their own."""
 
 
-def default_client(config: OpcuaSourceConfig) -> Client:
+def default_client(config: OpcuaSourceConfig) -> SessionClient:
     """An asyncua client for ``config``; its own reconnecting stays off."""
-    return Client(connect_url(config.url), timeout=config.timeout,
+    return SessionClient(connect_url(config.url), timeout=config.timeout,
                          watchdog_intervall=config.keepalive, auto_reconnect=False)
 
 
@@ -176,7 +209,7 @@ class Session:
         """Translate what fails inside into ``ConnectorError`` naming ``doing``."""
         return translated(self.endpoint, doing)
 
-    async def open(self, client: Client, status: EndpointStatus) -> None:
+    async def open(self, client: SessionClient, status: EndpointStatus) -> None:
         """Connect ``client``: secure channel, then session with the configured identity."""
         config = self.config
         client.name = "Fieldbridge"
@@ -190,6 +223,8 @@ class Session:
         if auth.username is not None and auth.password is not None:
             client.set_user(auth.username)
             client.set_password(auth.password.get_secret_value())
+            if config.security.policy == "None":
+                client.token_certificate = await self._token_certificate(client)
         elif auth.certificate is not None and auth.private_key is not None:
             password = auth.private_key_password
             certificate = self._material(auth.certificate, "auth.certificate")
@@ -255,6 +290,23 @@ class Session:
         with self.failures("get endpoints"):
             endpoints = await client.connect_and_get_server_endpoints()
             return Client.find_endpoint(endpoints, mode, uri)
+
+    async def _token_certificate(self, client: Client) -> bytes | None:
+        """The server certificate to encrypt the password with on an unsecured channel, when
+        the endpoint's username token policy asks for encryption (else ``None``)."""
+        endpoint = await self._endpoint(client)
+        for token in endpoint.UserIdentityTokens or []:
+            if token.TokenType != ua.UserTokenType.UserName:
+                continue
+            if token.SecurityPolicyUri in ("", None, security_policies.SecurityPolicyNone.URI):
+                return None
+            if not endpoint.ServerCertificate:
+                raise ConnectorError(
+                    self.endpoint, "the server asks for the password encrypted with "
+                    f"{token.SecurityPolicyUri.rpartition('#')[2]} but its endpoint carries no "
+                    "certificate to encrypt it with", ErrorCategory.PROTOCOL)
+            return self._server_certificate(endpoint)
+        return None
 
     def _server_certificate(self, endpoint: ua.EndpointDescription) -> bytes:
         """The endpoint's certificate (DER), checked against the pin.

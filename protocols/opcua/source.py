@@ -1,9 +1,10 @@
 """The OPC-UA source: one session to one server, subscribing to or polling its nodes.
 
 The source connects, resolves every configured node (NodeIds as given, namespace URIs and
-browse paths through the server), then serves until the connection fails, when it raises
-``ConnectorError`` and lets the supervisor back off and call ``run`` again; every run creates
-the subscription and all its monitored items afresh. asyncua's own reconnect stays off so
+browse paths through the server), then serves until the connection fails, when it marks
+every point ``bad`` with the reason, raises ``ConnectorError`` and lets the supervisor back
+off and call ``run`` again; every run creates the subscription and all its monitored items
+afresh. asyncua's own reconnect stays off so
 that one supervisor owns retrying.
 
 A node that does not exist or cannot be read marks its points ``bad`` with the server's
@@ -140,7 +141,26 @@ class OpcuaSource(Source):
     # -- running ---------------------------------------------------------------------------
 
     async def run(self, context: SourceContext) -> None:
-        """Connect, resolve the nodes, then subscribe or poll until the connection fails."""
+        """Connect, resolve the nodes, then subscribe or poll until the connection fails.
+
+        When it fails (or cannot be made), every point turns ``bad`` with the reason before
+        the error goes to the supervisor: a value from a server that is gone is not current.
+        """
+        try:
+            await self._serve(context)
+        except ConnectorError as exc:
+            await self._all_bad(context, exc.reason)
+            raise
+
+    async def _all_bad(self, context: SourceContext, reason: str) -> None:
+        now = time.time()
+        await context.publish([
+            Reading(source=self.id, address=address, value=None, received_at=now,
+                    quality=Quality.BAD, reason=reason)
+            for address in self._nodes])
+
+    async def _serve(self, context: SourceContext) -> None:
+        """One session: connect, resolve, then subscribe or poll until it fails."""
         client = self._client_factory(self.config)
         client.connection_lost_callback = self._lost
         self._loss = None
