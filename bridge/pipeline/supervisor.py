@@ -74,6 +74,8 @@ async def supervise(
     """Run one source or sink forever: connect, serve, and on failure back off and reconnect."""
     backoff = backoff or Backoff()
     status = context.status
+    logged: str | None = None
+    # The internal error last logged with its traceback: a repetition is not logged again.
     while True:
         status.connecting()
         started = time.monotonic()
@@ -85,10 +87,13 @@ async def supervise(
             reason, category = exc.reason, exc.category
         except Exception as exc:
             # A bug in one connector must not take the others down: log it with its
-            # traceback, show it in the inventory, and restart that connector alone.
-            logger.exception("%s %s failed unexpectedly", status.kind, connector.id)
+            # traceback (once, not on every retry), show it in the inventory, and restart
+            # that connector alone.
             reason = f"internal error: {type(exc).__name__}: {exc}"
             category = ErrorCategory.PROTOCOL
+            if reason != logged:
+                logger.exception("%s %s failed unexpectedly", status.kind, connector.id)
+                logged = reason
         was_up = status.state in (ConnectionState.UP, ConnectionState.DEGRADED)
         status.down(reason, category)
         status.counters["reconnects"] += 1

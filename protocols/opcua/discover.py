@@ -9,8 +9,10 @@ a node with two parents) is not browsed again; it keeps the first browse path. P
 
 Each variable's DataType, ValueRank, AccessLevel, Description and current value are read in
 batches within MaxNodesPerRead. A variable becomes a point when the bridge can map its value
-(numbers, booleans, strings, texts, times); arrays, structures, byte strings, unreadable and
-empty variables are listed as comments at the end of the file, each with the reason.
+(numbers, booleans, strings, texts, times); arrays, structures, byte strings and unreadable
+variables are listed as comments at the end of the file, each with the reason. A variable
+whose value reads Bad right now (a failed sensor) is mapped from its DataType and listed too:
+it runs ``bad`` until it reads.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,18 @@ from bridge.core.discovery import (
 )
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, DecodeError, ErrorCategory
+from protocols.opcua.browse import (
+    BrowseResult,
+    RequestError,
+    ServerLimits,
+    browse,
+    browse_path,
+    call,
+    nsu_form,
+    read_attributes,
+    resolve_root,
+    server_limits,
+)
 from protocols.opcua.config import (
     PROTOCOL,
     AuthConfig,
@@ -54,21 +68,25 @@ from protocols.opcua.config import (
     parse_node_id,
     redact_url,
 )
-from protocols.opcua.mapping import normalize
-from protocols.opcua.source import OpcuaSource, chunked, default_client, describe
+from protocols.opcua.mapping import normalize, variant_value
+from protocols.opcua.session import default_client
+from protocols.opcua.source import OpcuaSource
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 1000
-"""Nodes per Browse or Read call when the server states no limit."""
-MAX_REFERENCES = 1000
-"""References asked per node and call; a server with more hands out a continuation point."""
 _READ_ATTRIBUTES = (AttributeIds.DataType, AttributeIds.ValueRank, AttributeIds.AccessLevel,
                     AttributeIds.Description, AttributeIds.Value)
 _CURRENT_READ = 1
 _CURRENT_WRITE = 2
-_HAS_PROPERTY = ua.NodeId(ua.Int32(ObjectIds.HasProperty))
-_STRUCTURE = ua.NodeId(ua.Int32(ObjectIds.Structure))
+_MAPPABLE_TYPES = frozenset({
+    ObjectIds.Boolean, ObjectIds.SByte, ObjectIds.Byte, ObjectIds.Int16, ObjectIds.UInt16,
+    ObjectIds.Int32, ObjectIds.UInt32, ObjectIds.Int64, ObjectIds.UInt64, ObjectIds.Float,
+    ObjectIds.Double, ObjectIds.String, ObjectIds.DateTime, ObjectIds.Guid,
+    ObjectIds.XmlElement, ObjectIds.NodeId, ObjectIds.ExpandedNodeId, ObjectIds.QualifiedName,
+    ObjectIds.LocalizedText, ObjectIds.Number, ObjectIds.Integer, ObjectIds.UInteger,
+    ObjectIds.Enumeration,
+})
+"""Builtin DataTypes whose values the mapping carries (the abstract numeric ones included)."""
 
 
 class OpcuaDiscoverRequest(DiscoveryRequest):
@@ -120,215 +138,23 @@ def _target(text: str) -> dict[str, Any]:
     return {"url": text}
 
 
-@dataclass
-class _Found:
-    """A node reached by the browse."""
-
-    node_id: ua.NodeId
-    path: tuple[ua.QualifiedName, ...]
-    node_class: ua.NodeClass
-    units_node: ua.NodeId | None = None
-
-
-@dataclass
-class _Browse:
-    """What one browse gathered so far."""
-
-    variables: list[_Found] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    revisited: int = 0
-    error: str | None = None
-    stopped: str | None = None
-
-
-@dataclass(frozen=True)
-class _Limits:
-    browse: int
-    read: int
-    namespaces: tuple[str, ...]
-
-
-class _RequestError(Exception):
-    """A request failed part-way; what was found so far is still written."""
-
-    def __init__(self, reason: str, category: ErrorCategory) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.category = category
-
-
-async def _call(doing: str, work: Any) -> Any:
-    try:
-        return await work
-    except (UaError, OSError, TimeoutError) as exc:
-        reason, category = describe(exc)
-        raise _RequestError(f"{doing}: {reason}", category) from exc
-
-
-def _numeric(identifier: int) -> ua.NodeId:
-    return ua.NodeId(ua.Int32(identifier))
-
-
-async def _limits(client: Client) -> _Limits:
-    ids = [_numeric(ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerBrowse),
-           _numeric(ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead),
-           _numeric(ObjectIds.Server_NamespaceArray)]
-    values = await _call("read server limits",
-                         client.uaclient.read_attributes(ids, AttributeIds.Value))
-    caps = []
-    for value in values[:2]:
-        raw = value.Value.Value if value.Value is not None else None
-        good = value.StatusCode is None or value.StatusCode.is_good()
-        caps.append(min(int(raw), DEFAULT_BATCH * 10) if good and isinstance(raw, int)
-                    and raw > 0 else DEFAULT_BATCH)
-    array = values[2].Value.Value if values[2].Value is not None else None
-    return _Limits(browse=caps[0], read=caps[1],
-                   namespaces=tuple(array) if isinstance(array, list) else ())
-
-
-def nsu_form(node_id: ua.NodeId, namespaces: Sequence[str]) -> str:
-    """The NodeId with its namespace URI instead of its index (namespace 0 stays short)."""
-    text = ua.NodeId(node_id.Identifier, node_id.NamespaceIndex, node_id.NodeIdType).to_string()
-    index = node_id.NamespaceIndex
-    if index == 0 or index >= len(namespaces):
-        return text
-    _, _, identifier = text.partition(";")
-    return f"nsu={namespaces[index]};{identifier}"
-
-
-def browse_path(path: Sequence[ua.QualifiedName]) -> str:
-    """A browse path in the text form a point's ``path`` takes (``2:Plant/2:Boiler``)."""
-
-    def escape(name: str) -> str:
-        for character in "&/.<>:#!":
-            name = name.replace(character, f"&{character}")
-        return name
-
-    return "/".join(f"{name.NamespaceIndex}:{escape(name.Name)}" for name in path)
-
-
-def _resolve_root(text: str, namespaces: Sequence[str]) -> ua.NodeId:
-    parsed = parse_node_id(text)
-    if isinstance(parsed, ua.ExpandedNodeId) and parsed.NamespaceUri:
-        if parsed.NamespaceUri not in namespaces:
-            raise _RequestError(f"namespace {parsed.NamespaceUri} of the root is not on the server",
-                          ErrorCategory.CONFIG)
-        return ua.NodeId(parsed.Identifier, ua.Int16(namespaces.index(parsed.NamespaceUri)),
-                         parsed.NodeIdType)
-    return ua.NodeId(parsed.Identifier, parsed.NamespaceIndex, parsed.NodeIdType)
-
-
-async def _browse_batch(client: Client, nodes: Sequence[ua.NodeId]
-                        ) -> list[tuple[ua.StatusCode, list[ua.ReferenceDescription]]]:
-    parameters = ua.BrowseParameters()
-    parameters.RequestedMaxReferencesPerNode = MAX_REFERENCES
-    parameters.NodesToBrowse = [
-        ua.BrowseDescription(
-            NodeId=node, BrowseDirection=ua.BrowseDirection.Forward,
-            ReferenceTypeId=_numeric(ObjectIds.HierarchicalReferences), IncludeSubtypes=True,
-            NodeClassMask=ua.NodeClass.Object | ua.NodeClass.Variable,
-            ResultMask=ua.BrowseResultMask.All)
-        for node in nodes]
-    results = await _call("browse", client.uaclient.browse(parameters))
-    answers: list[tuple[ua.StatusCode, list[ua.ReferenceDescription]]] = []
-    for result in results:
-        references = list(result.References or [])
-        continuation = result.ContinuationPoint
-        while continuation:
-            following = ua.BrowseNextParameters()
-            following.ReleaseContinuationPoints = False
-            following.ContinuationPoints = [continuation]
-            (more,) = await _call("browse (continuation)",
-                                  client.uaclient.browse_next(following))
-            if not more.StatusCode.is_good():
-                raise _RequestError(f"browse (continuation): {more.StatusCode.name}",
-                              ErrorCategory.PROTOCOL)
-            references.extend(more.References or [])
-            continuation = more.ContinuationPoint
-        answers.append((result.StatusCode, references))
-    return answers
-
-
-async def _browse(client: Client, root: ua.NodeId, request: OpcuaDiscoverRequest,
-                  limits: _Limits, context: DiscoveryContext) -> _Browse:
-    found = _Browse()
-    seen = {root}
-    level: list[_Found] = [_Found(root, (), ua.NodeClass.Object)]
-    browsed = 0
-    try:
-        for _ in range(request.depth):
-            following: list[_Found] = []
-            for batch in chunked(level, limits.browse):
-                stopped = context.budget.why_stopped(len(found.variables))
-                if stopped is not None:
-                    found.stopped = stopped
-                    return found
-                answers = await _browse_batch(client, [node.node_id for node in batch])
-                browsed += len(batch)
-                context.progress.update(browsed, None, f"nodes browsed, "
-                                        f"{len(found.variables)} variables")
-                for parent, (status, references) in zip(batch, answers, strict=True):
-                    if not status.is_good():
-                        found.warnings.append(f"{browse_path(parent.path) or 'root'}: browse "
-                                              f"refused ({status.name}); below it not covered")
-                        continue
-                    following.extend(_children(parent, references, seen, request, found))
-            level = following
-            if not level:
-                break
-        else:
-            if level:
-                found.warnings.append(f"depth {request.depth} reached: {len(level)} nodes at "
-                                      "that depth were not browsed (raise --depth)")
-    except _RequestError as failure:
-        found.error = failure.reason
-    return found
-
-
-def _children(parent: _Found, references: Sequence[ua.ReferenceDescription],
-              seen: set[ua.NodeId], request: OpcuaDiscoverRequest, found: _Browse
-              ) -> list[_Found]:
-    children = []
-    for reference in references:
-        target = reference.NodeId
-        node_id = ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)
-        if reference.ReferenceTypeId == _HAS_PROPERTY:
-            if (parent.node_class == ua.NodeClass.Variable
-                    and reference.BrowseName.Name == "EngineeringUnits"):
-                parent.units_node = node_id
-            continue
-        if isinstance(target, ua.ExpandedNodeId) and target.ServerIndex:
-            continue
-        if node_id in seen:
-            found.revisited += 1
-            continue
-        seen.add(node_id)
-        if node_id.NamespaceIndex == 0 and not request.include_standard:
-            continue
-        child = _Found(node_id, (*parent.path, reference.BrowseName), reference.NodeClass)
-        if reference.NodeClass == ua.NodeClass.Variable:
-            found.variables.append(child)
-        children.append(child)
-    return children
-
-
-async def _read(client: Client, reads: Sequence[tuple[ua.NodeId, int]], limits: _Limits,
-                context: DiscoveryContext) -> list[ua.DataValue]:
-    values: list[ua.DataValue] = []
-    for batch in chunked(reads, limits.read):
-        parameters = ua.ReadParameters()
-        parameters.TimestampsToReturn = ua.TimestampsToReturn.Neither
-        parameters.NodesToRead = [ua.ReadValueId(NodeId=node, AttributeId=attribute)
-                                  for node, attribute in batch]
-        values.extend(await _call("read attributes", client.uaclient.read(parameters)))
-        context.progress.update(len(values), len(reads), "attributes read")
-    return values
-
-
 @dataclass(frozen=True)
 class _TypeInfo:
     name: str
-    structure: bool
+    base: int | None
+    """The builtin (namespace 0, below 30) type it derives from, when known."""
+
+    @property
+    def structure(self) -> bool:
+        """Whether its values are structures (extension objects)."""
+        return self.base == ObjectIds.Structure
+
+    @property
+    def mappable(self) -> bool | None:
+        """Whether a value of this type can be a point; ``None``: the type does not say."""
+        if self.base is None or self.base == ObjectIds.BaseDataType:
+            return None
+        return self.base in _MAPPABLE_TYPES
 
 
 async def _data_types(client: Client, types: set[ua.NodeId]) -> dict[ua.NodeId, _TypeInfo]:
@@ -339,15 +165,16 @@ async def _data_types(client: Client, types: set[ua.NodeId]) -> dict[ua.NodeId, 
                 and identifier in ObjectIdNames:
             name = ObjectIdNames[identifier]
         else:
-            browse_name = await _call("read a data type", client.get_node(data_type)
+            browse_name = await call("read a data type", client.get_node(data_type)
                                       .read_browse_name())
             name = browse_name.Name
+        base: int | None = None
         try:
-            base = await get_base_data_type(client.get_node(data_type))
-            structure = base.nodeid == _STRUCTURE
+            found = (await get_base_data_type(client.get_node(data_type))).nodeid.Identifier
+            base = found if isinstance(found, int) else None
         except (UaError, OSError, TimeoutError):
-            structure = False
-        info[data_type] = _TypeInfo(name, structure)
+            pass  # the type's ancestry is not readable: judged by the value alone
+        info[data_type] = _TypeInfo(name, base)
     return info
 
 
@@ -380,11 +207,12 @@ async def discover(request: OpcuaDiscoverRequest, context: DiscoveryContext) -> 
     endpoint = config.endpoint()
     async with source.session(status) as client:
         try:
-            limits = await _limits(client)
-            root = _resolve_root(request.root, limits.namespaces)
-        except _RequestError as failure:
+            limits = await server_limits(client)
+            root = resolve_root(request.root, limits.namespaces)
+        except RequestError as failure:
             raise ConnectorError(endpoint, failure.reason, failure.category) from failure
-        found = await _browse(client, root, request, limits, context)
+        found = await browse(client, root, request.depth, request.include_standard,
+                       limits, context)
         if found.error is not None and not found.variables:
             raise ConnectorError(endpoint, found.error, ErrorCategory.PROTOCOL)
         items, skipped, error = await _describe(client, found, limits, context)
@@ -393,7 +221,8 @@ async def discover(request: OpcuaDiscoverRequest, context: DiscoveryContext) -> 
     return _result(request, context, items, skipped, found, error)
 
 
-async def _describe(client: Client, found: _Browse, limits: _Limits, context: DiscoveryContext
+async def _describe(client: Client, found: BrowseResult, limits: ServerLimits,
+                    context: DiscoveryContext
                     ) -> tuple[list[DiscoveredItem], list[_Skipped], str | None]:
     variables = found.variables
     reads = [(variable.node_id, attribute) for variable in variables
@@ -402,11 +231,11 @@ async def _describe(client: Client, found: _Browse, limits: _Limits, context: Di
     reads += [(variable.units_node, AttributeIds.Value) for variable in with_units
               if variable.units_node is not None]
     try:
-        values = await _read(client, reads, limits, context)
+        values = await read_attributes(client, reads, limits, context)
         type_ids = {value.Value.Value for value in values[0:len(variables) * 5:5]
                     if value.Value is not None and isinstance(value.Value.Value, ua.NodeId)}
         types = await _data_types(client, type_ids)
-    except _RequestError as failure:
+    except RequestError as failure:
         return [], [], failure.reason
     units: dict[ua.NodeId, str] = {}
     for variable, value in zip(with_units, values[len(variables) * 5:], strict=True):
@@ -434,10 +263,12 @@ async def _describe(client: Client, found: _Browse, limits: _Limits, context: Di
         text = _text(description)
         if variable.path and text == variable.path[-1].Name:
             text = None  # many servers repeat the browse name: no news
+        extra: dict[str, Any] = {"path": path, "value_rank": rank}
+        if value.StatusCode is not None and value.StatusCode.is_bad():
+            extra["status"] = value.StatusCode.name
         items.append(DiscoveredItem(
             name=name, address=node, type=type_name, unit=units.get(variable.node_id),
-            writable=bool(level & _CURRENT_WRITE), description=text,
-            extra={"path": path, "value_rank": rank}))
+            writable=bool(level & _CURRENT_WRITE), description=text, extra=extra))
     return items, skipped, None
 
 
@@ -452,8 +283,15 @@ def _unmappable(type_info: _TypeInfo | None, type_name: str, rank: Any, level: i
     if type_info is not None and type_info.structure:
         return f"a structure ({type_name}); only numbers, booleans and strings are bridged"
     if value.StatusCode is not None and value.StatusCode.is_bad():
-        return f"reading it gives {value.StatusCode.name}; add it by hand once it reads"
-    raw = value.Value.Value if value.Value is not None else None
+        # A failed sensor is still a point: its DataType says what it will hold.
+        mappable = type_info.mappable if type_info is not None else None
+        if mappable is None:
+            return (f"reading it gives {value.StatusCode.name} and its DataType ({type_name}) "
+                    "does not say what it holds; add it by hand once it reads")
+        if not mappable:
+            return f"a {type_name}; only numbers, booleans and strings are bridged"
+        return None
+    raw = variant_value(value.Value)
     try:
         normalize(raw)
     except DecodeError as exc:
@@ -494,7 +332,7 @@ def _source_section(request: OpcuaDiscoverRequest, items: Sequence[DiscoveredIte
 
 
 def _result(request: OpcuaDiscoverRequest, context: DiscoveryContext,
-            items: list[DiscoveredItem], skipped: list[_Skipped], found: _Browse,
+            items: list[DiscoveredItem], skipped: list[_Skipped], found: BrowseResult,
             error: str | None) -> Discovery:
     warnings = list(found.warnings)
     if found.stopped:
@@ -521,7 +359,13 @@ def _result(request: OpcuaDiscoverRequest, context: DiscoveryContext,
         header.append(f"{found.revisited} references led to nodes already seen (cycles or "
                       "nodes with several parents): each is listed once.")
     header.extend(f"warning: {warning}" for warning in warnings)
+    failing = [item for item in items if "status" in item.extra]
     footer: list[str] = []
+    if failing:
+        footer.append("Reading Bad during discovery (mapped from their DataType; they stay "
+                      "bad until they read):")
+        footer.extend(f"  {item.extra['path']} ({item.address}): {item.extra['status']}"
+                      for item in failing)
     if skipped:
         footer.append("Not mapped:")
         footer.extend(f"  {entry.path} ({entry.node}): {entry.reason}" for entry in skipped)

@@ -1,10 +1,12 @@
 """The OPC-UA mapping: a variant's value, normalized, through each point's program.
 
 Scalars map to event values: numbers, booleans and strings as they are; ``LocalizedText``
-as its text; ``DateTime`` as ISO 8601 UTC; GUIDs and ``QualifiedName``/``NodeId`` values as
-their string form. Arrays, structures (extension objects) and byte strings are not values an
-event can carry: such a point is ``bad`` with a reason that says so, never silently dropped
-or flattened into a string nobody asked for.
+and ``XmlElement`` as their text; ``DateTime`` as ISO 8601 UTC; GUIDs and
+``QualifiedName``/``NodeId`` values as their string form. A null String, ByteString or
+XmlElement (how many stacks encode an empty one) is the empty string. Arrays, structures
+(extension objects) and byte strings are not values an event can carry: such a point is
+``bad`` with a reason that says so, never silently dropped or flattened into a string nobody
+asked for.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ from bridge.core.model import Event, Quality, Reading, Value, isoformat
 from bridge.errors import DecodeError
 from protocols.opcua.config import PROTOCOL, OpcuaPoint
 
+_EMPTY_WHEN_NULL = frozenset({
+    ua.VariantType.String, ua.VariantType.ByteString, ua.VariantType.XmlElement})
+
+
+def variant_value(variant: ua.Variant | None) -> Any:
+    """The Python value of a variant, a typed null String, ByteString or XmlElement being
+    the empty string: an empty batch id or message is a value, not a missing one."""
+    if variant is None:
+        return None
+    if variant.Value is None and variant.VariantType in _EMPTY_WHEN_NULL:
+        return ""
+    return variant.Value
+
 
 def normalize(raw: Any) -> Value:
     """A variant's Python value as an event value; raises ``DecodeError`` for what is not one."""
@@ -40,7 +55,9 @@ def normalize(raw: Any) -> Value:
             raise DecodeError(f"value is {raw}")
         return float(raw)
     if isinstance(raw, ua.LocalizedText):
-        return raw.Text
+        return raw.Text or ""
+    if isinstance(raw, ua.XmlElement):
+        return raw.Value or ""
     if isinstance(raw, datetime):
         moment = raw if raw.tzinfo is not None else raw.replace(tzinfo=UTC)
         return isoformat(moment.timestamp())
@@ -63,23 +80,17 @@ class OpcuaMapper:
 
     def __init__(self, points: Sequence[ResolvedPoint], *, bridge_id: str) -> None:
         self._programs: dict[str, list[PointProgram]] = {}
-        self._addresses: dict[str, str] = {}
         for point in points:
             spec = point.spec
             if not isinstance(spec, OpcuaPoint):
                 raise TypeError(f"point {point.id} is not an OPC-UA point")
             program = PointProgram(point, protocol=PROTOCOL, bridge_id=bridge_id)
             self._programs.setdefault(spec.address, []).append(program)
-            self._addresses[point.id] = spec.address
 
     @property
     def addresses(self) -> list[str]:
         """Every node address the source must serve, in configuration order."""
         return list(self._programs)
-
-    def address_of(self, point_id: str) -> str | None:
-        """The node address a point reads, or ``None`` for a point of another source."""
-        return self._addresses.get(point_id)
 
     def map(self, reading: Reading) -> list[Event]:
         """Events of every point on the reading's node; ``bad`` ones if the value is unusable."""

@@ -16,16 +16,14 @@ from bridge.core.model import Quality, Reading
 from bridge.errors import DecodeError, ErrorCategory, WriteError
 from protocols.opcua import OpcuaMapper, OpcuaPoint
 from protocols.opcua.mapping import normalize
-from protocols.opcua.source import (
-    UNAVAILABLE_STATUSES,
-    coerce,
+from protocols.opcua.readings import UNAVAILABLE_STATUSES, quality_of, timestamp_of
+from protocols.opcua.session import (
+    CATEGORIZED_STATUSES,
     connect_url,
     describe,
-    quality_of,
-    raw_for_write,
     status_category,
-    timestamp_of,
 )
+from protocols.opcua.write import coerce, raw_for_write
 
 
 @pytest.mark.parametrize(("raw", "value"), [
@@ -146,10 +144,7 @@ def test_asyncua_noise_about_a_lost_connection_is_dropped() -> None:
 
 
 def test_every_listed_status_exists() -> None:
-    from protocols.opcua import source
-
-    listed = (source._AUTH_STATUSES | source._CONFIG_STATUSES | source._TRANSIENT_STATUSES
-              | UNAVAILABLE_STATUSES)
+    listed = CATEGORIZED_STATUSES | UNAVAILABLE_STATUSES
     assert not [name for name in listed if not hasattr(ua.StatusCodes, name)]
 
 
