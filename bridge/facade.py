@@ -25,7 +25,7 @@ from bridge.core.model import Event, Value
 from bridge.core.sink import PointInfo
 from bridge.core.source import BuildContext
 from bridge.core.status import EndpointStatus
-from bridge.errors import ReadError, StoreError, WriteError
+from bridge.errors import StoreError
 from bridge.inventory import (
     RuntimeParts,
     point_counts,
@@ -354,11 +354,7 @@ class ApiFacade:
         """
         runtime = self._runtime
         point = runtime.points[point_id]
-        try:
-            readings = await runtime.sources[point.source].unit.source.read(point_id)
-        except WriteError as exc:
-            # A connector (or worker) that predates ReadError reports a failed read as one.
-            raise ReadError(exc.point, exc.reason, exc.category) from exc
+        readings = await runtime.sources[point.source].unit.source.read(point_id)
         configured = {source.id: source for source in runtime.config.sources}[point.source]
         build = BuildContext(bridge_id=runtime.bridge_id, state_dir=runtime.config.state_dir,
                              config_dir=runtime.config.path.parent)

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
-from bridge.errors import ConnectorError, ErrorCategory, WriteError
+from bridge.errors import ConnectorError, ErrorCategory, ReadError, WriteError
 from protocols.modbus.client import (
     FAILURE_CATEGORY,
     SKIPS_CYCLE,
@@ -331,11 +331,11 @@ class ModbusSource(Source):
         """Read one point's registers now, between poll requests."""
         location = self._locations.get(point_id)
         if location is None:
-            raise WriteError(point_id, f"no such point in source {self.id}",
+            raise ReadError(point_id, f"no such point in source {self.id}",
                              ErrorCategory.CONFIG)
         connection = self._connection
         if connection is None:
-            raise WriteError(point_id, f"source {self.id} is not connected",
+            raise ReadError(point_id, f"source {self.id} is not connected",
                              ErrorCategory.TRANSIENT)
         span = location.span
         block = Block(span.table, span.start, span.count)
@@ -343,7 +343,7 @@ class ModbusSource(Source):
         try:
             outcome = await connection.read(block, self._units[location.device])
         except ConnectorError as exc:
-            raise WriteError(point_id, exc.reason, exc.category) from exc
+            raise ReadError(point_id, exc.reason, exc.category) from exc
         if outcome.values is None:
             return [Reading(self.id, address, None, time.time(), quality=Quality.BAD,
                             reason=outcome.reason)]

@@ -38,7 +38,7 @@ from bridge.core.aio import primary_failure
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.core.status import EndpointStatus
-from bridge.errors import ConnectorError, ErrorCategory, WriteError
+from bridge.errors import ConnectorError, DeviceError, ErrorCategory, ReadError, WriteError
 from protocols.opcua.config import (
     PROTOCOL,
     OpcuaPoint,
@@ -438,34 +438,32 @@ class OpcuaSource(Source):
 
     # -- live read and write-back --------------------------------------------------------
 
-    def _live_node(self, point_id: str) -> tuple[Client, OpcuaPoint, _Node, ua.NodeId]:
+    def _live_node(self, point_id: str, error: type[DeviceError]
+                   ) -> tuple[Client, OpcuaPoint, _Node, ua.NodeId]:
+        """The connected client and the point's resolved node, or ``error`` saying why not."""
         spec = self._points.get(point_id)
         if spec is None:
-            raise WriteError(point_id, f"source {self.id} has no such point", ErrorCategory.CONFIG)
+            raise error(point_id, f"source {self.id} has no such point", ErrorCategory.CONFIG)
         client = self._client
         if client is None:
-            raise WriteError(point_id, f"source {self.id} is not connected",
-                             ErrorCategory.TRANSIENT)
+            raise error(point_id, f"source {self.id} is not connected", ErrorCategory.TRANSIENT)
         node = self._nodes[spec.address]
         if node.node_id is None:
             reason = self._problems.get(spec.address, "unresolved")
-            raise WriteError(point_id, f"node {spec.address} is unavailable: {reason}",
-                             ErrorCategory.CONFIG)
+            raise error(point_id, f"node {spec.address} is unavailable: {reason}",
+                        ErrorCategory.CONFIG)
         return client, spec, node, node.node_id
 
     async def read(self, point_id: str) -> list[Reading]:
         """Read the point's node now, bypassing subscription and poll cycle."""
-        client, _, node, _ = self._live_node(point_id)
+        client, _, node, _ = self._live_node(point_id, ReadError)
         try:
             return await self._read(client, [node])
         except ConnectorError as exc:
-            raise WriteError(point_id, exc.reason, exc.category) from exc
+            raise ReadError(point_id, exc.reason, exc.category) from exc
 
     async def write(self, point_id: str, value: Value) -> None:
-        """Write an engineering value to a writable point, converted to the node's data type."""
-        declared = self._points.get(point_id)
-        if declared is not None and not declared.writable:
-            raise WriteError(point_id, "the point is not writable (set writable: true)",
-                             ErrorCategory.CONFIG)
-        client, spec, _, node_id = self._live_node(point_id)
+        """Write an engineering value to a point, converted to the node's data type (the
+        runtime's write path has checked that the point is writable)."""
+        client, spec, _, node_id = self._live_node(point_id, WriteError)
         await write_node(client, self.endpoint, node_id, point_id, spec, value)

@@ -1,7 +1,8 @@
 """OPC-UA write-back: an engineering value turned into the variant a node's data type takes,
 and written.
 
-The value is first taken back through the point's enum or scale/offset, then coerced to the
+The value is first taken back through the point's enum or scale/offset by the core's inverse
+transform (the same for every protocol), then coerced to the
 node's DataType (read at the time of the write): integers within the type's range, floats,
 booleans and strings; anything else is refused with a ``WriteError`` that says why.
 """
@@ -16,6 +17,7 @@ from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 
 from bridge.config.models import PointBase
+from bridge.core.inverse import compile_inverse_transform
 from bridge.core.model import Value
 from bridge.errors import ConnectorError, ErrorCategory, WriteError
 from protocols.opcua.session import translated
@@ -35,7 +37,7 @@ _INTEGER_RANGES: dict[ua.VariantType, tuple[int, int]] = {
 async def write_node(client: Client, endpoint: str, node_id: ua.NodeId, point_id: str,
                      spec: PointBase, value: Value) -> None:
     """Write an engineering value of point ``point_id`` to its node, as the node's type."""
-    raw = raw_for_write(point_id, spec, value)
+    raw = compile_inverse_transform(point_id, spec)(value)
     try:
         with translated(endpoint, "write"):
             variant_type = await client.get_node(node_id).read_data_type_as_variant_type()
@@ -49,24 +51,6 @@ async def write_node(client: Client, endpoint: str, node_id: ua.NodeId, point_id
         category = (ErrorCategory.AUTH if status.name == "BadUserAccessDenied"
                     else ErrorCategory.DEVICE)
         raise WriteError(point_id, f"the server refused the write: {status.name}", category)
-
-
-def raw_for_write(point_id: str, spec: PointBase, value: Value) -> Value:
-    """The raw value for an engineering value: enum label to key, or scale/offset undone."""
-    if spec.enum is not None:
-        for key, label in spec.enum.items():
-            if label == value:
-                if isinstance(key, str) and key.lstrip("-").isdigit():
-                    return int(key)
-                return key
-        raise WriteError(point_id, f"{value!r} is not one of the point's enum labels "
-                         f"({', '.join(spec.enum.values())})", ErrorCategory.CONFIG)
-    if spec.scale == 1.0 and spec.offset == 0.0:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise WriteError(point_id, f"the point is scaled: write a number, not {value!r}",
-                         ErrorCategory.CONFIG)
-    return (value - spec.offset) / spec.scale
 
 
 def coerce(point_id: str, value: Value, variant_type: ua.VariantType) -> Any:

@@ -347,14 +347,6 @@ class FailingSource(Source):
         raise WriteError(point_id, f"{self.category} trouble", self.category)
 
 
-class WriteErrorOnReadSource(FailingSource):
-    """A connector that reports a failed live read as a ``WriteError``, as connectors did
-    before ``ReadError``."""
-
-    async def read(self, point_id: str) -> list[Reading]:
-        raise WriteError(point_id, f"{self.category} trouble", self.category)
-
-
 class SilentSource(Source):
     """A source of a protocol without live reads or write-back."""
 
@@ -438,9 +430,8 @@ async def test_a_protocol_without_live_reads_or_writes_says_so(tmp_path: Path) -
 
 @pytest.mark.parametrize("source", [
     FailingSource(ErrorCategory.TRANSIENT),
-    WriteErrorOnReadSource(ErrorCategory.TRANSIENT),
     SilentSource(source_id="rig", protocol="mqtt", endpoint="mqtt://broker:1883"),
-], ids=["read-error", "write-error-on-read", "no-live-reads"])
+], ids=["read-error", "no-live-reads"])
 async def test_a_failed_live_read_is_a_read_error(tmp_path: Path, source: Source) -> None:
     runtime = rig(tmp_path, source)
     with pytest.raises(ReadError) as caught:

@@ -31,7 +31,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from bridge.core.model import Quality
 from bridge.core.source import SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
-from bridge.errors import ErrorCategory, WriteError
+from bridge.errors import ErrorCategory, ReadError, WriteError
 from protocols.modbus.client import ClientHooks
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.holes import DevicePlan
@@ -292,13 +292,13 @@ async def test_live_read_through(
     readings = await runner.source.read("meter.energy")
     events = [event for reading in readings for event in runner.unit.mapper.map(reading)]
     assert [(event.point, event.value) for event in events] == [("meter.energy", 1)]
-    with pytest.raises(WriteError, match="no such point"):
+    with pytest.raises(ReadError, match="no such point"):
         await runner.source.read("meter.nothing")
 
 
 async def test_live_read_needs_a_connection(tmp_path: Path) -> None:
     unit = build_unit(tmp_path, source_config(host="127.0.0.1", devices=[plc_device()]))
-    with pytest.raises(WriteError, match="not connected"):
+    with pytest.raises(ReadError, match="not connected"):
         await unit.source.read("meter.energy")
 
 

@@ -12,6 +12,7 @@ from asyncua import ua
 from asyncua.ua.uaerrors import BadIdentityTokenRejected, BadTimeout, UaError
 
 from bridge.config.models import ReportSpec, ResolvedPoint
+from bridge.core.inverse import compile_inverse_transform
 from bridge.core.model import Quality, Reading
 from bridge.errors import DecodeError, ErrorCategory, WriteError
 from protocols.opcua import OpcuaMapper, OpcuaPoint
@@ -23,7 +24,7 @@ from protocols.opcua.session import (
     describe,
     status_category,
 )
-from protocols.opcua.write import coerce, raw_for_write
+from protocols.opcua.write import coerce
 
 
 @pytest.mark.parametrize(("raw", "value"), [
@@ -159,15 +160,15 @@ def test_the_default_port_is_made_explicit(url: str, expected: str) -> None:
     assert connect_url(url) == expected
 
 
-def test_writes_undo_the_point_transform() -> None:
+def test_writes_undo_the_point_transform_through_the_core() -> None:
     scaled = OpcuaPoint(name="s", node="i=1", scale=0.1, offset=-40)
-    assert raw_for_write("p", scaled, 21.5) == pytest.approx(615.0)
+    assert compile_inverse_transform("p", scaled)(21.5) == pytest.approx(615.0)
     labelled = OpcuaPoint(name="e", node="i=1", enum={0: "off", "1": "on"})
-    assert raw_for_write("p", labelled, "on") == 1
-    with pytest.raises(WriteError, match="enum labels"):
-        raw_for_write("p", labelled, "maybe")
-    with pytest.raises(WriteError, match="write a number"):
-        raw_for_write("p", scaled, "warm")
+    assert compile_inverse_transform("p", labelled)("on") == 1
+    with pytest.raises(WriteError, match="not one of the point's labels"):
+        compile_inverse_transform("p", labelled)("maybe")
+    with pytest.raises(WriteError, match="the point is scaled"):
+        compile_inverse_transform("p", scaled)("warm")
 
 
 @pytest.mark.parametrize(("value", "variant", "expected"), [

@@ -103,7 +103,7 @@ class WriteDone(WorkerFrame, frozen=True):
 
 
 class CallFailed(WorkerFrame, frozen=True):
-    """Source worker → daemon: a live read or write failed (a ``WriteError``)."""
+    """Source worker → daemon: a live read or write failed (a ``ReadError`` or ``WriteError``)."""
 
     call: int
     point: str

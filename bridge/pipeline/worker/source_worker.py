@@ -38,7 +38,7 @@ from bridge.core.aio import primary_failure
 from bridge.core.model import Reading, Settlement, Value
 from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
 from bridge.core.status import ConnectionState, EndpointStatus, StatusSnapshot
-from bridge.errors import ConnectorError, ErrorCategory, WriteError
+from bridge.errors import ConnectorError, DeviceError, ErrorCategory, ReadError, WriteError
 from bridge.pipeline.supervisor import Backoff, source_status, supervise
 from bridge.pipeline.worker.frames import (
     SOURCE_ORDERS,
@@ -191,27 +191,29 @@ class WorkerSource(Source):
 
     async def read(self, point_id: str) -> list[Reading]:
         """Read one point now, through the first worker."""
-        match await self._call(point_id, lambda call: ReadPoint(call, point_id)):
+        match await self._call(point_id, lambda call: ReadPoint(call, point_id), ReadError):
             case ReadDone(readings=readings):
                 result: list[Reading] = pickle.loads(readings)
                 return result
             case answer:
-                raise _unexpected(point_id, answer)
+                raise _unexpected(point_id, answer, ReadError)
 
     async def write(self, point_id: str, value: Value) -> None:
         """Write a value, through the first worker."""
-        match await self._call(point_id, lambda call: WritePoint(call, point_id, value)):
+        match await self._call(point_id, lambda call: WritePoint(call, point_id, value),
+                              WriteError):
             case WriteDone():
                 return
             case answer:
-                raise _unexpected(point_id, answer)
+                raise _unexpected(point_id, answer, WriteError)
 
-    async def _call(self, point_id: str, request: Callable[[int], WorkerFrame]) -> _Answer:
+    async def _call(self, point_id: str, request: Callable[[int], WorkerFrame],
+                    error: type[DeviceError]) -> _Answer:
         """Send the first worker ``request(call)`` and wait for its answer; a ``CallFailed``
-        is raised as the ``WriteError`` it reports."""
+        (or no answer) is raised as ``error`` (a ``ReadError`` or a ``WriteError``)."""
         running = self.processes.get(0)
         if running is None or running.writer.is_closing():
-            raise WriteError(point_id, "the source's worker process is not running",
+            raise error(point_id, "the source's worker process is not running",
                              ErrorCategory.TRANSIENT)
         call = next(self._calls)
         reply: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
@@ -221,18 +223,18 @@ class WorkerSource(Source):
             async with asyncio.timeout(CALL_TIMEOUT):
                 answer = await reply
         except TimeoutError:
-            raise WriteError(point_id, f"the worker process did not answer within "
+            raise error(point_id, f"the worker process did not answer within "
                              f"{CALL_TIMEOUT:g}s", ErrorCategory.TRANSIENT) from None
         finally:
             self._replies.pop(call, None)
         if isinstance(answer, CallFailed):
-            raise WriteError(answer.point, answer.reason, answer.category)
+            raise error(answer.point, answer.reason, answer.category)
         return answer
 
 
-def _unexpected(point_id: str, answer: _Answer) -> WriteError:
-    return WriteError(point_id, f"the worker process answered with {type(answer).__name__}",
-                      ErrorCategory.PROTOCOL)
+def _unexpected(point_id: str, answer: _Answer, error: type[DeviceError]) -> DeviceError:
+    return error(point_id, f"the worker process answered with {type(answer).__name__}",
+                 ErrorCategory.PROTOCOL)
 
 
 def _combine(snapshots: Sequence[StatusSnapshot], workers: int) -> StatusSnapshot:
@@ -376,8 +378,8 @@ class _Worker:
 
 def _call_failed(call: int, point_id: str, exc: Exception) -> CallFailed:
     """The answer to a live read or write that raised ``exc``: the daemon raises it again as
-    a ``WriteError``, which the API reports."""
-    if isinstance(exc, WriteError):
+    as a ``ReadError`` or ``WriteError``, which the API reports."""
+    if isinstance(exc, DeviceError):
         return CallFailed(call, exc.point, exc.reason, exc.category)
     return CallFailed(call, point_id, f"{type(exc).__name__}: {exc}", ErrorCategory.PROTOCOL)
 

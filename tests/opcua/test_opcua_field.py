@@ -15,10 +15,10 @@ import httpx
 import pytest
 from asyncua import ua
 from asyncua.crypto import security_policies
-from brokers import SourceRun, wait_until
-from discovery_helpers import in_thread
 from helpers import free_port
-from opcua_server import WAIT, SourceRunner, make_certificate, settle_tasks, source_config
+from helpers.brokers import SourceRun, wait_until
+from helpers.discovery import in_thread
+from helpers.opcua_server import WAIT, SourceRunner, make_certificate, settle_tasks, source_config
 
 from bridge import cli
 from bridge.api.server import ApiServer
