@@ -385,3 +385,52 @@ async def test_the_sinks_point_filter_chooses_the_metrics(
         await wait_until(lambda: status.counters["commands_rejected"] == 1, what="the rejection")
         assert status.counters["writes"] == 0
     assert await plc.holding(1, 0) == [40]
+
+
+def lab_config(tmp_path: Path, group: str, broker_port: int = MQTT_PORT, **sink: Any) -> Path:
+    """A bridge whose only source, ``lab``, reads untyped JSON values from Mosquitto (under
+    ``<group>/lab/``), and the Sparkplug sink ``scada``."""
+    lab = {"id": "lab", "protocol": "mqtt", "host": MQTT_HOST, "port": MQTT_PORT,
+           "clean_session": True,
+           "points": [{"name": f"lab.{name}", "topic": f"{group}/lab/{name}", "path": "v"}
+                      for name in ("level", "total", "offset")]}
+    return write_sink_config(tmp_path, {
+        "id": "scada", "protocol": "mqtt", "format": "sparkplug_b", "host": MQTT_HOST,
+        "port": broker_port, "group_id": group, "edge_node_id": EDGE, **sink},
+        sources=[lab])
+
+
+async def lab_value(group: str, name: str, document: str) -> None:
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=unique("fbtest-lab-")) as client:
+        await client.publish(f"{group}/lab/{name}", document.encode(), qos=1)
+
+
+async def test_a_bad_point_is_born_null_with_its_quality_and_64_bit_integers_stay_exact(
+        tmp_path: Path, group: str, subscriber: Subscriber) -> None:
+    async with BridgeRun(lab_config(tmp_path, group)) as bridge:
+        await wait_until(lambda: bridge.runtime.sources["lab"].status.state.value == "up",
+                         what="the lab source up")
+        # The first reading of lab.level finds no value: the point is bad from the start.
+        await lab_value(group, "level", '{"other": 1}')
+        at, dbirth = await subscriber.next("DBIRTH", "lab")
+        metrics = dbirth.metrics()
+        assert set(metrics) == {"lab.level", "lab.total", "lab.offset"}
+        level = metrics["lab.level"]
+        assert (level.is_null, properties(level)) == (True, {"Quality": 0})
+        assert metrics["lab.total"].is_null
+
+        # Values no Double holds exactly: born again as UInt64 and Int64, every digit kept.
+        await lab_value(group, "total", '{"v": 18446744073709551615}')
+        at, reborn = await subscriber.next("DBIRTH", "lab", after=at + 1)
+        total = reborn.metrics()["lab.total"]
+        assert (total.datatype, total.long_value) == (DataType.UInt64, (1 << 64) - 1)
+        await lab_value(group, "offset", '{"v": -9223372036854775807}')
+        at, reborn = await subscriber.next("DBIRTH", "lab", after=at + 1)
+        offset = reborn.metrics()["lab.offset"]
+        assert offset.datatype == DataType.Int64
+        assert offset.long_value - (1 << 64) == -(1 << 63) + 1  # two's complement
+        await lab_value(group, "total", '{"v": 18446744073709551614}')
+        _, data = await subscriber.next("DDATA", "lab", after=at + 1)
+        [change] = data.payload.metrics
+        assert (change.alias, change.long_value) == (total.alias, (1 << 64) - 2)
+    assert_seq_runs_on(subscriber.received)

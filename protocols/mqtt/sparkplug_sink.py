@@ -38,13 +38,13 @@ from protocols.mqtt.sink import MqttSink, OutgoingMessage
 from protocols.mqtt.sink_config import MqttSinkConfig
 from protocols.mqtt.source import PROTOCOL
 from protocols.mqtt.sparkplug import (
-    CommandError,
     DeviceCommand,
     EdgeNode,
     Message,
     MessageType,
     Rebirth,
 )
+from protocols.mqtt.sparkplug_payload import CommandError
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("bridge.audit")
