@@ -244,6 +244,13 @@ class BridgeView(Protocol):
         when the device refuses or cannot be reached."""
         ...
 
+    async def write_command(self, writes: Sequence[tuple[str, Value]],
+                            who: str) -> list[Exception | None]:
+        """Write several points as one command, in order, as ``write`` does each, audited
+        as one record; each write's outcome in order (``None``: written, else the error
+        ``write`` would raise)."""
+        ...
+
 
 Deliver = Callable[["BrokerSink", "SinkContext"], Awaitable[None]]
 """The delivery engine: drives one connection of a ``BrokerSink`` over its outbox."""
