@@ -614,8 +614,7 @@ async def test_a_burst_of_rebirth_requests_gives_few_births(
 async def test_a_device_that_does_not_answer_holds_up_no_other_command(
         tmp_path: Path, group: str, plc: ModbusTestServer, plc_link: TcpProxy,
         subscriber: Subscriber, caplog: pytest.LogCaptureFixture) -> None:
-    path = bridge_config(tmp_path, group, plc_link.port, MQTT_PORT, commands=True,
-                         rebirth_interval=0)
+    path = bridge_config(tmp_path, group, plc_link.port, MQTT_PORT, commands=True)
     caplog.set_level(logging.INFO, logger="bridge.audit")
     async with BridgeRun(path) as bridge:
         at, _ = await subscriber.next("DBIRTH", "boiler")
