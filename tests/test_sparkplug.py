@@ -601,13 +601,15 @@ async def test_a_burst_of_rebirth_requests_gives_few_births(
         # One at once, the rest folded into one a second later (more only on a machine so
         # slow the burst itself took longer than the interval).
         await wait_until(lambda: status.counters["rebirths"] >= 2, what="the folded rebirth")
-        await subscriber.next("DBIRTH", "boiler", after=len(subscriber.received) - 1)
+
+        def births(kind: str) -> int:
+            return [message.type for message in subscriber.received[at + 1:]].count(kind)
+
+        await wait_until(lambda: births("NBIRTH") == births("DBIRTH") == status.counters[
+            "rebirths"], what="every rebirth received")
         bound = 2 + int(elapsed)
         assert status.counters["rebirths"] <= bound
         assert status.counters["rebirths_folded"] >= 100 - bound
-        later = subscriber.received[at + 1:]
-        assert [message.type for message in later].count("NBIRTH") == status.counters[
-            "rebirths"]
     assert_seq_runs_on(subscriber.received)
 
 
@@ -657,3 +659,24 @@ async def test_a_device_that_does_not_answer_holds_up_no_other_command(
         "1 not; point boiler.setpoint, value 2: written; point boiler.setpoint, value 3: "
         "written; point boiler.temp, value 9.5: refused: the point is not writable",
     ]
+
+
+async def test_a_connection_lost_while_waiting_for_the_primary_host_is_made_again(
+        tmp_path: Path, group: str, plc_link: TcpProxy, broker_link: TcpProxy,
+        subscriber: Subscriber) -> None:
+    host = unique("scada-")
+    path = bridge_config(tmp_path, group, plc_link.port, broker_link.port, primary_host=host)
+    try:
+        async with BridgeRun(path) as bridge:
+            status = sink_status(bridge)
+            await wait_until(lambda: "waiting for the primary host" in str(status.last_error),
+                             what="the sink waiting for the host")
+            broker_link.cut()
+            await wait_until(lambda: broker_link.connections >= 2, what="a new connection")
+            await publish_state(host, True, 1000)
+            _, nbirth = await subscriber.next("NBIRTH")
+            await subscriber.next("DBIRTH", "boiler")
+            # The first connection's will (bdSeq 0) was published when it was cut.
+            assert bd_seq_of(nbirth) == 1
+    finally:
+        await clear_state(host)

@@ -8,7 +8,10 @@ restarts, the primary host application's ``STATE``, and the pacing of rebirths.
   (``spBv1.0/STATE/<host id>``, JSON ``{"online": bool, "timestamp": ms}``), older ones
   ignored;
 - ``RebirthPacer``: at most one rebirth per interval; requests that come sooner are folded into
-  one rebirth at the end of the interval.
+  one rebirth at the end of the interval;
+- ``alive_devices``: the Sparkplug devices whose source (and device) is up;
+- ``WatchedLink``: the delivery engine's link, which also tells the sink that its connection
+  is lost (its births may be waiting for the primary host).
 """
 
 from __future__ import annotations
@@ -18,12 +21,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.core.sink import PointInfo, SinkLink
+from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.errors import ConnectorError
+
 logger = logging.getLogger(__name__)
 
+_ALIVE = frozenset({ConnectionState.UP, ConnectionState.DEGRADED})
+"""States in which a source or device serves values: its Sparkplug device is born."""
 STATE_NAMESPACE = "spBv1.0/STATE"
 """The topic level before the host id in a Sparkplug 3.0 ``STATE`` topic."""
 
@@ -161,11 +170,6 @@ class RebirthPacer:
             self._last + self.interval - now, self._due)
         return False
 
-    def births_done(self) -> None:
-        """The births went out anyway (a new connection): a rebirth due is no longer needed."""
-        self.cancel()
-        self._last = self._clock()
-
     def cancel(self) -> None:
         """Forget a rebirth that is due (the connection is closing)."""
         pending, self._pending = self._pending, None
@@ -179,3 +183,44 @@ class RebirthPacer:
     def _run(self) -> None:
         self._last = self._clock()
         self._rebirth()
+
+
+class WatchedLink:
+    """The engine's link for one connection, telling the sink too when the connection is lost
+    (the births may be waiting for the primary host then)."""
+
+    def __init__(self, link: SinkLink) -> None:
+        self.link = link
+        self.lost = asyncio.Event()
+
+    @property
+    def status(self) -> EndpointStatus:
+        """The sink's state and counters."""
+        return self.link.status
+
+    def confirmed(self, seqs: Sequence[int]) -> None:
+        """The broker took these rows."""
+        self.link.confirmed(seqs)
+
+    def refused(self, seqs: Sequence[int]) -> None:
+        """The broker refused these rows."""
+        self.link.refused(seqs)
+
+    def failed(self, error: ConnectorError) -> None:
+        """The connection is lost."""
+        self.lost.set()
+        self.link.failed(error)
+
+
+def alive_devices(points: Mapping[str, PointInfo],
+                  sources: Mapping[str, EndpointStatus]) -> set[str]:
+    """The Sparkplug devices whose values are live: those of a source that is up (or
+    degraded), and of a Fieldbridge device under it that is up (or degraded)."""
+    alive = {source_id for source_id, status in sources.items() if status.state in _ALIVE}
+    for point in points.values():
+        if point.device is None or point.source not in alive:
+            continue
+        device = sources[point.source].children.get(point.device)
+        if device is None or device.state in _ALIVE:
+            alive.add(point.device)
+    return alive

@@ -41,7 +41,7 @@ import aiomqtt
 
 from bridge.core.model import Event, Value
 from bridge.core.sink import BridgeView, OutboxRow, PointInfo, SinkContext, SinkLink
-from bridge.core.status import ConnectionState, EndpointStatus
+from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory, NotWritableError, WriteError, excerpt
 from protocols.mqtt.connection import ClientFactory
 from protocols.mqtt.sink import MqttSink, OutgoingMessage
@@ -55,14 +55,19 @@ from protocols.mqtt.sparkplug import (
     Rebirth,
 )
 from protocols.mqtt.sparkplug_payload import CommandError
-from protocols.mqtt.sparkplug_session import BdSeqFile, PrimaryHost, RebirthPacer, parse_state
+from protocols.mqtt.sparkplug_session import (
+    BdSeqFile,
+    PrimaryHost,
+    RebirthPacer,
+    WatchedLink,
+    alive_devices,
+    parse_state,
+)
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("bridge.audit")
 """Who changed what on a device; the writes themselves are audited by the bridge."""
 
-_ALIVE = frozenset({ConnectionState.UP, ConnectionState.DEGRADED})
-"""States in which a source or device serves values: its Sparkplug device is born."""
 DATA_QOS = 0
 """Births, data and device deaths: Sparkplug B requires QoS 0."""
 DEATH_QOS = 1
@@ -72,20 +77,6 @@ COMMAND_BACKLOG = 100
 BIRTH_WAIT = 1.0
 """Seconds a device that came up waits for its first values to be stored before it is born
 without them (a source reports a device up just before it hands in what it read)."""
-
-
-def alive_devices(points: Mapping[str, PointInfo],
-                  sources: Mapping[str, EndpointStatus]) -> set[str]:
-    """The Sparkplug devices whose values are live: those of a source that is up (or
-    degraded), and of a Fieldbridge device under it that is up (or degraded)."""
-    alive = {source_id for source_id, status in sources.items() if status.state in _ALIVE}
-    for point in points.values():
-        if point.device is None or point.source not in alive:
-            continue
-        device = sources[point.source].children.get(point.device)
-        if device is None or device.state in _ALIVE:
-            alive.add(point.device)
-    return alive
 
 
 class SparkplugSink(MqttSink):
@@ -117,6 +108,7 @@ class SparkplugSink(MqttSink):
         """The NBIRTH of this connection went out: commands and STATE changes are live."""
         self._commands: dict[str, asyncio.Queue[DeviceCommand]] = {}
         self._command_workers: dict[str, asyncio.Task[None]] = {}
+        self._link: WatchedLink | None = None
         self._bridge: BridgeView | None = None
         self._status: EndpointStatus | None = None
         self._points: Mapping[str, PointInfo] = {}
@@ -180,8 +172,9 @@ class SparkplugSink(MqttSink):
                                          f"{self._bd_seq_file.path}: {exc}",
                                          ErrorCategory.TRANSIENT) from exc
             self._bd_seq, self._bd_seq_spent = bd_seq, False
+        watched = self._link = WatchedLink(link)
         try:
-            await super().connect(link)
+            await super().connect(watched)
         finally:
             self._bd_seq_spent = self._accepted()
 
@@ -213,12 +206,29 @@ class SparkplugSink(MqttSink):
                 self._status.degraded(f"waiting for the primary host application "
                                       f"{host.host_id!r} to be online (its STATE)",
                                       ErrorCategory.TRANSIENT)
-            await host.online.wait()
+            await self._until_online(host)
         self._rebirth()
         self._born = True
         self._unwatch = self.bridge.watch(self._changed.set)
         self._follower = asyncio.create_task(self._follow_states(),
                                              name=f"{PROTOCOL}[{self.id}].sparkplug-states")
+
+    async def _until_online(self, host: PrimaryHost) -> None:
+        """Wait for the host's STATE online; ``ConnectorError`` when the connection is lost
+        first."""
+        assert self._link is not None
+        lost = self._link.lost
+        online = asyncio.ensure_future(host.online.wait())
+        ended = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait((online, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            online.cancel()
+            ended.cancel()
+        if not host.online.is_set():
+            raise ConnectorError(self.endpoint, "the connection was lost while waiting for the "
+                                 f"primary host application {host.host_id!r}",
+                                 ErrorCategory.TRANSIENT)
 
     def messages(self, rows: Sequence[OutboxRow]) -> Iterable[OutgoingMessage]:
         """DDATA (or a DBIRTH for a device whose metrics changed) per born device of
