@@ -217,14 +217,15 @@ class SparkplugSink(MqttSink):
         """Wait for the host's STATE online; ``ConnectorError`` when the connection is lost
         first."""
         assert self._link is not None
-        lost = self._link.lost
-        online = asyncio.ensure_future(host.online.wait())
-        ended = asyncio.ensure_future(lost.wait())
+        name = f"{PROTOCOL}[{self.id}]"
+        waits = (asyncio.create_task(host.online.wait(), name=f"{name}.primary-host"),
+                 asyncio.create_task(self._link.lost.wait(), name=f"{name}.lost"))
         try:
-            await asyncio.wait((online, ended), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            online.cancel()
-            ended.cancel()
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
         if not host.online.is_set():
             raise ConnectorError(self.endpoint, "the connection was lost while waiting for the "
                                  f"primary host application {host.host_id!r}",
