@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -420,6 +420,11 @@ class SinkFacade:
     async def write(self, point_id: str, value: Value, who: str) -> None:
         """The runtime's audited write path."""
         await self._runtime.write(point_id, value, who=who)
+
+    async def write_command(self, writes: Sequence[tuple[str, Value]],
+                            who: str) -> list[Exception | None]:
+        """The runtime's audited write path for a command of several writes."""
+        return await self._runtime.write_command(writes, who=who)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +71,10 @@ class RuntimeParts(Protocol):
 
     async def write(self, point_id: str, value: Value, *, who: str) -> None:
         """The audited write path (``Runtime.write``)."""
+
+    async def write_command(self, writes: Sequence[tuple[str, Value]], *,
+                            who: str) -> list[Exception | None]:
+        """The audited write path for a command of several writes (``Runtime.write_command``)."""
 
     def watch_states(self, watcher: Callable[[], None]) -> Callable[[], None]:
         """Call ``watcher`` after any source or device changed state; returns the function

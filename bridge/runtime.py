@@ -163,18 +163,11 @@ class Runtime:
         ``WriteError`` when its source is disabled or the device refuses or cannot be
         reached.
         """
-        point = self.points[point_id]
         # A value is quoted as an excerpt with its length: a 20 MB string must not fill
         # the audit log.
         quoted = excerpt(value)
         try:
-            if not point.spec.writable:
-                raise NotWritableError(point_id)
-            running = self.sources[point.source]
-            if not running.enabled:
-                raise WriteError(point_id, f"source '{point.source}' is disabled",
-                                 ErrorCategory.CONFIG)
-            await running.unit.source.write(point_id, value)
+            await self._write(point_id, value)
         except NotWritableError as exc:
             audit.info("write refused: %s, point %s, value %s: %s", who, point_id, quoted,
                        exc.reason)
@@ -184,6 +177,35 @@ class Runtime:
                        quoted, shorten(exc.reason), exc.category)
             raise
         audit.info("write: %s, point %s, value %s", who, point_id, quoted)
+
+    async def write_command(self, writes: Sequence[tuple[str, Value]], *,
+                            who: str) -> list[Exception | None]:
+        """Write several points as one command (a Sparkplug B DCMD), in order, through the
+        same path as ``write``, audited as one record however many points it writes.
+
+        Returns each write's outcome, in order: ``None`` when written, else the error
+        ``write`` would have raised (``KeyError``, ``NotWritableError``, ``WriteError``).
+        """
+        outcomes: list[Exception | None] = []
+        for point_id, value in writes:
+            try:
+                await self._write(point_id, value)
+            except (KeyError, NotWritableError, WriteError) as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        audit.info("write command: %s, %s", who, _command_summary(writes, outcomes))
+        return outcomes
+
+    async def _write(self, point_id: str, value: Value) -> None:
+        point = self.points[point_id]
+        if not point.spec.writable:
+            raise NotWritableError(point_id)
+        running = self.sources[point.source]
+        if not running.enabled:
+            raise WriteError(point_id, f"source '{point.source}' is disabled",
+                             ErrorCategory.CONFIG)
+        await running.unit.source.write(point_id, value)
 
     def request_reload(self) -> None:
         """Ask for the configuration file to be read again (safe from a signal handler)."""
@@ -431,3 +453,30 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.error("task %s failed while stopping", task.get_name(),
                          exc_info=task.exception())
+
+
+COMMAND_AUDIT_ITEMS = 10
+"""Writes of one command quoted in its audit record; the others are counted."""
+
+
+def _command_summary(writes: Sequence[tuple[str, Value]],
+                     outcomes: Sequence[Exception | None]) -> str:
+    """One audit line for a command: the counts, then the first writes with their outcome."""
+    written = sum(outcome is None for outcome in outcomes)
+    items = []
+    for (point_id, value), outcome in zip(writes[:COMMAND_AUDIT_ITEMS],
+                                          outcomes[:COMMAND_AUDIT_ITEMS], strict=True):
+        if outcome is None:
+            result = "written"
+        elif isinstance(outcome, KeyError):
+            result = "refused: the point is not configured"
+        elif isinstance(outcome, NotWritableError):
+            result = f"refused: {outcome.reason}"
+        elif isinstance(outcome, WriteError):
+            result = f"failed: {shorten(outcome.reason)}"
+        else:
+            result = f"failed: {shorten(str(outcome))}"
+        items.append(f"point {point_id}, value {excerpt(value)}: {result}")
+    more = len(writes) - len(items)
+    return (f"{len(writes)} points, {written} written, {len(writes) - written} not; "
+            + "; ".join(items) + (f"; and {more} more" if more else ""))

@@ -165,6 +165,13 @@ class BridgeView(Protocol):
         when the device refuses or cannot be reached."""
         ...
 
+    async def write_command(self, writes: Sequence[tuple[str, Value]],
+                            who: str) -> list[Exception | None]:
+        """Write several points as one command, in order, as ``write`` does each, audited
+        as one record; each write's outcome in order (``None``: written, else the error
+        ``write`` would raise)."""
+        ...
+
 
 class SinkContext(Protocol):
     """What a sink is handed for one connection: where it reports what its broker did with

@@ -51,7 +51,7 @@ def build_sink(sink: SinkBase, context: BuildContext) -> Sink:
     if not isinstance(sink, MqttSinkConfig):
         raise TypeError(f"sink {sink.id} is not an MQTT sink")
     if sink.format == "sparkplug_b":
-        return SparkplugSink(sink, bridge_id=context.bridge_id)
+        return SparkplugSink(sink, bridge_id=context.bridge_id, state_dir=context.state_dir)
     return MqttSink(sink, bridge_id=context.bridge_id)
 
 

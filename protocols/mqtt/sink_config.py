@@ -43,9 +43,11 @@ class MqttSinkConfig(MqttConnectionSettings, SinkBase):
         "is one topic level: `%`, `/`, `+` and `#` in it are written `%25`, `%2F`, `%2B` and "
         "`%23`.")
     qos: QoS = Field(
-        default=1, description="QoS of the publishes. 1 and 2: an event leaves the outbox once "
-        "the broker acknowledged it (PUBACK, PUBCOMP); 0: once it was written to the "
-        "connection, so an event in flight when the connection breaks may be lost.")
+        default=1, description="QoS of the publishes (`json`). 1 and 2: an event leaves the "
+        "outbox once the broker acknowledged it (PUBACK, PUBCOMP); 0: once it was written to "
+        "the connection, so an event in flight when the connection breaks may be lost. "
+        "Sparkplug B fixes its own: births, data and device deaths QoS 0, the NDEATH will and "
+        "the command subscriptions QoS 1 (only `qos: 0` is taken there).")
     retain: bool = Field(
         default=False, description="Publish retained (`json`): the broker keeps each topic's "
         "last event and hands it to every new subscriber.")
@@ -58,6 +60,16 @@ class MqttSinkConfig(MqttConnectionSettings, SinkBase):
     commands: bool = Field(
         default=False, description="Sparkplug B: take commands (NCMD, DCMD) that write to "
         "writable points.")
+    primary_host: PlainText | None = Field(
+        default=None, min_length=1, description="Sparkplug B: the host id of the primary host "
+        "application. The edge node follows its `spBv1.0/STATE/<primary_host>` messages: it "
+        "is born only while the host is online, and while it is offline the edge node "
+        "disconnects (with its NDEATH) and events wait in the outbox, to be delivered after "
+        "the births once the host is back.")
+    rebirth_interval: Duration = Field(
+        default=5.0, description="Sparkplug B: at most one rebirth (NCMD `Node Control/"
+        "Rebirth`) this often; requests that come sooner are folded into one rebirth at the "
+        "end of the interval. 0: each request at once.")
     window: int | None = Field(
         default=None, ge=1, le=65535, description="Publishes awaiting the broker's "
         "acknowledgement, at most (the pipeline depth). Unset: 1000, and 20 at QoS 2 under "
@@ -95,6 +107,30 @@ class MqttSinkConfig(MqttConnectionSettings, SinkBase):
         only = _FORMAT_OF[str(info.field_name)]
         if value and info.data.get("format", only) != only:
             raise ValueError(f"`{info.field_name}` is for `format: {only}`")
+        return value
+
+    @field_validator("qos")
+    @classmethod
+    def _sparkplug_qos(cls, value: int, info: ValidationInfo) -> int:
+        if value != 0 and info.data.get("format") == "sparkplug_b":
+            raise ValueError("Sparkplug B fixes its QoS (births, data and device deaths 0; the "
+                             "NDEATH will and the command subscriptions 1): remove `qos`")
+        return value
+
+    @field_validator("primary_host", mode="after")
+    @classmethod
+    def _primary_host(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("format") != "sparkplug_b":
+            raise ValueError("`primary_host` is for `format: sparkplug_b`")
+        if value is not None and any(char in value for char in SPARKPLUG_ID_FORBIDDEN):
+            raise ValueError("a Sparkplug B host id is one topic level: no `+`, `#` or `/`")
+        return value
+
+    @field_validator("rebirth_interval")
+    @classmethod
+    def _rebirth_interval(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("format") != "sparkplug_b":
+            raise ValueError("`rebirth_interval` is for `format: sparkplug_b`")
         return value
 
     @field_validator("group_id", "edge_node_id", mode="after")

@@ -14,25 +14,25 @@ How Fieldbridge maps onto Sparkplug:
 - the edge node is the bridge (``group_id``/``edge_node_id`` from the sink's configuration);
 - a **device** is a Fieldbridge device, or a source without devices (its points then belong
   to the device named after the source);
-- a **metric** is a point, named by its point id. Its datatype follows the point's value type
-  (``bool`` Boolean, ``integer`` Int64, ``number`` Double, ``string`` String); a point whose
-  configuration does not fix the type (an OPC-UA variable, an untyped JSON field) takes it
-  from its first value (a number is a Double) and is born once it has one;
+- a **metric** is a point, named by its point id. Its datatype follows the point's value type,
+  else its values (``protocols.mqtt.sparkplug_payload`` says how; 64-bit integers are Int64
+  or UInt64, never rounded through a Double);
 - **quality** is the property ``Quality`` (Int32), with the OPC DA codes Ignition and Eclipse
-  Tahu use: 192 good, 64 uncertain, 0 bad. A bad value is sent as ``is_null``.
+  Tahu use: 192 good, 64 uncertain, 0 bad. A bad value is sent as ``is_null``. Every
+  configured point is in its device's birth, also one that has no value yet or reads bad
+  (``is_null``, with its quality).
 
 A point that appears after its device was born (a templated MQTT point seen for the first
 time) or whose value no longer fits its datatype makes the device born again (a new DBIRTH)
 before its value is sent: aliases only grow, so the ones already given stay valid.
 
-The payloads are built and parsed with the protobuf module compiled from the Eclipse Tahu
-schema (``sparkplug_b.proto``) at build time.
+The metrics are built and parsed by ``protocols.mqtt.sparkplug_payload``, with the protobuf
+module compiled from the Eclipse Tahu schema (``sparkplug_b.proto``) at build time.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -40,9 +40,22 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from bridge.config.models import ValueType
-from bridge.core.model import Event, Quality, Value
+from bridge.core.model import Event, Value
 from bridge.core.sink import PointInfo
 from protocols.mqtt.sparkplug_b_pb2 import DataType, Payload
+from protocols.mqtt.sparkplug_payload import (
+    UNTYPED,
+    CommandError,
+    Metric,
+    birth_metric,
+    command_value,
+    datatype_of,
+    fits,
+    metric_label,
+    milliseconds,
+    set_properties,
+    set_value,
+)
 
 NAMESPACE = "spBv1.0"
 """The first topic level of every Sparkplug B message."""
@@ -50,24 +63,6 @@ BD_SEQ = "bdSeq"
 """The NBIRTH and NDEATH metric that ties a birth to its death."""
 REBIRTH = "Node Control/Rebirth"
 """The node metric a host application sets true (NCMD) to ask for a rebirth."""
-UNIT_PROPERTY = "engUnit"
-"""The property that carries a metric's engineering unit (Ignition's name for it)."""
-QUALITY_PROPERTY = "Quality"
-"""The property that carries a metric's quality."""
-QUALITY_CODES: Mapping[Quality, int] = {Quality.GOOD: 192, Quality.UNCERTAIN: 64,
-                                        Quality.BAD: 0}
-"""OPC DA quality codes, as Ignition and Eclipse Tahu read the ``Quality`` property."""
-
-DATATYPES: Mapping[ValueType, int] = {
-    "bool": DataType.Boolean, "integer": DataType.Int64, "number": DataType.Double,
-    "string": DataType.String,
-}
-"""The Sparkplug datatype of each Fieldbridge value type."""
-
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-_SIGNED_BITS: Mapping[int, int] = {DataType.Int8: 8, DataType.Int16: 16, DataType.Int32: 32,
-                                   DataType.Int64: 64}
-_UNSIGNED = frozenset({DataType.UInt8, DataType.UInt16, DataType.UInt32, DataType.UInt64})
 _NODE_ALIASES = {BD_SEQ: 0, REBIRTH: 1}
 """The node's own metrics; points' aliases follow them."""
 
@@ -115,14 +110,6 @@ class Update:
     absorbed: dict[str, list[int]]
 
 
-class CommandError(ValueError):
-    """A command the edge node cannot carry out; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass(frozen=True, slots=True)
 class Rebirth:
     """NCMD ``Node Control/Rebirth``: publish NBIRTH and every DBIRTH again."""
@@ -148,20 +135,6 @@ Command = Rebirth | DeviceCommand
 
 
 @dataclass(slots=True)
-class Metric:
-    """A point as a metric of its device: what its birth declares and its last value."""
-
-    point: str
-    alias: int
-    datatype: int
-    unit: str | None
-    value: Value = None
-    quality: Quality | None = None
-    """``None`` until the point has a value."""
-    ts: float | None = None
-
-
-@dataclass(slots=True)
 class Device:
     """A Sparkplug device: its metrics by point id, and whether it is born."""
 
@@ -174,40 +147,6 @@ def device_of(point: PointInfo | Event) -> str:
     """The Sparkplug device a point belongs to: its Fieldbridge device, else its source."""
     device = point.device if isinstance(point, PointInfo) else None
     return device if device is not None else point.source
-
-
-def datatype_of(value_type: ValueType | None, value: Value) -> int | None:
-    """The datatype of a metric: from its value type, else from a value (a number is a
-    Double: an untyped source may send 21 now and 21.5 next); ``None`` when neither tells."""
-    if value_type is not None:
-        return DATATYPES[value_type]
-    if isinstance(value, bool):
-        return DataType.Boolean
-    if isinstance(value, int | float):
-        return DataType.Double
-    if isinstance(value, str):
-        return DataType.String
-    return None
-
-
-def fits(datatype: int, value: Value) -> bool:
-    """Whether ``value`` (``None`` fits any: it is sent as ``is_null``) can be sent as
-    ``datatype``."""
-    if value is None:
-        return True
-    if datatype == DataType.Boolean:
-        return isinstance(value, bool)
-    if datatype == DataType.Int64:
-        return (isinstance(value, int) and not isinstance(value, bool)
-                and _INT64[0] <= value <= _INT64[1])
-    if datatype == DataType.Double:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return datatype == DataType.String and isinstance(value, str)
-
-
-def milliseconds(seconds: float) -> int:
-    """POSIX seconds as Sparkplug's milliseconds since 1970."""
-    return round(seconds * 1000)
 
 
 class EdgeNode:
@@ -243,7 +182,7 @@ class EdgeNode:
 
     def load(self, points: Mapping[str, PointInfo], latest: Mapping[str, Event]) -> None:
         """Take the configured points and the latest values (at connect and at every rebirth):
-        every point becomes a metric of its device, once its datatype is known."""
+        every point becomes a metric of its device, with a value or without one yet."""
         for point_id, point in points.items():
             event = latest.get(point_id)
             self._define(device_of(point), point_id, point.value_type, point.unit, event)
@@ -252,16 +191,15 @@ class EdgeNode:
                 self._define(event.source, point_id, None, event.unit, event)
 
     def _define(self, device_id: str, point_id: str, value_type: ValueType | None,
-                unit: str | None, event: Event | None) -> Metric | None:
+                unit: str | None, event: Event | None) -> Metric:
         value = event.value if event is not None else None
         device = self.devices.setdefault(device_id, Device(device_id))
         metric = device.metrics.get(point_id)
         if metric is None:
             datatype = datatype_of(value_type, value)
-            if datatype is None:
-                return None
             metric = device.metrics[point_id] = Metric(
-                point_id, self._alias(device_id, point_id), datatype, unit)
+                point_id, self._alias(device_id, point_id),
+                UNTYPED if datatype is None else datatype, unit)
         elif unit is not None:
             metric.unit = unit
         if event is not None:
@@ -298,8 +236,15 @@ class EdgeNode:
     # --- the session ----------------------------------------------------------------------
 
     def next_session(self) -> Message:
-        """A new connection: the next ``bdSeq`` and the NDEATH its will carries."""
-        self.bd_seq = (self.bd_seq + 1) % 256
+        """A new connection with the next ``bdSeq``: the NDEATH its will carries."""
+        return self.start_session((self.bd_seq + 1) % 256)
+
+    def start_session(self, bd_seq: int) -> Message:
+        """A new connection with ``bdSeq`` ``bd_seq`` (0-255; the sink keeps it across
+        restarts): no device is born yet; the NDEATH its will carries."""
+        if not 0 <= bd_seq <= 255:
+            raise ValueError(f"bdSeq {bd_seq} is not within 0-255")
+        self.bd_seq = bd_seq
         for device in self.devices.values():
             device.born = False
         return self.death()
@@ -343,7 +288,7 @@ class EdgeNode:
         device.born = True
         payload = Payload(timestamp=milliseconds(self.clock()), seq=self._next_seq())
         for metric in device.metrics.values():
-            payload.metrics.append(_birth_metric(metric))
+            payload.metrics.append(birth_metric(metric))
         return Message(MessageType.DBIRTH, self.topic(MessageType.DBIRTH, device.id),
                        payload.SerializeToString(), device.id)
 
@@ -379,14 +324,13 @@ class EdgeNode:
             device = self.devices.setdefault(device_id, Device(device_id))
             metric = device.metrics.get(event.point)
             if metric is None:
-                metric = self._define(device_id, event.point,
-                                      point.value_type if point is not None else None,
-                                      point.unit if point is not None else event.unit, event)
-                if metric is not None:
-                    reborn.add(device_id)
+                self._define(device_id, event.point,
+                             point.value_type if point is not None else None,
+                             point.unit if point is not None else event.unit, event)
+                reborn.add(device_id)
             elif not self._observe(metric, event):
                 reborn.add(device_id)
-            if device.born and metric is not None:
+            if device.born:
                 carried.setdefault(device_id, []).append(position)
             else:
                 absorbed.setdefault(device_id, []).append(position)
@@ -405,8 +349,8 @@ class EdgeNode:
         for event in events:
             metric = device.metrics[event.point]
             data = Payload.Metric(alias=metric.alias, timestamp=milliseconds(event.ts))
-            _set_value(data, metric.datatype, event.value)
-            _set_properties(data, None, event.quality)
+            set_value(data, metric.datatype, event.value)
+            set_properties(data, None, event.quality)
             payload.metrics.append(data)
         return Message(MessageType.DDATA, self.topic(MessageType.DDATA, device.id),
                        payload.SerializeToString(), device.id)
@@ -438,7 +382,7 @@ class EdgeNode:
                 if metric.WhichOneof("value") == "boolean_value" and metric.boolean_value:
                     return Rebirth()
                 raise CommandError(f"{REBIRTH} must be the boolean true")
-            raise CommandError(f"unknown node metric {_metric_label(metric)}")
+            raise CommandError(f"unknown node metric {metric_label(metric)}")
         raise CommandError("NCMD without metrics")
 
     def _device_command(self, device_id: str, payload: Payload) -> Command:
@@ -458,77 +402,7 @@ class EdgeNode:
                     metric = device.metrics.get(owner[1])
             if metric is None:
                 raise CommandError(
-                    f"device {device_id!r} has no metric {_metric_label(data)}")
+                    f"device {device_id!r} has no metric {metric_label(data)}")
             datatype = data.datatype if data.HasField("datatype") else metric.datatype
-            writes.append(Write(metric.point, _value(data, datatype)))
+            writes.append(Write(metric.point, command_value(data, datatype)))
         return DeviceCommand(device_id, tuple(writes))
-
-
-def _metric_label(metric: Payload.Metric) -> str:
-    return repr(metric.name) if metric.HasField("name") else f"with alias {metric.alias}"
-
-
-def _birth_metric(metric: Metric) -> Payload.Metric:
-    data = Payload.Metric(name=metric.point, alias=metric.alias, datatype=metric.datatype)
-    if metric.ts is not None:
-        data.timestamp = milliseconds(metric.ts)
-    _set_value(data, metric.datatype, metric.value)
-    _set_properties(data, metric.unit, metric.quality)
-    return data
-
-
-def _set_value(data: Payload.Metric, datatype: int, value: Value) -> None:
-    if value is None:
-        data.is_null = True
-    elif datatype == DataType.Boolean:
-        data.boolean_value = bool(value)
-    elif datatype == DataType.Int64:
-        data.long_value = int(value) & 0xFFFF_FFFF_FFFF_FFFF
-    elif datatype == DataType.Double:
-        data.double_value = float(value)
-    else:
-        data.string_value = str(value)
-
-
-def _set_properties(data: Payload.Metric, unit: str | None, quality: Quality | None) -> None:
-    properties = data.properties
-    if unit is not None:
-        properties.keys.append(UNIT_PROPERTY)
-        properties.values.append(Payload.PropertyValue(type=DataType.String, string_value=unit))
-    if quality is not None:
-        properties.keys.append(QUALITY_PROPERTY)
-        properties.values.append(Payload.PropertyValue(type=DataType.Int32,
-                                                       int_value=QUALITY_CODES[quality]))
-
-
-def _value(data: Payload.Metric, datatype: int) -> Value:
-    """A command metric's value as Fieldbridge takes it."""
-    kind = data.WhichOneof("value")
-    if data.is_null or kind is None:
-        raise CommandError(f"metric {_metric_label(data)} carries no value")
-    if datatype in _SIGNED_BITS and kind in ("int_value", "long_value"):
-        bits = _SIGNED_BITS[datatype]
-        raw = data.int_value if kind == "int_value" else data.long_value
-        raw &= (1 << bits) - 1
-        return raw - (1 << bits) if raw >= 1 << (bits - 1) else raw
-    if datatype in _UNSIGNED and kind in ("int_value", "long_value"):
-        return data.int_value if kind == "int_value" else data.long_value
-    if datatype in (DataType.Float, DataType.Double) and kind in ("float_value",
-                                                                   "double_value"):
-        number = data.float_value if kind == "float_value" else data.double_value
-        if not math.isfinite(number):
-            raise CommandError(f"metric {_metric_label(data)}: {number} is not a finite number")
-        return number
-    if datatype == DataType.Boolean and kind == "boolean_value":
-        return data.boolean_value
-    if datatype in (DataType.String, DataType.Text) and kind == "string_value":
-        return data.string_value
-    raise CommandError(f"metric {_metric_label(data)}: a {kind.removesuffix('_value')} value "
-                       f"as datatype {_datatype_name(datatype)} is not supported")
-
-
-def _datatype_name(datatype: int) -> str:
-    try:
-        return DataType.Name(datatype)
-    except ValueError:
-        return str(datatype)

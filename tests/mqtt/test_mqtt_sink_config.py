@@ -104,6 +104,14 @@ def test_sparkplug_keys_validate(tmp_path: Path) -> None:
         "plant", "edge-01", True)
 
 
+def test_sparkplug_takes_qos_0_a_primary_host_and_a_rebirth_interval(tmp_path: Path) -> None:
+    config = sink_config(tmp_path, format="sparkplug_b", group_id="plant", edge_node_id="e",
+                         qos=0, primary_host="scada-1", rebirth_interval="2s")
+    assert (config.qos, config.primary_host, config.rebirth_interval) == (0, "scada-1", 2.0)
+    defaults = sink_config(tmp_path, format="sparkplug_b", group_id="plant", edge_node_id="e")
+    assert (defaults.primary_host, defaults.rebirth_interval) == (None, 5.0)
+
+
 def test_sparkplug_builds_the_edge_node(tmp_path: Path) -> None:
     config = sink_config(tmp_path, format="sparkplug_b", group_id="plant", edge_node_id="e")
     assert isinstance(build(config), SparkplugSink)
@@ -134,6 +142,18 @@ ERRORS = [
      "retain", "`retain` is for `format: json`"),
     ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "workers": 1},
      "workers", "runs in the daemon's process"),
+    ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "qos": 1},
+     "qos", "Sparkplug B fixes its QoS"),
+    ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "qos": 2},
+     "qos", "remove `qos`"),
+    ({"primary_host": "scada"}, "primary_host", "is for `format: sparkplug_b`"),
+    ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "primary_host": "a/b"},
+     "primary_host", "no `+`, `#` or `/`"),
+    ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e", "primary_host": ""},
+     "primary_host", "at least 1 item"),
+    ({"rebirth_interval": "2s"}, "rebirth_interval", "is for `format: sparkplug_b`"),
+    ({"format": "sparkplug_b", "group_id": "g", "edge_node_id": "e",
+      "rebirth_interval": -1}, "rebirth_interval", "greater than or equal to 0"),
     ({"tls": {"key": "/k.pem"}}, "tls", "go with `cert`"),
     ({"sources": ["nowhere"]}, "sources[0]", "no source has the id 'nowhere'"),
     ({"clean_session": True}, "clean_session", "unknown key"),

@@ -14,7 +14,6 @@ from bridge.core.sink import PointInfo
 from protocols.mqtt.sparkplug import (
     BD_SEQ,
     REBIRTH,
-    CommandError,
     DeviceCommand,
     EdgeNode,
     Message,
@@ -23,6 +22,7 @@ from protocols.mqtt.sparkplug import (
     Write,
 )
 from protocols.mqtt.sparkplug_b_pb2 import DataType, Payload
+from protocols.mqtt.sparkplug_payload import CommandError
 
 NOW = 1_780_000_000.0
 
@@ -107,6 +107,14 @@ def test_the_will_is_an_ndeath_whose_bdseq_the_nbirth_repeats(node: EdgeNode) ->
     assert metrics[REBIRTH].boolean_value is False
 
 
+def test_a_session_starts_with_the_bdseq_it_is_given(node: EdgeNode) -> None:
+    will = node.start_session(41)
+    assert decode(will).metrics[0].long_value == 41
+    assert decode(node.next_session()).metrics[0].long_value == 42
+    with pytest.raises(ValueError, match="0-255"):
+        node.start_session(256)
+
+
 def test_bdseq_grows_with_each_connection_and_wraps_after_255(node: EdgeNode) -> None:
     seen = []
     for _ in range(258):
@@ -125,8 +133,12 @@ def test_dbirth_carries_every_metric_with_alias_datatype_value_time_unit_and_qua
     payload = decode(boiler)
     assert payload.seq == 1
     metrics = metrics_by_name(payload)
-    # boiler.raw has neither a declared type nor a value yet: it is born with its first value.
-    assert set(metrics) == {"boiler.temp", "boiler.on", "boiler.count", "boiler.mode"}
+    # Every configured point is born, boiler.raw too, with neither a declared type nor a
+    # value yet: a null Double without a quality (nothing was read).
+    assert set(metrics) == {"boiler.temp", "boiler.on", "boiler.count", "boiler.mode",
+                            "boiler.raw"}
+    raw = metrics["boiler.raw"]
+    assert (raw.datatype, raw.is_null, properties(raw)) == (DataType.Double, True, {})
     temp = metrics["boiler.temp"]
     assert (temp.datatype, temp.double_value, temp.timestamp) == (
         DataType.Double, 64.5, (NOW - 1.0) * 1000)
@@ -197,35 +209,80 @@ def test_seq_runs_to_255_and_wraps_to_0(node: EdgeNode) -> None:
 
 
 def test_a_point_seen_after_the_birth_makes_its_device_born_again(node: EdgeNode) -> None:
-    _, boiler, _ = born(node)
-    aliases = {metric.name: metric.alias for metric in decode(boiler).metrics}
-    update = node.update([event("boiler.raw", 7), event("sensors.t1", 21.5, source="mqtt")],
-                         POINTS)
-    [reborn] = update.publications
-    assert update.absorbed == {"mqtt": [1]}  # never born: its source is not up
+    born(node)
+    update = node.update([event("sensors.t1", 21.5, source="mqtt")], POINTS)
+    assert update.publications == []
+    assert update.absorbed == {"mqtt": [0]}  # never born: its source is not up
+    [mqtt_birth] = node.set_alive({"boiler", "pump", "mqtt"})
+    assert mqtt_birth.device == "mqtt"
+    [t1] = decode(mqtt_birth).metrics
+    assert (t1.datatype, t1.double_value) == (DataType.Double, 21.5)
+    # A templated point seen for the first time: the device is born again, aliases kept.
+    [reborn] = node.update([event("sensors.t2", 7, source="mqtt")], POINTS).publications
     assert reborn.message.type is MessageType.DBIRTH
     assert reborn.events == (0,)
     metrics = metrics_by_name(decode(reborn.message))
-    assert metrics["boiler.raw"].datatype == DataType.Double  # untyped numbers are Doubles
-    assert metrics["boiler.raw"].double_value == 7
-    assert {name: aliases[name] for name in aliases} == {
-        name: metrics[name].alias for name in aliases}
-    [mqtt_birth] = node.set_alive({"boiler", "pump", "mqtt"})
-    assert mqtt_birth.device == "mqtt"
-    assert decode(mqtt_birth).metrics[0].double_value == 21.5
+    assert metrics["sensors.t1"].alias == t1.alias
+    assert metrics["sensors.t2"].datatype == DataType.Int64  # an integer is an integer
+    assert metrics["sensors.t2"].long_value == 7
 
 
 def test_a_value_that_no_longer_fits_its_datatype_makes_its_device_born_again(
         node: EdgeNode) -> None:
     born(node)
     [first] = node.update([event("boiler.raw", 7)], POINTS).publications
-    assert first.message.type is MessageType.DBIRTH  # its first value: born as a Double
+    assert first.message.type is MessageType.DDATA  # born a null Double: 7 is exact in one
     [again] = node.update([event("boiler.raw", "seven")], POINTS).publications
     assert again.message.type is MessageType.DBIRTH
     raw = metrics_by_name(decode(again.message))["boiler.raw"]
     assert (raw.datatype, raw.string_value) == (DataType.String, "seven")
     [data] = node.update([event("boiler.raw", "eight")], POINTS).publications
     assert data.message.type is MessageType.DDATA
+
+
+def test_64_bit_integers_are_int64_and_uint64_never_rounded(node: EdgeNode) -> None:
+    born(node)
+    big = (1 << 53) + 1  # the first integer a Double cannot hold
+    [reborn] = node.update([event("boiler.raw", big)], POINTS).publications
+    assert reborn.message.type is MessageType.DBIRTH
+    raw = metrics_by_name(decode(reborn.message))["boiler.raw"]
+    assert (raw.datatype, raw.long_value) == (DataType.Int64, big)
+    # A typed integer point: Int64 down to its minimum, UInt64 above the Int64 maximum.
+    [low] = node.update([event("boiler.count", -(1 << 63))], POINTS).publications
+    assert low.message.type is MessageType.DDATA
+    assert decode(low.message).metrics[0].long_value == 1 << 63  # two's complement
+    [high] = node.update([event("boiler.count", (1 << 64) - 1)], POINTS).publications
+    assert high.message.type is MessageType.DBIRTH
+    count = metrics_by_name(decode(high.message))["boiler.count"]
+    assert (count.datatype, count.long_value) == (DataType.UInt64, (1 << 64) - 1)
+    [next_high] = node.update([event("boiler.count", (1 << 63) + 5)], POINTS).publications
+    assert next_high.message.type is MessageType.DDATA
+    assert decode(next_high.message).metrics[0].long_value == (1 << 63) + 5
+    # Untyped and above 2^63 - 1 from its first value on: born a UInt64.
+    fresh = EdgeNode("plant-group", "edge-01", clock=lambda: NOW)
+    fresh.load({"meter.total": point("meter.total", value_type=None)},
+               {"meter.total": event("meter.total", (1 << 64) - 2)})
+    fresh.next_session()
+    _, meter = fresh.birth({"boiler"})
+    [total] = decode(meter).metrics
+    assert (total.datatype, total.long_value) == (DataType.UInt64, (1 << 64) - 2)
+
+
+def test_a_point_bad_from_the_start_is_in_the_birth_null_with_its_quality() -> None:
+    edge = EdgeNode("plant-group", "edge-01", clock=lambda: NOW)
+    # An untyped point (an OPC-UA variable, say) that has only read bad so far.
+    points = {"boiler.level": point("boiler.level", value_type=None, unit="m")}
+    edge.load(points, {"boiler.level": event("boiler.level", None, quality=Quality.BAD)})
+    edge.next_session()
+    _, boiler = edge.birth({"boiler"})
+    [level] = decode(boiler).metrics
+    assert (level.name, level.datatype, level.is_null) == ("boiler.level", DataType.Double,
+                                                           True)
+    assert properties(level) == {"engUnit": "m", "Quality": 0}
+    # Its first good value is data for the metric born.
+    [data] = edge.update([event("boiler.level", 2.5)], points).publications
+    assert data.message.type is MessageType.DDATA
+    assert decode(data.message).metrics[0].alias == level.alias
 
 
 def test_a_device_going_down_gets_a_ddeath_and_its_recovery_a_fresh_dbirth(
