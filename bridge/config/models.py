@@ -79,9 +79,11 @@ MAX_VALUE_BYTES = 64 * 1024
 
 
 class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, never ignored."""
+    """Base of every config model: unknown keys are errors, never ignored, and a number
+    must be finite (``.nan`` or ``"inf"`` as a scale, an offset or an interval would make
+    every value it touches meaningless)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ReportSpec(StrictModel):
@@ -263,6 +265,13 @@ class ApiSection(StrictModel):
     max_connections: int = Field(
         default=256, ge=1, description="Open connections at most, event streams and idle "
         "keep-alive connections included; one more is answered 503 and closed.")
+    stream_max_bytes: ByteSize = Field(
+        default=ByteSize(4 << 20), ge=1024, description="Bytes of events an event stream "
+        "client may fall behind (a number or a size such as `16MiB`): one that falls further "
+        "is dropped at once with a `slow_consumer` error and counted in "
+        "`fieldbridge_api_streams_ended_total`; it resumes from the store with "
+        "`Last-Event-ID`. Clients share the events they wait for: this bounds each one's "
+        "backlog, not copies of it.")
     keep_alive_timeout: Duration = Field(
         default=5.0, gt=0, description="Close a keep-alive connection idle this long after a "
         "response.")
