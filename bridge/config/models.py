@@ -265,6 +265,9 @@ class ApiSection(StrictModel):
     max_connections: int = Field(
         default=256, ge=1, description="Open connections at most, event streams and idle "
         "keep-alive connections included; one more is answered 503 and closed.")
+    body_timeout: Duration = Field(
+        default=30.0, gt=0, description="A request body must have arrived this long after "
+        "its request head: a client still sending is answered 408 and dropped.")
     stream_max_bytes: ByteSize = Field(
         default=ByteSize(4 << 20), ge=1024, description="Bytes of events an event stream "
         "client may fall behind (a number or a size such as `16MiB`): one that falls further "
