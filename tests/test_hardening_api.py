@@ -242,3 +242,45 @@ async def test_health_answers_while_every_connection_is_taken(tmp_path: Path) ->
         finally:
             for _, writer in idle:
                 writer.close()
+
+
+async def test_a_deeply_nested_json_body_is_422_with_the_structured_error(
+    tmp_path: Path
+) -> None:
+    async with running_daemon(_config(tmp_path)) as daemon, \
+            httpx.AsyncClient(base_url=daemon.url, timeout=WAIT) as client:
+        response = await client.put(
+            "/v1/points/boiler.setpoint", content=b"[" * 1_000 + b"]" * 1_000,
+            headers={"Authorization": f"Bearer {WRITE_KEY}",
+                     "Content-Type": "application/json"})
+        # Before: 400 "There was an error parsing the body", where the README promises 422.
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request"
+        assert error["message"] == "body: the JSON nests too deeply"
+        assert error["details"][0]["location"] == "body"
+
+
+async def test_settings_from_substitution_are_masked_in_the_inventory(tmp_path: Path) -> None:
+    secret = tmp_path / "plc-host"
+    secret.write_text("127.0.0.1\n")
+    path = tmp_path / "fieldbridge.yaml"
+    path.write_text(f"""\
+bridge: {{id: t, state_dir: state}}
+api: {{host: 127.0.0.1, port: 0}}
+sources:
+  - id: plant
+    protocol: modbus
+    host: ${{file:{secret}}}
+    port: 1
+    devices:
+      - id: boiler
+        points:
+          - {{name: t, address: 40001, type: int16}}
+""")
+    async with running_daemon(path) as daemon, \
+            httpx.AsyncClient(base_url=daemon.url, timeout=WAIT) as client:
+        (entry,) = (await client.get("/v1/sources")).json()["items"]
+        # Before: "tcp://127.0.0.1:1", though the README says such values are never shown.
+        assert entry["endpoint"] == "tcp://***:1"
+        assert entry["devices"][0]["endpoint"] == "tcp://***:1?unit=1"

@@ -164,10 +164,41 @@ def load_config(path: str | Path, catalog: Catalog) -> Config:
         outbox=model.outbox,  # type: ignore[attr-defined]
         sinks=list(model.sinks),  # type: ignore[attr-defined]
     )
+    _mark_substituted(config)
     _resolve(config, catalog, issues)
     if issues:
         raise ConfigError(issues)
     return config
+
+
+_NOT_ENDPOINT = frozenset({"devices", "points", "tags", "profiles", "sources"})
+"""Keys of a source or sink that never make its endpoint (a sink's ``sources`` are ids)."""
+
+
+def _mark_substituted(config: Config) -> None:
+    """Hand each source and sink the values ``${...}`` put into its settings, so that its
+    endpoint shows them masked."""
+    document = config.document
+    for section, entries in (("sources", config.sources), ("sinks", config.sinks)):
+        for index, entry in enumerate(entries):
+            values = []
+            for path in document.substituted:
+                if path[:2] != (section, index) or len(path) < 3 or path[2] in _NOT_ENDPOINT:
+                    continue
+                value = _value_at(document.data, path)
+                if isinstance(value, str):
+                    values.append(value)
+            if values:
+                entry.substituted(values)
+
+
+def _value_at(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _merge_includes(

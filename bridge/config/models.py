@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +21,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     model_validator,
 )
 
@@ -190,7 +191,50 @@ class DeviceBase(StrictModel):
         default_factory=list, description="Points added to (or replacing, by name) the profile's.")
 
 
-class SourceBase(StrictModel):
+MASK = "***"
+"""What a value that came from ``${...}`` is shown as in an endpoint."""
+
+
+def mask_substituted(text: str, values: Iterable[str]) -> str:
+    """``text`` with each of ``values`` (substituted settings) shown as ``MASK``."""
+    for value in sorted(values, key=len, reverse=True):
+        if value:
+            text = text.replace(value, MASK)
+    return text
+
+
+class _MaskedEndpoint(StrictModel):
+    """A source's or sink's settings whose ``endpoint()`` never shows a value that came from
+    ``${...}``: the README promises such values are never returned by the API or logged.
+
+    The loader hands each entry the values substituted into its own settings
+    (``substituted``); a connector's ``endpoint()`` is wrapped when its class is made, so no
+    connector has to remember to mask.
+    """
+
+    _substituted: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("endpoint")
+        if callable(own):
+            cls.endpoint = _masking(own)  # type: ignore[attr-defined]
+
+    def substituted(self, values: Iterable[str]) -> None:
+        """Mark ``values`` as substituted into these settings (the loader calls it)."""
+        self._substituted = frozenset(values)
+
+
+def _masking(endpoint: Callable[[Any], str]) -> Callable[[Any], str]:
+    def masked(self: _MaskedEndpoint) -> str:
+        return mask_substituted(endpoint(self), self._substituted)
+
+    masked.__doc__ = endpoint.__doc__
+    masked.__name__ = endpoint.__name__
+    return masked
+
+
+class SourceBase(_MaskedEndpoint):
     """What every source has, whatever its protocol."""
 
     id: Identifier = Field(description="Source id, unique within the bridge.")
@@ -338,7 +382,7 @@ class OutboxSection(StrictModel):
         "them in `dropped`.")
 
 
-class SinkBase(StrictModel):
+class SinkBase(_MaskedEndpoint):
     """What every sink has, whatever its protocol."""
 
     id: Identifier = Field(description="Sink id, unique within the bridge.")

@@ -148,7 +148,10 @@ async def _announce(runtime: Runtime, simulator: PlantSimulator, config: Config)
     for source_id, running in runtime.sources.items():
         source = running.unit.source
         if running.enabled:
-            parts.append(f"{per_source[source_id]} over {source.protocol} {source.endpoint}")
+            # The simulator's port comes from ${...}, which the endpoint masks.
+            endpoint = (f"tcp://127.0.0.1:{simulator.port}" if source.protocol == "modbus"
+                        else source.endpoint)
+            parts.append(f"{per_source[source_id]} over {source.protocol} {endpoint}")
         else:
             parts.append(f"{per_source[source_id]} of {source_id}, disabled"
                          + (" (add --opcua)" if source.protocol == "opcua" else ""))
