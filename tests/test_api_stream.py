@@ -675,7 +675,7 @@ async def test_a_client_past_its_byte_bound_is_dropped_at_once(
     bridge = await start_bridge(api="  stream_max_bytes: 256KiB\n")
     assert bridge.server.context.streams.max_bytes == 256 * 1024
     assert bridge.server.context.streams.send_timeout == 30.0
-    reader, writer = await stalled_client(bridge)
+    _, writer = await stalled_client(bridge)
     try:
         hub = bridge.server.context.hub
         fed = 0
