@@ -62,6 +62,10 @@ def load_demo_config(*, state_dir: Path, api_port: int) -> Config:
     Raises ``ConfigError`` if the packaged configuration is invalid.
     """
     config = load_config(demo_config_path())
+    for source in config.sources:
+        # ${...} in the demo's file carries the addresses the demo itself chose, no secret:
+        # its console and inventory show them.
+        source.substituted(())
     return dataclasses.replace(
         config,
         bridge=config.bridge.model_copy(update={"state_dir": state_dir.resolve()}),
@@ -148,10 +152,7 @@ async def _announce(runtime: Runtime, simulator: PlantSimulator, config: Config)
     for source_id, running in runtime.sources.items():
         source = running.unit.source
         if running.enabled:
-            # The simulator's port comes from ${...}, which the endpoint masks.
-            endpoint = (f"tcp://127.0.0.1:{simulator.port}" if source.protocol == "modbus"
-                        else source.endpoint)
-            parts.append(f"{per_source[source_id]} over {source.protocol} {endpoint}")
+            parts.append(f"{per_source[source_id]} over {source.protocol} {source.endpoint}")
         else:
             parts.append(f"{per_source[source_id]} of {source_id}, disabled"
                          + (" (add --opcua)" if source.protocol == "opcua" else ""))
