@@ -73,6 +73,10 @@ POINT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 """What an expanded point id must look like (the config's ``Identifier``)."""
 POINT_ID_MAX = 200
 
+NEW_POINTS_PER_MESSAGE = 1_000
+"""Point ids one message may create from templates: a payload with a million list items
+must not take all of ``max_points`` (they stay taken until the source restarts)."""
+
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[^{}\s]+)?$")
 _SEGMENT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -755,6 +759,8 @@ class MessageMapper:
         self._status: EndpointStatus | None = None
         self._programs: dict[str, tuple[Route, PointProgram]] = {}
         self._dynamic = 0
+        self._created = 0
+        """Point ids created by the message being mapped."""
         self._cap_logged = False
         for route in self.routes:
             if route.id_template.is_static:
@@ -801,6 +807,7 @@ class MessageMapper:
         received_at = reading.received_at
         message_id = reading.message_id
         events: list[Event] = []
+        self._created = 0
         for route, segments in matched:
             try:
                 extracted = route.extract(payload)
@@ -861,6 +868,10 @@ class MessageMapper:
             self._drop(route.point.id, address, f"'{_excerpt(point_id)}' is not a valid point "
                        "id (letters, digits, _ . : - only)")
             return None
+        if self._created >= NEW_POINTS_PER_MESSAGE:
+            self._drop(route.point.id, address, f"more than {NEW_POINTS_PER_MESSAGE:,} new "
+                       "point ids in one message")
+            return None
         if self._dynamic >= self.max_points:
             if not self._cap_logged:
                 self._cap_logged = True
@@ -873,6 +884,7 @@ class MessageMapper:
         program = self._compile(route, point_id, tags)
         self._programs[point_id] = (route, program)
         self._dynamic += 1
+        self._created += 1
         return program
 
     def _compile(self, route: Route, point_id: str, tags: dict[str, str]) -> PointProgram:
