@@ -308,7 +308,9 @@ class ApiSection(StrictModel):
         "not read further. A request with a body is authenticated before it is read.")
     max_connections: int = Field(
         default=256, ge=1, description="Open connections at most, event streams and idle "
-        "keep-alive connections included; one more is answered 503 and closed.")
+        "keep-alive connections included; one more is answered 503 and closed, except that "
+        "4 more are kept for `/health/...` requests (one each), so a monitor can tell a busy "
+        "API from a dead one.")
     body_timeout: Duration = Field(
         default=30.0, gt=0, description="A request body must have arrived this long after "
         "its request head: a client still sending is answered 408 and dropped.")
