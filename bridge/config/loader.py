@@ -176,8 +176,9 @@ _NOT_ENDPOINT = frozenset({"devices", "points", "tags", "profiles", "sources"})
 
 
 def _mark_substituted(config: Config) -> None:
-    """Hand each source and sink the values ``${...}`` put into its settings, so that its
-    endpoint shows them masked."""
+    """Hand each source and sink the text settings ``${...}`` filled in (a host, a URL, a
+    user name), so that its endpoint shows them masked. A number (a port) is no secret, and
+    masking its digits would mangle the rest of the endpoint."""
     document = config.document
     for section, entries in (("sources", config.sources), ("sinks", config.sinks)):
         for index, entry in enumerate(entries):
@@ -185,20 +186,27 @@ def _mark_substituted(config: Config) -> None:
             for path in document.substituted:
                 if path[:2] != (section, index) or len(path) < 3 or path[2] in _NOT_ENDPOINT:
                     continue
-                value = _value_at(document.data, path)
+                value = _setting_at(entry, path[2:])
                 if isinstance(value, str):
                     values.append(value)
             if values:
                 entry.substituted(values)
 
 
-def _value_at(data: Any, path: KeyPath) -> Any:
+def _setting_at(model: Any, path: KeyPath) -> Any:
+    """The validated setting at ``path`` inside ``model`` (keys are fields, integers index
+    lists), or ``None``."""
+    value = model
     for part in path:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list | tuple) and part < len(value) else None
+        elif isinstance(value, BaseModel):
+            value = getattr(value, part, None)
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
             return None
-    return data
+    return value
 
 
 def _merge_includes(
