@@ -85,7 +85,7 @@ def _validate(paths: Sequence[str]) -> int:
         except ConfigError as exc:
             for issue in exc.issues:
                 print(f"error: {issue}", file=sys.stderr)
-            status = 1
+            status = 2  # as `run` exits on a configuration it refuses
             continue
         count = sum(len(points) for points in config.points.values())
         print(f"{path}: ok ({len(config.sources)} sources, {count} points, "

@@ -276,6 +276,10 @@ class Runtime:
             except ConfigError as exc:
                 for issue in exc.issues:
                     logger.error("reload refused, configuration unchanged: %s", issue)
+            except Exception:  # a reload must never end the daemon
+                # The loader turns what a file can hold into a ConfigError; anything else is
+                # a bug, reported with its traceback, while the running configuration stays.
+                logger.exception("reload failed, configuration unchanged")
             else:
                 logger.info("configuration reloaded: %s", "; ".join(changes) or "no changes")
             notify("READY=1")

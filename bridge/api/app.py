@@ -52,7 +52,8 @@ def create_app(runtime: ApiFacade, *, streams: StreamSettings | None = None) -> 
     app.state.fieldbridge = ApiContext(
         runtime=runtime, keys=keys, hub=hub,
         metrics=metrics.registry(runtime, keys=keys, hub=hub, device_requests=device_requests),
-        device_requests=device_requests, streams=streams or StreamSettings())
+        device_requests=device_requests,
+        streams=streams or StreamSettings(max_bytes=runtime.api.stream_max_bytes))
     app.include_router(points.router)
     app.include_router(events.router)
     app.include_router(inventory.router)

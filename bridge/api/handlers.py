@@ -66,13 +66,17 @@ _HTTP_CODES = {
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     error = cast(StarletteHTTPException, exc)
-    if error.status_code == 400 and isinstance(error.__cause__, UnicodeDecodeError):
-        # FastAPI's one 400: a JSON body that is not UTF-8. Any other body that is not JSON
-        # is a 422 (``json_invalid``); this one is answered the same way.
+    if error.status_code == 400 and error.__cause__ is not None:
+        # FastAPI's one 400: a JSON body it could not parse, not UTF-8 or nested past the
+        # parser's depth. Any other body that is not JSON is a 422 (``json_invalid``); these
+        # are answered the same way.
+        deep = isinstance(error.__cause__, RecursionError)
+        problem = "the JSON nests too deeply" if deep else "the body is not UTF-8 JSON"
         return error_response(422, ErrorBody(
-            code="invalid_request", message="body: the body is not UTF-8 JSON",
+            code="invalid_request", message=f"body: {problem}",
             hint="send the body as JSON in UTF-8; /docs describes each route's body",
-            details=[{"location": "body", "message": "expected UTF-8 JSON"}]))
+            details=[{"location": "body", "message": "expected JSON nested at most a few "
+                      "hundred levels" if deep else "expected UTF-8 JSON"}]))
     code = _HTTP_CODES.get(error.status_code, "http_error")
     message = str(error.detail)
     hint = None

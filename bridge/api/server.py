@@ -188,7 +188,8 @@ def _uvicorn_config(app: FastAPI, api: ApiSection) -> uvicorn.Config:
         # uvicorn's own limit_concurrency counts only connections that sent a request: the
         # protocol counts every connection, and times out request heads (``connections``).
         http=limited_protocol(ConnectionLimits(max_connections=api.max_connections,
-                                               header_timeout=api.header_timeout)),
+                                               header_timeout=api.header_timeout,
+                                               body_timeout=api.body_timeout)),
         timeout_keep_alive=max(1, math.ceil(api.keep_alive_timeout)),
         ssl_certfile=api.tls.cert if api.tls else None,
         ssl_keyfile=api.tls.key if api.tls else None,

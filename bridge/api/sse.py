@@ -27,6 +27,7 @@ from bridge.api.stream import (
     SseMessage,
     StreamSettings,
     Subscription,
+    chunks,
     event_frame,
     message,
 )
@@ -90,7 +91,8 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Stream until the client goes, falls behind, or the server stops."""
-        subscription = self.hub.subscribe(self.filter, self.settings.queue)
+        subscription = self.hub.subscribe(self.filter, self.settings.queue,
+                                          self.settings.max_bytes)
         subscription.on_end = self._ended
         self.hub.stream_opened()
         logger.debug("event stream to %s opened", self.client)
@@ -104,9 +106,7 @@ class EventStreamResponse(Response):
                     subscription.end("stalled")
                     if not self._dropped:
                         logger.warning("event stream to %s dropped: %s", self.client,
-                                       "the server stops" if subscription.ended == "closing"
-                                       else f"it read nothing for "
-                                       f"{self.settings.send_timeout:g} s")
+                                       _why(subscription, self.settings))
                     # The response cannot be completed: drop the connection now, with what
                     # the kernel still buffers for it, rather than wait to flush to a
                     # client that reads nothing.
@@ -133,7 +133,8 @@ class EventStreamResponse(Response):
         while True:
             frames = self._unsent(subscription.take())
             if frames:
-                await self._send(send, b"".join(frame.data for frame in frames))
+                for data in chunks(frames):
+                    await self._send(send, data)
                 self.last_sent = frames[-1].event_id
                 continue
             if subscription.ended is not None:
@@ -147,11 +148,11 @@ class EventStreamResponse(Response):
             return
         if subscription.ended == "slow_consumer":
             self._dropped = True
-            logger.warning("event stream to %s dropped: it fell %d events behind", self.client,
-                           self.settings.queue)
+            logger.warning("event stream to %s dropped: %s", self.client,
+                           _why(subscription, self.settings))
             await self._send(send, message("error", {
                 "code": "slow_consumer",
-                "message": f"the client fell more than {self.settings.queue} events behind; "
+                "message": f"the client fell more than {subscription.overflow} behind; "
                 "the stream is closed",
                 "hint": "reconnect with Last-Event-ID (or ?last_event_id=) set to "
                 "last_event_id to resume from the store's history; read faster or filter "
@@ -232,9 +233,10 @@ class EventStreamResponse(Response):
             raise _SendTimeoutError from None
 
     def _ended(self, reason: EndReason) -> None:
-        # At shutdown a write blocked on a client that reads nothing is not waited for; a
-        # write the socket takes at once still goes out (a zero timeout only cancels a wait).
-        if reason == "closing":
+        # At shutdown, or once a client fell too far behind, a write blocked on a client
+        # that reads nothing is not waited for; a write the socket takes at once still goes
+        # out (a zero timeout only cancels a wait).
+        if reason in ("closing", "slow_consumer"):
             self._closing = True
             if self._guard is not None:
                 self._guard.reschedule(asyncio.get_running_loop().time())
@@ -244,3 +246,12 @@ class EventStreamResponse(Response):
         while (await receive())["type"] != "http.disconnect":
             pass
         subscription.end("disconnected")
+
+
+def _why(subscription: Subscription, settings: StreamSettings) -> str:
+    """Why a stream was dropped, for the log."""
+    if subscription.ended == "closing":
+        return "the server stops"
+    if subscription.ended == "slow_consumer":
+        return f"it fell {subscription.overflow} behind"
+    return f"it read nothing for {settings.send_timeout:g} s"

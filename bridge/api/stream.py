@@ -14,10 +14,14 @@ event already buffered, and live events the replay already sent are skipped. Tho
 first (at most the batch the router was fanning out), so once a live event that was not
 replayed arrives, no later one can have been.
 
-A client that cannot keep up is dropped, never allowed to grow memory: when its buffer is
-full the buffer is freed, the client gets an ``error`` message (``slow_consumer``, with the
-last id it was sent, to resume from) and the stream ends. A client that reads nothing at all
-blocks the socket; a send that does not finish within ``send_timeout`` ends the stream too.
+A client that cannot keep up is dropped, never allowed to grow memory: when its buffer holds
+``queue`` events or ``max_bytes`` of frames, the buffer is freed, the client gets an ``error``
+message (``slow_consumer``, with the last id it was sent, to resume from) and the stream ends;
+a client whose socket is blocked at that moment is disconnected at once. A client that reads
+nothing at all blocks the socket; a send that does not finish within ``send_timeout`` ends the
+stream too. Frames are shared: clients buffer the same ``SseMessage`` objects, and a client's
+frames are written in chunks of at most ``CHUNK_BYTES`` (a large frame alone, not copied), so
+no client holds a copy of its whole backlog.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ error)."""
 KEEP_ALIVE = b": keep-alive\n\n"
 """An SSE comment: keeps proxies and idle timeouts from closing a quiet stream."""
 
+MAX_STREAM_BYTES = 4 * 1024 * 1024
+"""The default of ``api.stream_max_bytes``: bytes of frames one client may fall behind."""
+
+CHUNK_BYTES = 64 * 1024
+"""Frames are joined into one write up to this size; a larger frame is written alone."""
+
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
@@ -47,6 +57,9 @@ class StreamSettings:
 
     queue: int = 10_000
     """Events buffered per client before it counts as a slow consumer and is dropped."""
+    max_bytes: int = MAX_STREAM_BYTES
+    """Bytes of frames buffered per client before it counts as a slow consumer and is
+    dropped (``api.stream_max_bytes``)."""
     keepalive: float = 15.0
     """Seconds of silence after which a keep-alive comment is sent."""
     send_timeout: float = 30.0
@@ -119,9 +132,15 @@ def message(name: str, data: Mapping[str, Any]) -> bytes:
 class Subscription:
     """One client's filter and bounded buffer of events not yet sent."""
 
-    def __init__(self, hub: EventHub, event_filter: EventFilter, limit: int) -> None:
+    def __init__(self, hub: EventHub, event_filter: EventFilter, limit: int,
+                 max_bytes: int) -> None:
         self.filter = event_filter
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
+        """Bytes of the buffered frames (shared with other clients, counted for each)."""
+        self.overflow: str | None = None
+        """What the client fell behind by, once it did (``5 events``, ``4 MiB``)."""
         self.ended: EndReason | None = None
         """Why the subscription ended; ``None`` while it is live."""
         self.on_end: Callable[[EndReason], None] | None = None
@@ -134,18 +153,25 @@ class Subscription:
         """Buffer a frame; on overflow drop the buffer, end as a slow consumer and return
         False."""
         if len(self._frames) >= self.limit:
-            self._frames.clear()
-            self.end("slow_consumer")
-            return False
-        self._frames.append(frame)
-        self._wakeup.set()
-        return True
+            self.overflow = f"{self.limit} events"
+        elif self.pending_bytes + len(frame.data) > self.max_bytes:
+            self.overflow = f"{self.max_bytes:,} bytes"
+        else:
+            self._frames.append(frame)
+            self.pending_bytes += len(frame.data)
+            self._wakeup.set()
+            return True
+        self._frames.clear()
+        self.pending_bytes = 0
+        self.end("slow_consumer")
+        return False
 
     def take(self) -> list[SseMessage]:
         """Every buffered frame, oldest first; the buffer is left empty."""
         self._wakeup.clear()
         frames = list(self._frames)
         self._frames.clear()
+        self.pending_bytes = 0
         return frames
 
     async def wait(self) -> None:
@@ -203,10 +229,11 @@ class EventHub:
         self._streams -= 1
         self._notify()
 
-    def subscribe(self, event_filter: EventFilter, limit: int) -> Subscription:
+    def subscribe(self, event_filter: EventFilter, limit: int,
+                  max_bytes: int = MAX_STREAM_BYTES) -> Subscription:
         """A new subscription receiving every batch stored from now on (ended already when
-        the hub is closed)."""
-        subscription = Subscription(self, event_filter, limit)
+        the hub is closed); it holds at most ``limit`` events and ``max_bytes`` of frames."""
+        subscription = Subscription(self, event_filter, limit, max_bytes)
         if self.closed:
             subscription.end("closing")
             return subscription
@@ -257,3 +284,27 @@ class EventHub:
                 if subscription.push(frame):
                     buffered += 1
         self.counters["events"] += buffered
+
+
+def chunks(frames: Sequence[SseMessage]) -> list[bytes]:
+    """The frames' bytes as writes of about ``CHUNK_BYTES``: small frames joined, a large one
+    alone and not copied."""
+    writes: list[bytes] = []
+    pending: list[bytes] = []
+    size = 0
+    for frame in frames:
+        data = frame.data
+        if len(data) >= CHUNK_BYTES:
+            if pending:
+                writes.append(b"".join(pending))
+                pending, size = [], 0
+            writes.append(data)
+            continue
+        pending.append(data)
+        size += len(data)
+        if size >= CHUNK_BYTES:
+            writes.append(b"".join(pending))
+            pending, size = [], 0
+    if pending:
+        writes.append(pending[0] if len(pending) == 1 else b"".join(pending))
+    return writes

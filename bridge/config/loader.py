@@ -164,10 +164,49 @@ def load_config(path: str | Path, catalog: Catalog) -> Config:
         outbox=model.outbox,  # type: ignore[attr-defined]
         sinks=list(model.sinks),  # type: ignore[attr-defined]
     )
+    _mark_substituted(config)
     _resolve(config, catalog, issues)
     if issues:
         raise ConfigError(issues)
     return config
+
+
+_NOT_ENDPOINT = frozenset({"devices", "points", "tags", "profiles", "sources"})
+"""Keys of a source or sink that never make its endpoint (a sink's ``sources`` are ids)."""
+
+
+def _mark_substituted(config: Config) -> None:
+    """Hand each source and sink the text settings ``${...}`` filled in (a host, a URL, a
+    user name), so that its endpoint shows them masked. A number (a port) is no secret, and
+    masking its digits would mangle the rest of the endpoint."""
+    document = config.document
+    for section, entries in (("sources", config.sources), ("sinks", config.sinks)):
+        for index, entry in enumerate(entries):
+            values = []
+            for path in document.substituted:
+                if path[:2] != (section, index) or len(path) < 3 or path[2] in _NOT_ENDPOINT:
+                    continue
+                value = _setting_at(entry, path[2:])
+                if isinstance(value, str):
+                    values.append(value)
+            if values:
+                entry.substituted(values)
+
+
+def _setting_at(model: Any, path: KeyPath) -> Any:
+    """The validated setting at ``path`` inside ``model`` (keys are fields, integers index
+    lists), or ``None``."""
+    value = model
+    for part in path:
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list | tuple) and part < len(value) else None
+        elif isinstance(value, BaseModel):
+            value = getattr(value, part, None)
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
+            return None
+    return value
 
 
 def _merge_includes(

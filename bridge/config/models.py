@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +21,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     model_validator,
 )
 
@@ -79,9 +80,11 @@ MAX_VALUE_BYTES = 64 * 1024
 
 
 class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, never ignored."""
+    """Base of every config model: unknown keys are errors, never ignored, and a number
+    must be finite (``.nan`` or ``"inf"`` as a scale, an offset or an interval would make
+    every value it touches meaningless)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ReportSpec(StrictModel):
@@ -188,7 +191,50 @@ class DeviceBase(StrictModel):
         default_factory=list, description="Points added to (or replacing, by name) the profile's.")
 
 
-class SourceBase(StrictModel):
+MASK = "***"
+"""What a value that came from ``${...}`` is shown as in an endpoint."""
+
+
+def mask_substituted(text: str, values: Iterable[str]) -> str:
+    """``text`` with each of ``values`` (substituted settings) shown as ``MASK``."""
+    for value in sorted(values, key=len, reverse=True):
+        if value:
+            text = text.replace(value, MASK)
+    return text
+
+
+class _MaskedEndpoint(StrictModel):
+    """A source's or sink's settings whose ``endpoint()`` never shows a value that came from
+    ``${...}``: the README promises such values are never returned by the API or logged.
+
+    The loader hands each entry the values substituted into its own settings
+    (``substituted``); a connector's ``endpoint()`` is wrapped when its class is made, so no
+    connector has to remember to mask.
+    """
+
+    _substituted: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("endpoint")
+        if callable(own):
+            cls.endpoint = _masking(own)  # type: ignore[attr-defined]
+
+    def substituted(self, values: Iterable[str]) -> None:
+        """Mark ``values`` as substituted into these settings (the loader calls it)."""
+        self._substituted = frozenset(values)
+
+
+def _masking(endpoint: Callable[[Any], str]) -> Callable[[Any], str]:
+    def masked(self: _MaskedEndpoint) -> str:
+        return mask_substituted(endpoint(self), self._substituted)
+
+    masked.__doc__ = endpoint.__doc__
+    masked.__name__ = endpoint.__name__
+    return masked
+
+
+class SourceBase(_MaskedEndpoint):
     """What every source has, whatever its protocol."""
 
     id: Identifier = Field(description="Source id, unique within the bridge.")
@@ -262,7 +308,19 @@ class ApiSection(StrictModel):
         "not read further. A request with a body is authenticated before it is read.")
     max_connections: int = Field(
         default=256, ge=1, description="Open connections at most, event streams and idle "
-        "keep-alive connections included; one more is answered 503 and closed.")
+        "keep-alive connections included; one more is answered 503 and closed, except that "
+        "4 more are kept for `/health/...` requests (one each), so a monitor can tell a busy "
+        "API from a dead one.")
+    body_timeout: Duration = Field(
+        default=30.0, gt=0, description="A request body must have arrived this long after "
+        "its request head: a client still sending is answered 408 and dropped.")
+    stream_max_bytes: ByteSize = Field(
+        default=ByteSize(4 << 20), ge=1024, description="Bytes of events an event stream "
+        "client may fall behind (a number or a size such as `16MiB`): one that falls further "
+        "is dropped at once with a `slow_consumer` error and counted in "
+        "`fieldbridge_api_streams_ended_total`; it resumes from the store with "
+        "`Last-Event-ID`. Clients share the events they wait for: this bounds each one's "
+        "backlog, not copies of it.")
     keep_alive_timeout: Duration = Field(
         default=5.0, gt=0, description="Close a keep-alive connection idle this long after a "
         "response.")
@@ -326,7 +384,7 @@ class OutboxSection(StrictModel):
         "them in `dropped`.")
 
 
-class SinkBase(StrictModel):
+class SinkBase(_MaskedEndpoint):
     """What every sink has, whatever its protocol."""
 
     id: Identifier = Field(description="Sink id, unique within the bridge.")

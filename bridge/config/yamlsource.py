@@ -6,6 +6,7 @@ key path keeps its file and line, which config errors then point at.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import yaml.reader
 
 from bridge.errors import ConfigIssue, excerpt
 
@@ -121,14 +123,46 @@ def _size(count: int) -> str:
 
 _REFERENCE = re.compile(r"\$\$|\$\{([^}]*)\}")
 
+MAX_SUBSTITUTED_BYTES = 16 * 1024 * 1024
+"""Characters that ``${...}`` references may produce in one file, all values together: a
+file's secrets and variables come nowhere near it, and a reference written many times (or
+a value aliased many times) cannot make the loader build gigabytes."""
 
-def substitute(text: str, base: Path) -> str:
+
+class SubstitutionBudgetError(ValueError):
+    """The ``${...}`` references of a file produce more than ``MAX_SUBSTITUTED_BYTES``."""
+
+
+@dataclass
+class SubstitutionBudget:
+    """What ``${...}`` references may still produce while one file is loaded."""
+
+    remaining: int = MAX_SUBSTITUTED_BYTES
+
+    def spend(self, count: int) -> None:
+        """Count ``count`` characters produced; raise ``SubstitutionBudgetError`` past it."""
+        self.remaining -= count
+        if self.remaining < 0:
+            raise SubstitutionBudgetError(
+                f"${{...}} references produce more than {_size(MAX_SUBSTITUTED_BYTES)} in "
+                "this file (a secret file referenced many times?)")
+
+
+def substitute(text: str, base: Path, budget: SubstitutionBudget | None = None) -> str:
     """Expand ``${VAR}``, ``${VAR:-default}`` and ``${file:/path}``; ``$$`` is a literal ``$``.
 
-    Raises ``ValueError`` naming what is missing; the caller adds the location.
+    Raises ``ValueError`` naming what is missing; the caller adds the location. With a
+    ``budget``, what the references produce is counted against it (the text around them is
+    bounded by the file's size already).
     """
 
     def replace(match: re.Match[str]) -> str:
+        produced = _replacement(match)
+        if budget is not None:
+            budget.spend(len(produced))
+        return produced
+
+    def _replacement(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         reference = match.group(1)
@@ -167,8 +201,34 @@ class _ExpansionError(Exception):
         self.message = message
 
 
+MAX_DEPTH = 100
+"""How deeply collections may nest in one file: real configurations nest about ten deep; a
+file of a hundred thousand ``[`` must be an error with its line, not a ``RecursionError``."""
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, whose recursive composer refuses to nest past ``MAX_DEPTH``."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """Compose one node, counting how deep it sits."""
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _ExpansionError(self.get_mark().line + 1,
+                                      f"collections nest more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
-    """Parse one YAML file; problems are appended to ``issues`` with their line."""
+    """Parse one YAML file; problems are appended to ``issues`` with their line.
+
+    Whatever the file holds, the outcome is data or issues: the reader, the parser and the
+    builder's own limits (depth, values, substituted characters) all end as an issue.
+    """
     document = Document(data=None)
     name = str(path)
     try:
@@ -176,8 +236,11 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
     except FileReadError as exc:
         issues.append(ConfigIssue(name, None, "", f"cannot read file: {exc}"))
         return document
-    loader = yaml.SafeLoader(text)
+    loader: _DepthLimitedLoader | None = None
     try:
+        # The reader checks every character when it is made: a NUL (/proc/self/environ)
+        # is refused here.
+        loader = _DepthLimitedLoader(text)
         node = loader.get_single_node()
         if node is None:
             document.data = {}
@@ -190,10 +253,23 @@ def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:
         line = mark.line + 1 if mark else None
         problem = " ".join(part for part in (exc.context, exc.problem) if part)
         issues.append(ConfigIssue(name, line, "", f"invalid YAML: {_short(problem)}"))
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        issues.append(ConfigIssue(name, line, "", f"not a YAML text file: character "
+                                  f"#x{exc.character:04x} ({exc.reason}) at position "
+                                  f"{exc.position:,}" if isinstance(exc.character, int) else
+                                  f"not a YAML text file: {exc.reason}"))
     except yaml.YAMLError as exc:
         issues.append(ConfigIssue(name, None, "", f"invalid YAML: {_short(str(exc))}"))
+    except RecursionError:
+        # Past the depth limit's reach (a deep key inside a flow mapping, say).
+        issues.append(ConfigIssue(name, None, "", "the file nests too deeply to be read"))
+    except MemoryError:
+        issues.append(ConfigIssue(name, None, "", "the file needs more memory than this "
+                                  "machine has to be read"))
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return document
 
 
@@ -218,6 +294,12 @@ class _Builder:
         self.issues = issues
         self.remaining = MAX_VALUES
         self.building: set[int] = set()
+        self.budget = SubstitutionBudget()
+        self.refused: set[int] = set()
+        """Scalar nodes already reported as unreadable (once, however often aliased)."""
+        self.scalars: dict[int, Any] = {}
+        """The value of each scalar node by identity: an alias shares its anchor's value
+        (substituted once) instead of building a copy."""
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
         """The value of ``node``, written at ``path``."""
@@ -246,7 +328,7 @@ class _Builder:
             result: dict[Any, Any] = {}
             written: set[Any] = set()
             for position, (key_node, value_node) in enumerate(node.value):
-                key = self.loader.construct_object(key_node, deep=True)
+                key = self._construct(key_node, path)
                 if not isinstance(key, str | int | float | bool):
                     self.issues.append(ConfigIssue(self.name, key_node.start_mark.line + 1, "",
                                                    "a mapping key must be a plain scalar"))
@@ -266,18 +348,64 @@ class _Builder:
             return result
         return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
 
+    def _construct(self, node: yaml.Node, path: KeyPath) -> Any:
+        """PyYAML's value of a scalar node; a value it cannot make (an integer of more
+        than 4,300 digits) or a number that is not finite is an issue at its line."""
+        line = node.start_mark.line + 1
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError) as exc:
+            if id(node) in self.refused:
+                return None
+            self.refused.add(id(node))
+            self.issues.append(ConfigIssue(self.name, line, format_path(path),
+                                           "not a valid value: "
+                                           f"{_short(str(exc).split(';')[0])}"))
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            if id(node) in self.refused:
+                return None
+            self.refused.add(id(node))
+            self.issues.append(ConfigIssue(self.name, line, format_path(path),
+                                           f"a number must be finite (got {value})"))
+            return None
+        return value
+
     def _scalar(self, node: yaml.Node, path: KeyPath) -> Any:
-        value = self.loader.construct_object(node, deep=True)
+        known = self.scalars.get(id(node), _UNBUILT)
+        if known is not _UNBUILT:
+            if isinstance(known, _Substituted):
+                self.document.substituted.add(path)
+                return known.value
+            return known
+        value = self._construct(node, path)
+        result: Any = value
         if isinstance(value, str) and "$" in value:
             try:
-                expanded = substitute(value, self.base)
+                expanded = substitute(value, self.base, self.budget)
+            except SubstitutionBudgetError as exc:
+                raise _ExpansionError(node.start_mark.line + 1, str(exc)) from None
             except ValueError as exc:
                 self.issues.append(ConfigIssue(self.name, node.start_mark.line + 1,
                                                format_path(path), str(exc)))
+                self.scalars[id(node)] = value  # reported once, not once per alias
                 return value
             if expanded != value:
                 # Kept a string: pydantic's lax mode turns "5020" into an int where one is
                 # expected, and a password such as "yes" stays a password.
                 self.document.substituted.add(path)
-            return expanded
-        return value
+                self.scalars[id(node)] = _Substituted(expanded)
+                return expanded
+        self.scalars[id(node)] = result
+        return result
+
+
+_UNBUILT: Any = object()
+"""Marks a scalar node not built yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Substituted:
+    """A scalar's value that came from ``${...}``: each path it is used at is secret."""
+
+    value: str

@@ -37,8 +37,10 @@ def compile_transform(spec: PointBase) -> Transform:
         # The common case first: exactly an int, or a finite float (bool is not ``int`` here).
         kind = type(raw)
         if kind is int or (kind is float and math.isfinite(raw)):
-            plain: float | int = raw if identity else raw * scale + offset
-            return plain if digits is None else round(plain, digits)
+            known: int | float = raw
+            if identity:
+                return known if digits is None else round(known, digits)
+            return _scaled(known)
         if isinstance(raw, bool) or raw is None or isinstance(raw, str):
             if identity and digits is None:
                 return raw
@@ -47,10 +49,21 @@ def compile_transform(spec: PointBase) -> Transform:
             raise DecodeError(f"expected a number, got {type(raw).__name__}")
         if isinstance(raw, float) and not math.isfinite(raw):
             raise DecodeError(f"value is {raw}")
-        value: float | int = raw if identity else raw * scale + offset
-        if digits is not None:
-            value = round(value, digits)
-        return value
+        if identity:
+            return raw if digits is None else round(raw, digits)
+        return _scaled(raw)
+
+    def _scaled(raw: int | float) -> Value:
+        try:
+            plain = raw * scale + offset
+        except OverflowError:  # an integer past a float's range
+            raise DecodeError(f"the raw value times scale {scale:g} is out of a number's "
+                              "range") from None
+        if not math.isfinite(plain):
+            # 1.1e308 times 10 is infinite: no event may carry it as a good value.
+            raise DecodeError(f"the raw value {raw:.6g} times scale {scale:g} plus offset "
+                              f"{offset:g} is not a finite number")
+        return plain if digits is None else round(plain, digits)
 
     return number
 

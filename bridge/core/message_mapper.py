@@ -55,6 +55,10 @@ from bridge.errors import DecodeError
 
 logger = logging.getLogger(__name__)
 
+NEW_POINTS_PER_MESSAGE = 1_000
+"""Point ids one message may create from templates: a payload with a million list items
+must not take all of ``max_points`` (they stay taken until the source restarts)."""
+
 
 class _PointError(Exception):
     """One point of a message cannot be produced; the rest of the message can."""
@@ -276,6 +280,8 @@ class MessageMapper:
         self._status: EndpointStatus | None = None
         self._programs: dict[str, tuple[Route, PointProgram]] = {}
         self._dynamic = 0
+        self._created = 0
+        """Point ids created by the message being mapped."""
         self._cap_logged = False
         for route in self.routes:
             if route.id_template.is_static:
@@ -322,6 +328,7 @@ class MessageMapper:
         received_at = reading.received_at
         message_id = reading.message_id
         events: list[Event] = []
+        self._created = 0
         for route, segments in matched:
             try:
                 extracted = route.extract(payload)
@@ -382,6 +389,10 @@ class MessageMapper:
             self._drop(route.point.id, address, f"'{quoted(point_id)}' is not a valid point "
                        "id (letters, digits, _ . : - only)")
             return None
+        if self._created >= NEW_POINTS_PER_MESSAGE:
+            self._drop(route.point.id, address, f"more than {NEW_POINTS_PER_MESSAGE:,} new "
+                       "point ids in one message")
+            return None
         if self._dynamic >= self.max_points:
             if not self._cap_logged:
                 self._cap_logged = True
@@ -394,6 +405,7 @@ class MessageMapper:
         program = self._compile(route, point_id, tags)
         self._programs[point_id] = (route, program)
         self._dynamic += 1
+        self._created += 1
         return program
 
     def _compile(self, route: Route, point_id: str, tags: dict[str, str]) -> PointProgram:

@@ -16,6 +16,7 @@ import importlib.resources
 import os
 import signal
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def load_demo_config(*, state_dir: Path, api_port: int) -> Config:
     Raises ``ConfigError`` if the packaged configuration is invalid.
     """
     config = load_config(demo_config_path())
+    for source in config.sources:
+        # ${...} in the demo's file carries the addresses the demo itself chose, no secret:
+        # its console and inventory show them.
+        source.substituted(())
     return dataclasses.replace(
         config,
         bridge=config.bridge.model_copy(update={"state_dir": state_dir.resolve()}),
@@ -140,14 +145,21 @@ async def _start_opcua(stack: contextlib.AsyncExitStack) -> None:
 async def _announce(runtime: Runtime, simulator: PlantSimulator, config: Config) -> None:
     await runtime.ready.wait()
     base = f"http://{_url_host(config.api.host)}:{runtime.api_port}"
-    served = [running for running in runtime.sources.values() if running.enabled]
-    count = sum(1 for point in runtime.points.values()
-                if runtime.sources[point.source].enabled)
-    endpoints = ", ".join(f"{running.unit.source.protocol} {running.unit.source.endpoint}"
-                          for running in served)
+    # The count is what /v1/points lists: every configured point, those of a disabled
+    # source included (they show no value until it is turned on).
+    per_source = Counter(point.source for point in runtime.points.values())
+    parts = []
+    for source_id, running in runtime.sources.items():
+        source = running.unit.source
+        if running.enabled:
+            parts.append(f"{per_source[source_id]} over {source.protocol} {source.endpoint}")
+        else:
+            parts.append(f"{per_source[source_id]} of {source_id}, disabled"
+                         + (" (add --opcua)" if source.protocol == "opcua" else ""))
     lines = [
         f"Console: {base}/",
-        f"Fieldbridge demo: {count} points of a simulated plant ({endpoints}).",
+        f"Fieldbridge demo: {len(runtime.points)} points of a simulated plant "
+        f"({'; '.join(parts)}).",
         f"  REST API: {base}/v1/points",
         f"  try:      curl -s {base}/v1/points/{DEMO_POINT}",
         f"  docs:     {base}/docs",

@@ -34,6 +34,8 @@ class MqttPoint(MessagePoint):
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str) -> str:
+        if "\x00" in value:  # MQTT forbids it: the broker would refuse the subscription
+            raise ValueError("a topic filter must not contain a NUL character")
         AddressPattern.parse(value, MQTT_TOPIC)
         return value
 

@@ -18,7 +18,7 @@ from helpers.sse import SETTLE, Bridge, BridgeFactory, SseReader, make_event, po
 
 from bridge.api.app import create_app
 from bridge.api.server import ApiServer
-from bridge.api.stream import StreamSettings
+from bridge.api.stream import CHUNK_BYTES, StreamSettings, chunks, event_frame
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.pipeline.outbox import Admission
 from bridge.pipeline.store import Retention, Store
@@ -343,7 +343,9 @@ async def test_a_client_that_reads_nothing_is_dropped(
                     await bridge.feed(points(200, f"boiler.b{fed}."))
                     fed += 1
             await bridge.wait_for_clients(0)
-        assert "read nothing for 0.2 s" in caplog.text
+        # A queue that overflows while a write is blocked drops the client at once.
+        assert ("read nothing for 0.2 s" in caplog.text
+                or "fell 2000 events behind" in caplog.text), caplog.text
         assert hub.counters["ended_stalled"] + hub.counters["ended_slow_consumer"] == 1
         # The server dropped the connection without ending the response: it is reset (or,
         # had the reset not arrived yet, what the client reads ends without the last chunk).
@@ -498,3 +500,45 @@ async def test_a_dropped_client_is_disconnected_on_the_wire_and_logged_once(
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+async def test_a_client_past_its_byte_bound_is_dropped_at_once(
+    start_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Large values to a client that reads nothing: it is dropped as soon as 256 KiB wait
+    for it (``api.stream_max_bytes``), long before ``send_timeout`` (30 s here). Before, it
+    held every frame until the timeout: 256 such clients took the daemon to 1.96 GB."""
+    bridge = await start_bridge(api="  stream_max_bytes: 256KiB\n")
+    assert bridge.server.context.streams.max_bytes == 256 * 1024
+    assert bridge.server.context.streams.send_timeout == 30.0
+    _, writer = await stalled_client(bridge)
+    try:
+        hub = bridge.server.context.hub
+        fed = 0
+        with caplog.at_level(logging.WARNING, logger="bridge.api.sse"):
+            async with asyncio.timeout(SETTLE):
+                while hub.subscriptions:
+                    await bridge.feed([make_event(f"boiler.big{fed}", "x" * 60_000)])
+                    fed += 1
+                await bridge.wait_for_clients(0)
+        # The kernel's buffers take some megabytes first; then 256 KiB more at most.
+        assert fed * 60_000 < 16 * 2**20
+        assert hub.counters["ended_slow_consumer"] == 1
+        assert "fell 262,144 bytes behind" in caplog.text
+        async with client(bridge) as http:
+            exposition = (await http.get("/metrics")).text
+        assert 'fieldbridge_api_streams_ended_total{reason="slow_consumer"} 1' in exposition
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def test_frames_are_written_in_bounded_chunks_without_copying_a_large_one() -> None:
+    small = [event_frame(f"s{index}", "x" * 1_000) for index in range(200)]
+    large = event_frame("large", "y" * 200_000)
+    writes = chunks([*small[:100], large, *small[100:]])
+    assert b"".join(writes) == b"".join(frame.data for frame in [*small[:100], large,
+                                                                  *small[100:]])
+    assert any(write is large.data for write in writes)  # written as it is, not copied
+    assert all(len(write) < CHUNK_BYTES + 2_000 for write in writes if write is not large.data)

@@ -217,3 +217,146 @@ async def test_reloading_a_huge_file_does_not_stall_health_live(tmp_path: Path) 
         line = await daemon.until("reload refused")
         assert "/dev/zero: cannot read file: a device, not a regular file" in line
         assert (await client.get("/health/live", timeout=1.0)).status_code == 200
+
+
+# --- issue 20: P1 to P4, files that ended the daemon or gave a traceback --------------------
+
+def _hostile(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """Files that once escaped the loader as an exception, by name: (text, expected issue)."""
+    return {
+        "nested": (VALID + "x: " + "[" * 100_000 + "\n",
+                   "fieldbridge.yaml:3: collections nest more than 100 levels deep"),
+        "digits": ("api: {port: " + "9" * 5_000 + "}\n",
+                   "fieldbridge.yaml:1: api.port: not a valid value: Exceeds the limit"),
+        "environ": (VALID + "include: [/proc/self/environ]\n",
+                    "/environ:1: not a YAML text file: character #x0000"),
+    }
+
+
+@pytest.mark.parametrize("name", ["nested", "digits", "environ"])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_hostile_files_are_a_located_error_with_exit_2(
+    tmp_path: Path, name: str, command: str
+) -> None:
+    text, expected = _hostile(tmp_path)[name]
+    path = tmp_path / "fieldbridge.yaml"
+    path.write_text(text)
+    arguments = [str(path)] if command == "validate" else ["-c", str(path)]
+    done = subprocess.run([sys.executable, "-m", "bridge", command, *arguments],
+                          capture_output=True, text=True, timeout=60, check=False)
+    # Before: a RecursionError, ValueError or ReaderError traceback (up to 200 KB), exit 1.
+    assert done.returncode == 2, done.stderr[-2_000:]
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr) < 1_000
+    assert expected in done.stderr
+
+
+@pytest.mark.parametrize("text", [
+    "bridge: {id: t}\nx: .nan\n",
+    "bridge: {id: t}\nx: [1, .inf]\n",
+    "bridge: {id: t}\nx: 1.0e+400\n",
+])
+def test_a_number_that_is_not_finite_is_refused_anywhere(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fieldbridge.yaml"
+    path.write_text(text)
+    (issue,) = _issues(path)
+    assert issue.startswith(f"{path}:2: x")
+    assert "a number must be finite" in issue
+
+
+MODBUS_POINT = """\
+sources:
+  - id: plc
+    protocol: modbus
+    host: 127.0.0.1
+    devices:
+      - id: meter
+        interval: {interval}
+        points:
+          - {{name: t, address: 40001, type: float64, scale: {scale}, offset: {offset}}}
+"""
+
+
+@pytest.mark.parametrize(("key", "values", "line"), [
+    ("scale", {"scale": ".nan"}, 9),
+    ("offset", {"offset": "-.inf"}, 9),
+    ("interval", {"interval": ".inf"}, 7),
+])
+def test_non_finite_scale_offset_and_interval_are_refused_at_load(
+    tmp_path: Path, key: str, values: dict[str, str], line: int
+) -> None:
+    path = tmp_path / "fieldbridge.yaml"
+    path.write_text(VALID + MODBUS_POINT.format(**{"interval": "1s", "scale": 1, "offset": 0,
+                                                   **values}))
+    (issue,) = _issues(path)
+    assert issue.startswith(f"{path}:{line + 2}: sources[0]")
+    assert f".{key}: a number must be finite" in issue
+
+
+def test_a_non_finite_number_from_a_substitution_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FB_TEST_SCALE", "nan")
+    path = tmp_path / "fieldbridge.yaml"
+    path.write_text(VALID + MODBUS_POINT.format(interval="1s", scale="'${FB_TEST_SCALE}'",
+                                                offset=0))
+    (issue,) = _issues(path)
+    assert "devices[0].points[0].scale: Input should be a finite number" in issue
+    assert "nan" not in issue.split("scale:")[1]  # a substituted value is never echoed
+
+
+def test_aliases_of_a_substituted_string_share_one_copy(tmp_path: Path) -> None:
+    """A 512 KiB string with ``${HOME}``, aliased 200 times: substituted once, not 200 times
+    (before: 200 copies, over 100 MiB; with 150,000 aliases a MemoryError)."""
+    import tracemalloc
+
+    from bridge.config.yamlsource import load_yaml
+
+    path = tmp_path / "fieldbridge.yaml"
+    big = "${HOME}" + "x" * (512 * 1024)
+    path.write_text(f"a: &big '{big}'\nb: [" + ", ".join(["*big"] * 200) + "]\n")
+    issues: list[object] = []
+    tracemalloc.start()
+    try:
+        document = load_yaml(path, issues)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not issues
+    values = document.data["b"]
+    assert len(values) == 200
+    assert all(value is document.data["a"] for value in values)
+    assert ("b", 199) in document.substituted  # each place it is used is still secret
+    # Parsing the 512 KiB scalar costs about 16 MiB; 200 copies would add 100 MiB.
+    assert peak < 40 * MIB, f"peak {peak / MIB:.0f} MiB"
+
+
+def test_what_substitution_produces_is_bounded(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * (1024 * 1024 - 1))
+    path = tmp_path / "fieldbridge.yaml"
+    # Twenty distinct references to a 1 MiB secret: 20 MiB, past the 16 MiB budget.
+    path.write_text(VALID + "x:\n" + "".join(f"  - '{index}${{file:{secret}}}'\n"
+                                             for index in range(20)))
+    (issue,) = _issues(path)
+    assert issue.startswith(f"{path}:")
+    assert "${...} references produce more than 16 MiB in this file" in issue
+
+
+@pytest.mark.usefixtures("_no_leftover_tasks")
+async def test_reloading_hostile_files_keeps_the_daemon_running(tmp_path: Path) -> None:
+    path = tmp_path / "fieldbridge.yaml"
+    path.write_text(VALID)
+    async with running_daemon(path) as daemon, httpx.AsyncClient(base_url=daemon.url) as client:
+        assert (await client.get("/health/live", timeout=5.0)).status_code == 200
+        for name, (text, expected) in _hostile(tmp_path).items():
+            path.write_text(text)
+            daemon.process.send_signal(signal.SIGHUP)
+            # Before: the daemon exited 1 with the exception's traceback.
+            line = await daemon.until(expected.split(":", 1)[1])
+            assert "reload refused, configuration unchanged" in line, name
+            assert (await client.get("/health/live", timeout=5.0)).status_code == 200
+        path.write_text(VALID)
+        daemon.process.send_signal(signal.SIGHUP)
+        await daemon.until("configuration reloaded")
+        assert daemon.process.returncode is None

@@ -149,3 +149,44 @@ async def test_the_daemon_turns_a_10_mb_mqtt_string_into_a_small_bad_event(
     finally:
         publisher.loop_stop()
         publisher.disconnect()
+
+
+@pytest.mark.parametrize(("raw", "point"), [
+    (1.1e308, {"scale": 10}),
+    (-1.7e308, {"offset": -1.7e308}),
+    (10**400, {"scale": 0.5}),
+])
+def test_a_computed_value_that_is_not_finite_is_bad_with_the_reason(
+    tmp_path: Path, raw: Any, point: dict[str, Any]
+) -> None:
+    """Before: 1.1e308 times 10 was Infinity, served as ``"value":NaN`` or ``null`` and `good`."""
+    event = _one(tmp_path, {"v": raw}, {"path": "v", **point})
+    assert event.quality is Quality.BAD
+    assert event.value is None
+    assert event.reason is not None
+    assert "finite" in event.reason or "out of a number's range" in event.reason
+    json.loads(event.to_json(), parse_constant=lambda name: pytest.fail(name))
+
+
+def test_a_finite_scaled_value_stays_good(tmp_path: Path) -> None:
+    event = _one(tmp_path, {"v": 1.1e307}, {"path": "v", "scale": 10, "round": 2})
+    assert event.quality is Quality.GOOD
+    assert event.value == pytest.approx(1.1e308)
+
+
+def test_one_message_creates_at_most_1000_point_ids(tmp_path: Path) -> None:
+    """Before: one payload with a list of 20,000 items took all 10,000 of ``max_points``,
+    until the source restarted."""
+    mapper = mapper_for(tmp_path, [{"name": "meters.{item.id}.power", "topic": "s/t",
+                                    "each": "readings", "path": "kw"}])
+    items = [{"id": f"m{index}", "kw": index} for index in range(20_000)]
+    events = mapper.map(reading("s/t", json.dumps({"readings": items})))
+    assert len(events) == 1_000
+    assert mapper.point_count == 1_000
+    assert mapper.counters["dropped_points"] == 19_000
+    assert mapper.details["last_dropped_point"]["reason"] == (
+        "more than 1,000 new point ids in one message")
+    # A later message creates its own, and points known already are mapped as before.
+    events = mapper.map(reading("s/t", json.dumps({"readings": items[:2_000]})))
+    assert len(events) == 2_000
+    assert mapper.point_count == 2_000

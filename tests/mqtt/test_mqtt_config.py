@@ -76,6 +76,8 @@ def test_version_five_may_be_written_as_a_number(tmp_path: Path) -> None:
     ({"tls": {"key": "/k.pem"}}, "go with `cert`"),
     ({"points": [{"name": "a", "topic": "a/#/b"}]}, "must be the last level"),
     ({"points": [{"name": "{x}", "topic": "a/+"}]}, "placeholder {x} is not known"),
+    # Before: valid, and the source then sat in `connecting` with no error.
+    ({"points": [{"name": "a", "topic": "a/\x00b"}]}, "must not contain a NUL character"),
     ({"brokr": "x"}, "unknown key"),
 ])
 def test_config_errors(tmp_path: Path, options: dict[str, Any], message: str) -> None:

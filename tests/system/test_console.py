@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,9 +227,17 @@ async def test_the_console_shows_the_demo_plant_without_leaving_the_box(
     await expect(page.locator("#sinks-body")).to_contain_text("No sinks configured")
     # Sparklines: drawn from the history of each visible row and the live events.
     await expect(row(page, "boiler.supply_temp").locator("svg.spark polyline")).to_have_count(1)
+    # Discovery works in the demo: the panel offers it (the README's picture once said it
+    # was not available).
+    await expect(page.locator("#discover-availability")).to_contain_text(
+        "Browse an OPC-UA server")
+    await expect(page.locator("#discover-run")).to_be_enabled()
     assert pages.hosts() == {"127.0.0.1"}, sorted(request.url for request in pages.requests)
     assert not pages.errors
     await page.screenshot(path=tmp_path / "console.png", full_page=True)
+    if os.environ.get("FIELDBRIDGE_SCREENSHOT") == "update":
+        # How the README's picture is made: FIELDBRIDGE_SCREENSHOT=update pytest -k this test.
+        shutil.copyfile(tmp_path / "console.png", SCREENSHOT)
 
 
 async def test_a_value_changes_on_screen_within_seconds(plant: Plant, pages: Pages) -> None:

@@ -139,6 +139,10 @@ async def test_demo_serves_moving_points_and_stops_on_ctrl_c(
                 break
             assert time.monotonic() < deadline + STARTUP, "the values never changed"
             await asyncio.sleep(0.25)
+        # The banner's count is what the API serves (it said 11 and served 14).
+        served = (await client.get("/v1/points")).json()["items"]
+        assert f"Fieldbridge demo: {len(served)} points of a simulated plant (" in banner
+        assert "3 of opcua-plant, disabled (add --opcua)" in banner
         one = (await client.get("/v1/points/boiler.supply_temp")).json()
         assert one["unit"] == "degC"
         assert isinstance(one["value"], float)
