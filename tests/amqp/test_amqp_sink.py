@@ -35,7 +35,6 @@ from bridge.errors import ErrorCategory
 pytestmark = pytest.mark.broker
 
 
-
 async def test_consumers_receive_exactly_the_events_with_the_documented_shape(
     tmp_path: Path, rabbit: RabbitAdmin
 ) -> None:

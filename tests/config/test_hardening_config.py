@@ -341,9 +341,6 @@ def test_what_substitution_produces_is_bounded(tmp_path: Path) -> None:
     (issue,) = _issues(path)
     assert issue.startswith(f"{path}:")
     assert "${...} references produce more than 16 MiB in this file" in issue
-
-
-@pytest.mark.usefixtures("_no_leftover_tasks")
 async def test_reloading_hostile_files_keeps_the_daemon_running(tmp_path: Path) -> None:
     path = tmp_path / "fieldbridge.yaml"
     path.write_text(VALID)

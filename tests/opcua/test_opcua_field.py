@@ -18,7 +18,7 @@ from asyncua.crypto import security_policies
 from helpers import free_port
 from helpers.brokers import SourceRun, wait_until
 from helpers.discovery import in_thread
-from helpers.opcua_server import WAIT, SourceRunner, make_certificate, settle_tasks, source_config
+from helpers.opcua_server import WAIT, SourceRunner, make_certificate, source_config
 
 from bridge import cli
 from bridge.api.server import ApiServer
@@ -47,13 +47,6 @@ FIELD_VARIABLES: dict[str, Any] = {
 """Null variants of the three string-like types (how open62541 sends ""), a counter, and a
 sensor that reads Bad."""
 EMPTY = ("Batch.Id", "Batch.Label", "Batch.Recipe")
-
-
-@pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> AsyncIterator[None]:
-    before = set(asyncio.all_tasks())
-    yield
-    await settle_tasks(before)
 
 
 def _points(plant: PlantServer, names: Sequence[str]) -> list[dict[str, Any]]:
