@@ -180,8 +180,8 @@ def markdown(results: Sequence[ScenarioResult], info: dict[str, Any], command: s
         out += [analysis.read_text().rstrip(), ""]
     # Experiments that write a table of their own (results.md beside their code) appear
     # after the analysis, as their last run left them.
-    for table in sorted((output / "experiments").glob("*/results.md")):
-        out += [table.read_text().rstrip(), ""]
+    for experiment in sorted((output / "experiments").glob("*/results.md")):
+        out += [experiment.read_text().rstrip(), ""]
     for result in results:
         out += [f"## {result.key}: {result.title}", ""]
         if result.status != "ok":

@@ -224,6 +224,9 @@ LAYOUTS = (
            paced="paced 2,000 msg/s, workers: 2 + sink worker (unpinned)"),
     Layout(TWO, STOCK, parts=(range(0, DEVICES // 2), range(DEVICES // 2, DEVICES))),
 )
+SMOKE_LAYOUTS = (ONE, ALL)
+"""A smoke run's layouts: the pinned daemon and the one with source and sink workers cover the
+code paths of the others (which only run more daemons or fewer workers)."""
 
 
 def burst(directory: Path, mqtt_port: int, broker_config: Path, daemons: list[Daemon],
@@ -477,7 +480,8 @@ def run(options: Options) -> ScenarioResult:
             result.notes.append("RabbitMQ is not running on 127.0.0.1:5672: no AMQP baseline.")
 
         for layout in LAYOUTS:
-            if layout.broker not in ports:
+            if layout.broker not in ports or (options.smoke
+                                              and layout.name not in SMOKE_LAYOUTS):
                 continue
             port = ports[layout.broker]
             consumer_context: Any = (Peer("bench.peers.amqp_consumer", "--exchange", EXCHANGE,

@@ -70,7 +70,7 @@ def mapper_microbench(seconds: float) -> dict[str, float]:
         resolved = [
             ResolvedPoint(id=f"dev.{spec['name']}", source="s2", device="dev",
                           spec=ModbusPoint.model_validate(spec), tags={},
-                          report=ReportSpec(mode=mode), path=())  # type: ignore[arg-type]
+                          report=ReportSpec(mode=mode), path=())
             for spec in points()
         ]
         mapper = ModbusMapper(resolved, bridge_id="bench")
@@ -106,7 +106,7 @@ def run(options: Options) -> ScenarioResult:
         f"float area carries at most 124 registers (62 values): 8 requests for 0..999 plus "
         f"ceil(1000 / 124) = 9 for 1000..1999 = 17. The planner's plan: {len(planned)} "
         f"requests ({', '.join(f'{s}+{c}' for s, c in planned)}).")
-    measure = options.seconds(12.0, 4.0, 0.5)
+    measure = options.seconds(12.0, 4.0, 1.0)
     with workdir("s2") as directory, Peer(
             "bench.peers.modbus_server", "--registers", str(REGISTERS),
             "--changes", str(CHANGES_PER_SECOND), log_dir=directory) as server:
