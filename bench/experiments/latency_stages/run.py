@@ -2,10 +2,10 @@
 
 MQTT (a stock Mosquitto the bench starts, or the shared one without the binary) → source →
 router → store → outbox → AMQP sink → RabbitMQ → the bench consumer, at ``--rate`` messages
-a second. Hooks on ``Router.submit``, ``Store.write`` and the sink's ``publish`` record, per
-event, how long after the bridge received it (``received_at``) the event was handed to the
-router and stored, how long store writes take and how large they are, and how long after
-being stored it was published; the consumer adds the whole path.
+a second. Hooks on ``Router.submit``, ``Store.hold`` (the router's store write) and the
+sink's ``publish`` record, per event, how long after the bridge received it (``received_at``)
+the event was handed to the router and stored, how long store writes take and how large they
+are, and how long after being stored it was published; the consumer adds the whole path.
 Run: ``python -m bench.experiments.latency_stages.run [--commit-interval S]``.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from bench.harness import Peer, percentile, workdir
@@ -23,6 +23,7 @@ from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, STOCK, config, mosquitto
 from bridge.core.model import Event
 from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState
+from bridge.pipeline.outbox import Admission
 from bridge.pipeline.router import Router, Settlement
 from bridge.pipeline.store import Store
 from bridge.registry import load_config
@@ -36,7 +37,7 @@ BATCHES: list[float] = []
 
 
 def _hook() -> None:
-    submit, write, publish = Router.submit, Store.write, AmqpSink.publish
+    submit, hold, publish = Router.submit, Store.hold, AmqpSink.publish
 
     async def timed_submit(self: Router, events: Sequence[Event],
                            settlements: Sequence[Settlement] = ()) -> None:
@@ -44,14 +45,16 @@ def _hook() -> None:
         STAGES["received -> handed to the router"].extend(now - e.received_at for e in events)
         await submit(self, events, settlements)
 
-    async def timed_write(self: Store, events: Sequence[Event], *, force: bool = False) -> int:
+    async def timed_hold(self: Store, events: Sequence[Event], *, force: bool = False,
+                         held_points: Collection[str] = ()) -> Admission:
         started = time.perf_counter()
-        stored = await write(self, events, force=force)
+        admission = await hold(self, events, force=force, held_points=held_points)
         now = time.time()
         STAGES["store write (one batch)"].append(time.perf_counter() - started)
-        BATCHES.append(len(events))
-        STAGES["received -> stored"].extend(now - e.received_at for e in events[:stored])
-        return stored
+        BATCHES.append(len(admission.taken))
+        STAGES["received -> stored"].extend(now - events[index].received_at
+                                            for index in admission.taken)
+        return admission
 
     def timed_publish(self: AmqpSink, rows: Sequence[OutboxRow]) -> None:
         publish(self, rows)
@@ -59,7 +62,7 @@ def _hook() -> None:
         STAGES["stored -> published to RabbitMQ"].extend(now - row.created for row in rows)
 
     Router.submit = timed_submit  # type: ignore[method-assign]
-    Store.write = timed_write  # type: ignore[method-assign]
+    Store.hold = timed_hold  # type: ignore[method-assign]
     AmqpSink.publish = timed_publish  # type: ignore[method-assign]
 
 
