@@ -234,7 +234,7 @@ class Options:
     """How a scenario runs."""
 
     quick: bool = False
-    """Shorter runs and smaller loads: a smoke run, not figures to quote."""
+    """Shorter runs and smaller loads: figures not to quote."""
     smoke: bool = False
     """Tiny loads and windows of a fraction of a second: every code path of the scenario runs
     in seconds, for the test suite; the figures mean nothing. Implies ``quick``, no profiles

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, not failures)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="short runs and smaller loads (a smoke run, about 3 minutes)")
+                        help="short runs and smaller loads (about 4 minutes; figures not to quote)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny loads, windows of a fraction of a second, no pinning, no "
                         "profiles: checks that every scenario still runs (seconds, figures "
