@@ -431,7 +431,8 @@ def burst_setting(options: Options) -> tuple[int, str | None, int | None, int | 
     """The burst's size, and where it runs: why not pinned (``None``: pinned), the daemon's
     core and the load's core (``None``: wherever the scheduler puts them)."""
     count = options.messages or options.size(MESSAGES, 30_000, 300)
-    unpinned_because = "--no-pin" if not options.pin else pinning_unavailable()
+    unpinned_because = (("a smoke run" if options.smoke else "--no-pin") if not options.pin
+                        else pinning_unavailable())
     core = None if unpinned_because else DAEMON_CORE
     load_core = None if unpinned_because else LOAD_CORE
     return count, unpinned_because, core, load_core
