@@ -557,16 +557,17 @@ def py_spy_top(pid: int, seconds: float, out: Path) -> Path | None:
         shutil.rmtree(raw.parent, ignore_errors=True)
 
 
+# Markers without ".py": a module split into a package of the same name still matches.
 _AREAS: tuple[tuple[str, str], ...] = (
-    ("bridge/pipeline/store.py", "store: SQLite history/latest (bridge/pipeline/store.py)"),
-    ("bridge/pipeline/outbox.py", "outbox (bridge/pipeline/outbox.py)"),
+    ("bridge/pipeline/store", "store: SQLite history/latest (bridge/pipeline/store)"),
+    ("bridge/pipeline/outbox", "outbox (bridge/pipeline/outbox)"),
     ("bridge/core/model.py", "event ids, ISO timestamps (bridge/core/model.py)"),
     ("json/", "JSON encode/decode (stdlib)"),
     ("bridge/core/mapping.py", "mapping: transform, report-by-exception"),
     ("bridge/core/codec.py", "mapping: register decode"),
-    ("bridge/core/payload.py", "mapping: payload extraction"),
-    ("bridge/pipeline/router.py", "router"),
-    ("bridge/runtime.py", "runtime publish"),
+    ("bridge/core/payload", "mapping: payload extraction"),
+    ("bridge/pipeline/router", "router"),
+    ("bridge/runtime", "runtime publish"),
     ("bridge/api/", "REST API handlers"),
     ("bridge/", "other bridge/"),
     ("protocols/", "connectors (protocols/)"),
