@@ -557,6 +557,7 @@ def py_spy_top(pid: int, seconds: float, out: Path) -> Path | None:
         shutil.rmtree(raw.parent, ignore_errors=True)
 
 
+# Markers without ".py": a module split into a package of the same name still matches.
 _AREAS: tuple[tuple[str, str], ...] = (
     ("bridge/pipeline/store/", "store: SQLite history/latest (bridge/pipeline/store/)"),
     ("bridge/pipeline/admission.py", "admission (bridge/pipeline/admission.py)"),

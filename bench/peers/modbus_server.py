@@ -51,7 +51,8 @@ class CountingServers:
         self.ports = ports
         self.units = units
         self.registers = registers
-        self.servers: list[ModbusTcpServer] = []
+        self.servers: list[Any] = []
+        """pymodbus' ``ModbusTcpServer``s: their classes are only partly annotated."""
         self.port_numbers: list[int] = []
         self.requests = 0
         self.registers_read = 0
@@ -86,7 +87,8 @@ class CountingServers:
                                      trace_pdu=self._trace(index))
             await server.serve_forever(background=True)
             self.servers.append(server)
-            self.port_numbers.append(server.transport.sockets[0].getsockname()[1])
+            sockets: list[Any] = getattr(server.transport, "sockets", [])
+            self.port_numbers.append(int(sockets[0].getsockname()[1]))
 
     async def stop(self) -> None:
         """Close every listener."""

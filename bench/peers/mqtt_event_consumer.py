@@ -22,7 +22,7 @@ from bench.peers.event_counts import EventCounts
 async def count(client: aiomqtt.Client, counts: EventCounts) -> None:
     """Count every message until cancelled."""
     async for message in client.messages:
-        counts.add(message.payload)  # type: ignore[arg-type]
+        counts.add(message.payload)
 
 
 async def main() -> None:

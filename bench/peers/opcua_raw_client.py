@@ -21,8 +21,11 @@ import logging
 import time
 from typing import Any
 
-from asyncua import Client, ua
+from asyncua import ua
+from asyncua.client.client import Client
 from asyncua.common.subscription import DataChangeEvent, Subscription
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.uaerrors import UaError
 
 from bench.peers.control import say
 
@@ -52,8 +55,9 @@ async def subscribe(client: Client, variables: int) -> Subscription:
     subscription = await client.create_subscription(parameters, None, queue_maxsize=100_000)
     requests = [
         ua.MonitoredItemCreateRequest(
-            ItemToMonitor=ua.ReadValueId(NodeId=ua.NodeId(f"v{index:05d}", 2),
-                                         AttributeId=ua.AttributeIds.Value),
+            ItemToMonitor=ua.ReadValueId(
+                NodeId=ua.NodeId(ua.String(f"v{index:05d}"), ua.Int16(2)),
+                AttributeId=AttributeIds.Value),
             MonitoringMode=ua.MonitoringMode.Reporting,
             RequestedParameters=ua.MonitoringParameters(
                 ClientHandle=index + 1, SamplingInterval=-1, QueueSize=1,
@@ -119,7 +123,7 @@ async def main() -> None:
                 await disconnect(client)
     except TimeoutError:
         result["error"] = f"not done within --deadline {options.deadline:g} s"
-    except (OSError, ua.UaError) as exc:
+    except (OSError, UaError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     say(result)
 
@@ -130,7 +134,7 @@ async def disconnect(client: Client) -> None:
     try:
         async with asyncio.timeout(DISCONNECT_TIMEOUT):
             await client.disconnect()
-    except (TimeoutError, OSError, ua.UaError):
+    except (TimeoutError, OSError, UaError):
         client.disconnect_socket()
 
 

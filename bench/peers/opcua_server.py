@@ -16,11 +16,13 @@ import argparse
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
-from asyncua import Server, ua
+from asyncua import ua
 from asyncua.server.monitored_item_service import MonitoredItemValues
+from asyncua.server.server import Server
+from asyncua.ua.object_ids import ObjectIds
 
 from bench.harness import free_port
 from bench.peers.control import say, serve_commands
@@ -37,7 +39,7 @@ def _keep_datavalue(self: MonitoredItemValues, value: ua.DataValue) -> None:
     self.current_dvalue = value
 
 
-MonitoredItemValues.set_current_datavalue = _keep_datavalue  # type: ignore[method-assign]
+MonitoredItemValues.set_current_datavalue = _keep_datavalue  # type: ignore[method-assign,assignment]
 
 
 class BenchServer:
@@ -66,17 +68,17 @@ class BenchServer:
         items = []
         for index in range(self.count):
             folder = folders[index // 100]
-            node_id = ua.NodeId(f"v{index:05d}", namespace)
+            node_id = ua.NodeId(ua.String(f"v{index:05d}"), ua.Int16(namespace))
             item = ua.AddNodesItem()
             item.RequestedNewNodeId = node_id
             item.BrowseName = ua.QualifiedName(f"v{index:05d}", namespace)
             item.NodeClass = ua.NodeClass.Variable
             item.ParentNodeId = folder.nodeid
-            item.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HasComponent)
-            item.TypeDefinition = ua.NodeId(ua.ObjectIds.BaseDataVariableType)
+            item.ReferenceTypeId = ua.NodeId(ua.Int32(ObjectIds.HasComponent))
+            item.TypeDefinition = ua.NodeId(ua.Int32(ObjectIds.BaseDataVariableType))
             attributes = ua.VariableAttributes()
             attributes.DisplayName = ua.LocalizedText(f"v{index:05d}")
-            attributes.DataType = ua.NodeId(ua.ObjectIds.Double)
+            attributes.DataType = ua.NodeId(ua.Int32(ObjectIds.Double))
             attributes.Value = ua.Variant(0.0, ua.VariantType.Double)
             attributes.ValueRank = ua.ValueRank.Scalar
             attributes.AccessLevel = ua.AccessLevel.CurrentRead.mask
@@ -102,7 +104,7 @@ class BenchServer:
             batch = int(carry)
             carry -= batch
             value += 1.0
-            stamp = datetime.now(UTC)
+            stamp = ua.DateTime.now(UTC)
             for _ in range(batch):
                 data = ua.DataValue(ua.Variant(value + position, ua.VariantType.Double),
                                     SourceTimestamp=stamp)

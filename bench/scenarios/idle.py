@@ -11,8 +11,8 @@ from __future__ import annotations
 import subprocess
 import time
 
+from bench.figures import Figure, Options, ScenarioResult, at_most
 from bench.harness import ROOT, CpuMeter, Daemon, Peer, peak_rss_mb, python, rss_mb, workdir
-from bench.results import Figure, Options, ScenarioResult, at_most
 from bench.scenarios.fleet import fleet_config
 
 IMPORTS = ("import bridge.cli, bridge.runtime, bridge.api.app, bridge.config.loader, "
@@ -48,11 +48,15 @@ def run(options: Options) -> ScenarioResult:
                note="fastapi, uvicorn, pydantic, pymodbus, asyncua, aiomqtt, pika loaded"),
         Figure("python + the daemon's imports: time", import_seconds, "s"),
     ]
+    units = options.size(50, 50, 5)
+    points_per_device = options.size(100, 100, 10)
+    total = 2 * units * points_per_device
     with workdir("idle") as directory, Peer("bench.peers.modbus_server", "--ports", "2",
-                                            "--units", "50", "--registers", "100",
-                                            log_dir=directory) as server:
+                                            "--units", str(units), "--registers",
+                                            str(points_per_device), log_dir=directory) as server:
         ports = server.wait_ready()["ports"]
-        config = fleet_config(ports, units=50, points_per_device=100, interval="10s")
+        config = fleet_config(ports, units=units, points_per_device=points_per_device,
+                              interval="10s")
         readies = []
         for attempt in range(2 if options.quick else 3):
             daemon = Daemon(config, directory, name=f"daemon-{attempt}")
@@ -63,13 +67,13 @@ def run(options: Options) -> ScenarioResult:
                 # Every point has a value once the first poll round is stored.
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
-                    if daemon.counters().get("events", 0) >= 10_000:
+                    if daemon.counters().get("events", 0) >= total:
                         break
                     time.sleep(0.2)
                 points = daemon.counters().get("events", 0)
-                time.sleep(options.seconds(3.0, 1.0))
+                time.sleep(options.seconds(3.0, 1.0, 0.2))
                 meter = CpuMeter(daemon.pid).start()
-                time.sleep(options.seconds(10.0, 4.0))
+                time.sleep(options.seconds(10.0, 4.0, 0.5))
                 meter.stop()
                 idle_rss = rss_mb(daemon.pid)
                 peak = peak_rss_mb(daemon.pid)

@@ -40,6 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.figures import (
+    S1_BURST,
+    S1_PACED,
+    S1_WORKERS,
+    Figure,
+    Options,
+    ScenarioResult,
+    Table,
+    at_most,
+    exactly,
+    format_value,
+    goal,
+)
 from bench.harness import (
     DAEMON_CORE,
     LOAD_CORE,
@@ -57,19 +70,6 @@ from bench.harness import (
     tree_peak_rss_mb,
     wait_until,
     workdir,
-)
-from bench.results import (
-    S1_BURST,
-    S1_PACED,
-    S1_WORKERS,
-    Figure,
-    Options,
-    ScenarioResult,
-    Table,
-    at_most,
-    exactly,
-    format_value,
-    goal,
 )
 
 MESSAGES = 100_000
@@ -224,6 +224,9 @@ LAYOUTS = (
            paced="paced 2,000 msg/s, workers: 2 + sink worker (unpinned)"),
     Layout(TWO, STOCK, parts=(range(0, DEVICES // 2), range(DEVICES // 2, DEVICES))),
 )
+SMOKE_LAYOUTS = (ONE, ALL)
+"""A smoke run's layouts: the pinned daemon and the one with source and sink workers cover the
+code paths of the others (which only run more daemons or fewer workers)."""
 
 
 def burst(directory: Path, mqtt_port: int, broker_config: Path, daemons: list[Daemon],
@@ -294,7 +297,7 @@ def paced(directory: Path, mqtt_port: int, daemon: Daemon, consumer: Peer, optio
     daemon's CPU (its whole process tree) from the publisher's start to the last delivery.
     The profile is taken in a second, shorter paced run, so the sampler does not disturb the
     figures."""
-    paced_seconds = options.seconds(20.0, 3.0)
+    paced_seconds = options.seconds(20.0, 3.0, 0.5)
     messages = int(PACED_RATE * paced_seconds)
     consumer.ask("reset")
     meter = CpuMeter(daemon.pid).start()
@@ -344,17 +347,20 @@ def aiomqtt_alone(directory: Path, port: int, count: int, core: int | None,
             "cpu": meter.seconds}
 
 
-def _rate(count: float | None, seconds: float) -> float | None:
+def per_second(count: float | None, seconds: float) -> float | None:
+    """``count`` per second; ``None`` without a count or a duration."""
     if count is None or not seconds or math.isnan(seconds) or seconds <= 0:
         return None
     return count / seconds
 
 
-def _lost_percent(measured: dict[str, Any]) -> float:
+def lost_percent(measured: dict[str, Any]) -> float:
+    """Messages published that the reader never got, in percent."""
     return float(100 * (measured["sent"] - measured["received"]) / max(1, measured["sent"]))
 
 
-def _per_10k(cpu: float, messages: int) -> float | None:
+def cpu_per_10k(cpu: float, messages: int) -> float | None:
+    """CPU seconds per 10,000 messages; ``None`` without messages."""
     return 10_000 * cpu / messages if messages else None
 
 
@@ -390,7 +396,7 @@ def pika_baselines(directory: Path, count: int, options: Options, load_core: int
         # The latency floor: RabbitMQ and the consumer alone, at the paced run's rate of
         # events (two per message).
         consumer.ask("reset")
-        floor_seconds = options.seconds(10.0, 3.0)
+        floor_seconds = options.seconds(10.0, 3.0, 0.5)
         with Peer("bench.peers.pika_paced_publisher", "--exchange", EXCHANGE,
                   "--rate", str(2 * PACED_RATE), "--seconds", str(floor_seconds),
                   log_dir=directory, cpus=load_core) as paced_alone:
@@ -424,8 +430,9 @@ def no_broker(result: ScenarioResult) -> bool:
 def burst_setting(options: Options) -> tuple[int, str | None, int | None, int | None]:
     """The burst's size, and where it runs: why not pinned (``None``: pinned), the daemon's
     core and the load's core (``None``: wherever the scheduler puts them)."""
-    count = options.messages or (30_000 if options.quick else MESSAGES)
-    unpinned_because = "--no-pin" if not options.pin else pinning_unavailable()
+    count = options.messages or options.size(MESSAGES, 30_000, 300)
+    unpinned_because = (("a smoke run" if options.smoke else "--no-pin") if not options.pin
+                        else pinning_unavailable())
     core = None if unpinned_because else DAEMON_CORE
     load_core = None if unpinned_because else LOAD_CORE
     return count, unpinned_because, core, load_core
@@ -455,7 +462,8 @@ def run(options: Options) -> ScenarioResult:
     raw: dict[str, dict[str, Any]] = {}
     with workdir("s1") as directory, pinned(load_core), contextlib.ExitStack() as brokers:
         ports: dict[str, int] = {}
-        for kind in (STOCK, TUNED):
+        # A smoke run leaves out the tuned broker: the same code paths as the stock one.
+        for kind in (STOCK,) if options.smoke else (STOCK, TUNED):
             port = brokers.enter_context(mosquitto(directory, kind, load_core))
             if port is not None:
                 ports[kind] = port
@@ -473,7 +481,8 @@ def run(options: Options) -> ScenarioResult:
             result.notes.append("RabbitMQ is not running on 127.0.0.1:5672: no AMQP baseline.")
 
         for layout in LAYOUTS:
-            if layout.broker not in ports:
+            if layout.broker not in ports or (options.smoke
+                                              and layout.name not in SMOKE_LAYOUTS):
                 continue
             port = ports[layout.broker]
             consumer_context: Any = (Peer("bench.peers.amqp_consumer", "--exchange", EXCHANGE,
@@ -519,45 +528,47 @@ def report(result: ScenarioResult, options: Options, count: int,
     def through(measured: dict[str, Any]) -> float | None:
         """Messages all the way through per second: delivered events / 2 for the daemon."""
         if "delivered" not in measured:  # aiomqtt alone: received is through
-            return _rate(measured["received"], measured["seconds"])
+            return per_second(measured["received"], measured["seconds"])
         if measured["delivered"] is None:
-            return _rate(measured["received"], measured["ingest_seconds"])
-        return _rate(measured["delivered"] / 2, measured["delivered_seconds"])
+            return per_second(measured["received"], measured["ingest_seconds"])
+        return per_second(measured["delivered"] / 2, measured["delivered_seconds"])
 
     for kind, baseline in raw.items():
-        rate = through(baseline)
-        per_10k = _per_10k(baseline["cpu"], baseline["received"])
+        alone_rate = through(baseline)
+        per_10k = cpu_per_10k(baseline["cpu"], baseline["received"])
         label = f"aiomqtt alone (json.loads + count), {kind} broker"
         result.baselines += [
-            Figure(f"{label}: messages/s", rate, "msg/s",
+            Figure(f"{label}: messages/s", alone_rate, "msg/s",
                    note=f"{pinned_text}; publisher "
                    f"{baseline['sent'] / baseline['publish_seconds']:.0f} msg/s; first "
                    "publish to last message"),
-            Figure(f"{label}: lost at the broker", _lost_percent(baseline), "%",
+            Figure(f"{label}: lost at the broker", lost_percent(baseline), "%",
                    note=f"{baseline['sent'] - baseline['received']} of {baseline['sent']}"),
             Figure(f"{label}: CPU s per 10,000 messages", per_10k, "s"),
         ]
-        rows.append([f"aiomqtt alone, {kind} broker", pinned_text, _text(rate, "msg/s"),
-                     f"({_text(2 * rate if rate else None, 'events/s')} at two a message)",
-                     _text(_lost_percent(baseline), "%"), _text(per_10k, "s")])
+        rows.append([f"aiomqtt alone, {kind} broker", pinned_text,
+                     _text(alone_rate, "msg/s"),
+                     f"({_text(2 * alone_rate if alone_rate else None, 'events/s')} at two a "
+                     "message)",
+                     _text(lost_percent(baseline), "%"), _text(per_10k, "s")])
         daemon_name = ONE if kind == STOCK else TUNED_ONE
         if daemon_name not in runs:
             continue
         measured = runs[daemon_name]
         daemon_rate = through(measured)
-        daemon_per_10k = _per_10k(measured["cpu"], measured["received"])
-        events = _rate(measured["delivered"], measured["delivered_seconds"])
+        daemon_per_10k = cpu_per_10k(measured["cpu"], measured["received"])
+        events = per_second(measured["delivered"], measured["delivered_seconds"])
         rows.append([f"{daemon_name.split(',')[0]}, {kind} broker", pinned_text,
                      _text(daemon_rate, "msg/s"), _text(events, "events/s"),
-                     _text(_lost_percent(measured), "%"), _text(daemon_per_10k, "s")])
-        loss_gap = _lost_percent(measured) - _lost_percent(baseline)
+                     _text(lost_percent(measured), "%"), _text(daemon_per_10k, "s")])
+        loss_gap = lost_percent(measured) - lost_percent(baseline)
         rows.append([f"ratio daemon / aiomqtt alone, {kind} broker", "",
-                     _text(_ratio(daemon_rate, rate), "x"),
-                     _text(_ratio(events, 2 * rate if rate else None), "x"),
+                     _text(_ratio(daemon_rate, alone_rate), "x"),
+                     _text(_ratio(events, 2 * alone_rate if alone_rate else None), "x"),
                      f"{loss_gap:+.2f} points", _text(_ratio(daemon_per_10k, per_10k), "x")])
         result.baselines += [
             Figure(f"one daemon / aiomqtt alone, {kind} broker: messages/s through",
-                   _ratio(daemon_rate, rate), "x",
+                   _ratio(daemon_rate, alone_rate), "x",
                    note="the daemon's messages delivered into RabbitMQ (events / 2) against "
                    "aiomqtt's messages counted, both from the first publish"),
             Figure(f"one daemon / aiomqtt alone, {kind} broker: CPU per 10,000 messages",
@@ -574,13 +585,13 @@ def report(result: ScenarioResult, options: Options, count: int,
         cpu_note = (f"daemon on {pinned_text}" if is_pinned else
                     f"whole process tree: {measured['processes']} processes (daemons, "
                     "workers, helpers)")
-        lost = _lost_percent(measured)
+        lost = lost_percent(measured)
         lost_note = (f"{measured['sent'] - measured['received']} of {measured['sent']} "
                      "messages published never reached the daemon")
         if name == ONE and STOCK in raw:
             lost_figure = goal("S1", f"{burst_name}: lost at the broker").figure(
-                lost, lost_note, bound=_lost_percent(raw[STOCK]),
-                target=f"<= {_lost_percent(raw[STOCK]):.2f} % (aiomqtt alone, same run)")
+                lost, lost_note, bound=lost_percent(raw[STOCK]),
+                target=f"<= {lost_percent(raw[STOCK]):.2f} % (aiomqtt alone, same run)")
         elif name == WORKERS:
             lost_figure = goal("S1", f"{burst_name}: lost at the broker").figure(lost, lost_note)
         elif name == ALL:
@@ -589,8 +600,8 @@ def report(result: ScenarioResult, options: Options, count: int,
         else:
             lost_figure = Figure(f"{burst_name}: lost at the broker", lost, "%",
                                  note=lost_note)
-        ingest_rate = _rate(measured["received"], measured["ingest_seconds"])
-        per_10k = _per_10k(measured["cpu"], measured["received"])
+        ingest_rate = per_second(measured["received"], measured["ingest_seconds"])
+        per_10k = cpu_per_10k(measured["cpu"], measured["received"])
         cpu_name = f"{burst_name}: CPU s per 10,000 messages"
         result.figures += [
             lost_figure,
@@ -604,7 +615,7 @@ def report(result: ScenarioResult, options: Options, count: int,
         ]
         if with_sink:
             delivered = measured["delivered"] or 0
-            events = _rate(delivered, measured["delivered_seconds"])
+            events = per_second(delivered, measured["delivered_seconds"])
             events_name = f"{burst_name}: events/s delivered into RabbitMQ (confirms, outbox)"
             result.figures += [
                 goal("S1", events_name).figure(events, "first publish to last delivery")
@@ -628,7 +639,7 @@ def report(result: ScenarioResult, options: Options, count: int,
                                                       / max(1, measured["sent"])) ** 8
         if not layout.pinned:
             rows.append([name, "not pinned", _text(through(measured), "msg/s"),
-                         _text(_rate(measured["delivered"], measured["delivered_seconds"]),
+                         _text(per_second(measured["delivered"], measured["delivered_seconds"]),
                                "events/s"), _text(lost, "%"), _text(per_10k, "s")
                          + f" ({measured['processes']} processes)"])
     result.tables.append(Table(
@@ -644,7 +655,7 @@ def report(result: ScenarioResult, options: Options, count: int,
             continue
         measured = runs[layout.paced]
         latency, inside = measured["latency_ms"], measured.get("from_received_ms", {})
-        per_10k = _per_10k(measured["cpu"], measured["messages"])
+        per_10k = cpu_per_10k(measured["cpu"], measured["messages"])
         is_headline = layout.paced == S1_PACED
         p99_name = f"{layout.paced}: latency p99 (payload ts to consumer)"
         cpu_name = f"{layout.paced}: CPU s per 10,000 messages"

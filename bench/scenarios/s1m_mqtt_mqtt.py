@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Daemon, Peer, pinned, workdir
-from bench.results import (
+from bench.figures import (
     S1_BURST,
     Figure,
     Options,
@@ -26,15 +25,16 @@ from bench.results import (
     exactly,
     format_value,
 )
+from bench.harness import Daemon, Peer, pinned, workdir
 from bench.scenarios.s1_mqtt_rabbitmq import (
     STOCK,
-    _lost_percent,
-    _per_10k,
-    _rate,
     burst,
     burst_setting,
+    cpu_per_10k,
+    lost_percent,
     mosquitto,
     no_broker,
+    per_second,
     source,
 )
 
@@ -98,11 +98,11 @@ def report(result: ScenarioResult, measured: dict[str, Any], options: Options, c
            core: int | None) -> None:
     """The figures, and a table beside S1's RabbitMQ figure."""
     delivered = measured["delivered"] or 0
-    events = _rate(delivered, measured["delivered_seconds"])
-    per_10k = _per_10k(measured["cpu"], measured["received"])
+    events = per_second(delivered, measured["delivered_seconds"])
+    per_10k = cpu_per_10k(measured["cpu"], measured["received"])
     where = f"daemon on core {core}" if core is not None else "not pinned"
     result.figures += [
-        Figure(f"{NAME}: lost at the broker", _lost_percent(measured), "%",
+        Figure(f"{NAME}: lost at the broker", lost_percent(measured), "%",
                note=f"{measured['sent'] - measured['received']} of {measured['sent']} "
                "messages published never reached the daemon"),
         Figure(f"{NAME}: events/s delivered to a subscriber (PUBACK, outbox)", events,

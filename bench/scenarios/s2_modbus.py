@@ -15,8 +15,8 @@ import math
 import time
 from typing import Any
 
+from bench.figures import Figure, Options, ScenarioResult, at_least, exactly, goal
 from bench.harness import CpuMeter, Daemon, Peer, py_spy_top, tree_peak_rss_mb, workdir
-from bench.results import Figure, Options, ScenarioResult, at_least, exactly, goal
 from protocols.modbus.planner import Span, plan
 
 INT16_POINTS = 1000
@@ -70,7 +70,7 @@ def mapper_microbench(seconds: float) -> dict[str, float]:
         resolved = [
             ResolvedPoint(id=f"dev.{spec['name']}", source="s2", device="dev",
                           spec=ModbusPoint.model_validate(spec), tags={},
-                          report=ReportSpec(mode=mode), path=())  # type: ignore[arg-type]
+                          report=ReportSpec(mode=mode), path=())
             for spec in points()
         ]
         mapper = ModbusMapper(resolved, bridge_id="bench")
@@ -106,14 +106,14 @@ def run(options: Options) -> ScenarioResult:
         f"float area carries at most 124 registers (62 values): 8 requests for 0..999 plus "
         f"ceil(1000 / 124) = 9 for 1000..1999 = 17. The planner's plan: {len(planned)} "
         f"requests ({', '.join(f'{s}+{c}' for s, c in planned)}).")
-    measure = options.seconds(12.0, 4.0)
+    measure = options.seconds(12.0, 4.0, 1.0)
     with workdir("s2") as directory, Peer(
             "bench.peers.modbus_server", "--registers", str(REGISTERS),
             "--changes", str(CHANGES_PER_SECOND), log_dir=directory) as server:
         port = server.wait_ready()["ports"][0]
         block_text = ",".join(f"{start}:{count}" for start, count in planned)
         with Peer("bench.peers.modbus_raw_client", "--port", str(port), "--blocks", block_text,
-                  "--seconds", str(options.seconds(6.0, 2.0)), log_dir=directory) as raw:
+                  "--seconds", str(options.seconds(6.0, 2.0, 0.5)), log_dir=directory) as raw:
             raw.wait_ready()
             meter = CpuMeter(raw.pid).start()
             baseline = raw.wait_result(timeout=60)
@@ -131,7 +131,7 @@ def run(options: Options) -> ScenarioResult:
             daemon = Daemon(config(port, mode, sync), directory,
                             name=f"daemon-{run_name.replace(' ', '-')}")
             with daemon:
-                time.sleep(options.seconds(2.0, 1.0))  # connect, first cycles, warm caches
+                time.sleep(options.seconds(2.0, 1.0, 0.3))  # connect, first cycles, warm caches
                 before = daemon.counters("s2")
                 requests_before = server.ask("stats")["requests"]
                 meter = CpuMeter(daemon.pid).start()
@@ -189,7 +189,7 @@ def run(options: Options) -> ScenarioResult:
                if normal["cpu_ms_per_cycle"] else None, "x",
                note="above 1: what `full` costs in CPU"),
     ]
-    micro = mapper_microbench(options.seconds(3.0, 1.0))
+    micro = mapper_microbench(options.seconds(3.0, 1.0, 0.1))
     result.figures.append(Figure("mapper alone: points decoded/s, RBE off", micro["always"],
                                  "points/s", note="in-process, no I/O"))
     result.figures.append(Figure("mapper alone: points decoded/s, RBE on", micro["change"],

@@ -4,10 +4,7 @@ An asyncua server (its own process) writes 25,000 changes a second round robin o
 Double variables (each changes 2.5 times a second); the daemon subscribes to all of them
 (publishing interval 100 ms, queue size 1, every notification an event). Baseline in the same
 run: asyncua alone, subscribing the same way and only counting. Then the field's way to the
-second core: two daemons subscribing to 5,000 variables each. And one daemon whose OPC-UA
-source queues hold 100,000 notifications instead of 10,000 (an experiment, see
-bench/experiments/opcua_queue): with 10,000 monitored items the default bound makes the
-source resubscribe again and again.
+second core: two daemons subscribing to 5,000 variables each.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.figures import Figure, Options, ScenarioResult, at_least
 from bench.harness import (
     CpuMeter,
     Daemon,
@@ -27,11 +25,9 @@ from bench.harness import (
     wait_until,
     workdir,
 )
-from bench.results import Figure, Options, ScenarioResult, at_least
 
 VARIABLES = 10_000
 RATE = 25_000
-OPCUA_QUEUE = Path(__file__).resolve().parent.parent / "experiments" / "opcua_queue"
 
 
 def config(url: str, variables: range) -> dict[str, Any]:
@@ -45,17 +41,18 @@ def config(url: str, variables: range) -> dict[str, Any]:
     }]}
 
 
-def split_run(directory: Path, url: str, server: Peer, seconds: float) -> dict[str, float]:
-    """Two daemons, 5,000 variables each (the field's way to a second core): events/s and
+def split_run(directory: Path, url: str, server: Peer, variables: int, seconds: float,
+              settle: float) -> dict[str, float]:
+    """Two daemons, half the variables each (the field's way to a second core): events/s and
     CPU share summed."""
-    halves = (range(0, VARIABLES // 2), range(VARIABLES // 2, VARIABLES))
+    halves = (range(0, variables // 2), range(variables // 2, variables))
     with contextlib.ExitStack() as stack:
         daemons = [stack.enter_context(Daemon(config(url, half), directory, name=f"half-{i}"))
                    for i, half in enumerate(halves)]
         for daemon, half in zip(daemons, halves, strict=True):
             wait_until(lambda d=daemon, h=half: (d.sources()[0].get("details") or {}).get(
                 "monitored_items", 0) >= len(h), 120, interval=0.2)
-        time.sleep(3.0)
+        time.sleep(settle)
         server.ask("reset")
         before = sum(daemon.counters("s3").get("events", 0) for daemon in daemons)
         meters = [CpuMeter(daemon.pid).start() for daemon in daemons]
@@ -68,10 +65,10 @@ def split_run(directory: Path, url: str, server: Peer, seconds: float) -> dict[s
                 "share": sum(meter.share for meter in meters), "produced": produced["rate"]}
 
 
-def one_daemon(directory: Path, url: str, server: Peer, seconds: float, options: Options,
-               env: dict[str, str], profile_name: str) -> dict[str, Any]:
+def one_daemon(directory: Path, url: str, server: Peer, variables: int, seconds: float,
+               options: Options) -> dict[str, Any]:
     """One daemon subscribing to every variable: rate, CPU, resubscriptions, RSS."""
-    daemon = Daemon(config(url, range(VARIABLES)), directory, env=env)
+    daemon = Daemon(config(url, range(variables)), directory)
     launched = time.monotonic()
     profiles: list[str] = []
     with daemon:
@@ -79,11 +76,11 @@ def one_daemon(directory: Path, url: str, server: Peer, seconds: float, options:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if (daemon.sources()[0].get("details") or {}).get("monitored_items",
-                                                                0) >= VARIABLES:
+                                                                0) >= variables:
                 subscribed = time.monotonic() - launched
                 break
             time.sleep(0.1)
-        time.sleep(options.seconds(3.0, 2.0))
+        time.sleep(options.seconds(3.0, 2.0, 0.3))
         server.ask("reset")
         before = daemon.counters("s3")
         meter = CpuMeter(daemon.pid).start()
@@ -94,7 +91,7 @@ def one_daemon(directory: Path, url: str, server: Peer, seconds: float, options:
         events = (after.get("events", 0) - before.get("events", 0)) / meter.wall
         if options.profile and events < 20_000:
             profile = py_spy_top(daemon.pid, options.seconds(10, 4),
-                                 options.out_dir / profile_name)
+                                 options.out_dir / "s3-opcua.txt")
             if profile is not None:
                 profiles.append(f"profiles/{profile.name}")
         return {
@@ -114,14 +111,16 @@ def run(options: Options) -> ScenarioResult:
     """Run S3."""
     result = ScenarioResult("S3", "OPC-UA subscription: 10,000 variables")
     started = time.monotonic()
-    seconds = options.seconds(15.0, 5.0)
+    seconds = options.seconds(15.0, 5.0, 1.0)
+    variables = options.size(VARIABLES, VARIABLES, 200)
+    rate = options.size(RATE, RATE, 500)
     with workdir("s3") as directory, Peer("bench.peers.opcua_server", "--variables",
-                                          str(VARIABLES), "--rate", str(RATE),
+                                          str(variables), "--rate", str(rate),
                                           log_dir=directory) as server:
         url = server.wait_ready()["url"]
         # The peer bounds its own run (--deadline) and reports a lost connection as an error;
         # the harness's wait is longer still, for a peer that hangs all the same.
-        with Peer("bench.peers.opcua_raw_client", "--url", url, "--variables", str(VARIABLES),
+        with Peer("bench.peers.opcua_raw_client", "--url", url, "--variables", str(variables),
                   "--seconds", str(seconds), "--deadline", str(seconds + 40),
                   log_dir=directory) as raw:
             raw.wait_ready()
@@ -139,11 +138,10 @@ def run(options: Options) -> ScenarioResult:
             Figure("asyncua alone: CPU share", 100 * meter.share, "% of a core"),
             Figure("asyncua alone: time to subscribe all", baseline["subscribe_seconds"], "s"),
         ]
-        one = one_daemon(directory, url, server, seconds, options, {}, "s3-opcua.txt")
-        bigger = one_daemon(directory, url, server, seconds, options,
-                            {"PYTHONPATH": str(OPCUA_QUEUE)}, "s3-opcua-queue-100k.txt")
-        result.profiles += one.pop("profiles") + bigger.pop("profiles")
-        split = split_run(directory, url, server, seconds)
+        one = one_daemon(directory, url, server, variables, seconds, options)
+        result.profiles += one.pop("profiles")
+        split = split_run(directory, url, server, variables, seconds,
+                          options.seconds(3.0, 3.0, 0.3))
     events = one["events"]
     result.figures += [
         at_least("notifications/s turned into events", events, "events/s", 20_000,
@@ -154,9 +152,6 @@ def run(options: Options) -> ScenarioResult:
         Figure("peak RSS", one["rss"], "MB"),
         Figure("time to subscribe all (process start to 10,000 monitored items)",
                one["subscribed"], "s", note=f"ready after {one['ready']:.2f} s"),
-        at_least("one daemon, notification queues of 100,000 (experiment)", bigger["events"],
-                 "events/s", 20_000, note=f"{bigger['reconnects']:.0f} resubscriptions; CPU "
-                 f"{100 * bigger['share']:.0f}% of a core; bench/experiments/opcua_queue"),
     ]
     result.figures.append(at_least(
         "two daemons x 5,000 variables: notifications/s into events", split["events"],
@@ -167,7 +162,6 @@ def run(options: Options) -> ScenarioResult:
     result.baselines.append(Figure("two daemons / one daemon", split["events"] / events
                                    if events else None, "x"))
     result.chart = {"S3 notif/s (>=20k)": events / 20_000,
-                    "S3 queue 100k notif/s (>=20k)": bigger["events"] / 20_000,
                     "S3 two daemons notif/s (>=20k)": split["events"] / 20_000}
     result.seconds = time.monotonic() - started
     return result

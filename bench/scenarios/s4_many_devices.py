@@ -4,65 +4,64 @@ Five pymodbus servers (one process, five ports: five gateways) with 100 unit ids
 daemon has one source per gateway. Poll jitter is measured at the servers, from the arrival
 times of each device's requests: |interval between two polls - 1 s|. Run twice: every
 reading an event (report `always`, 10,000 events/s into the store) and report-by-exception
-(`change`, the servers change 200 registers a second), and a third time every reading an
-event with ``gc.freeze()`` after start-up (an experiment, see bench/experiments). Baseline in
-the same run: pymodbus alone polling the same devices on the same grid.
+(`change`, the servers change 200 registers a second). Baseline in the same run: pymodbus
+alone polling the same devices on the same grid.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
+from bench.figures import Figure, Options, ScenarioResult, at_most, goal
 from bench.harness import CpuMeter, Daemon, Peer, py_spy_top, tree_peak_rss_mb, workdir
-from bench.results import Figure, Options, ScenarioResult, at_most, goal
 from bench.scenarios.fleet import fleet_config
 
 PORTS = 5
 UNITS = 100
 POINTS = 20
 CHANGES = 200
-GC_FREEZE = Path(__file__).resolve().parent.parent / "experiments" / "gc_freeze"
 
 
 def run(options: Options) -> ScenarioResult:
     """Run S4."""
     result = ScenarioResult("S4", "500 Modbus devices x 20 points at 1 s")
     started = time.monotonic()
-    seconds = options.seconds(20.0, 8.0)
+    seconds = options.seconds(20.0, 8.0, 1.2)
+    interval = options.seconds(1.0, 1.0, 0.25)
+    ports_count = options.size(PORTS, PORTS, 2)
+    units = options.size(UNITS, UNITS, 5)
     runs: dict[str, dict[str, Any]] = {}
     with workdir("s4") as directory, Peer(
-            "bench.peers.modbus_server", "--ports", str(PORTS), "--units", str(UNITS),
+            "bench.peers.modbus_server", "--ports", str(ports_count), "--units", str(units),
             "--registers", str(POINTS), "--changes", str(CHANGES), log_dir=directory) as server:
         ports = server.wait_ready()["ports"]
         with Peer("bench.peers.modbus_raw_fleet", "--ports", ",".join(map(str, ports)),
-                  "--units", str(UNITS), "--count", str(POINTS),
-                  "--seconds", str(seconds), log_dir=directory) as raw:
+                  "--units", str(units), "--count", str(POINTS),
+                  "--interval", str(interval), "--seconds", str(seconds), log_dir=directory) as raw:
             raw.wait_ready()
             server.ask("reset")
             meter = CpuMeter(raw.pid).start()
             baseline = raw.wait_result(timeout=seconds + 60)
             meter.stop()
-            raw_jitter = server.ask("stats", interval=1.0)["jitter_ms"]
+            raw_jitter = server.ask("stats", interval=interval)["jitter_ms"]
         result.baselines += [
             Figure("pymodbus alone: CPU share", 100 * meter.share, "% of a core",
                    note=f"{baseline['cycles'] / baseline['seconds']:.0f} polls/s"),
             Figure("pymodbus alone: jitter p99", raw_jitter["p99"], "ms"),
         ]
         raw_share = meter.share
-        for run_name, mode, env in (("always", "always", {}), ("change", "change", {}),
-                                    ("freeze", "always", {"PYTHONPATH": str(GC_FREEZE)})):
-            config = fleet_config(ports, units=UNITS, points_per_device=POINTS, interval="1s",
-                                  mode=mode)
-            with Daemon(config, directory, name=f"daemon-{run_name}", env=env) as daemon:
-                time.sleep(options.seconds(3.0, 2.0))
+        for run_name in ("always", "change"):
+            config = fleet_config(ports, units=units, points_per_device=POINTS,
+                                  interval=f"{interval:g}s", mode=run_name)
+            with Daemon(config, directory, name=f"daemon-{run_name}") as daemon:
+                time.sleep(options.seconds(3.0, 2.0, 0.5))
                 server.ask("reset")
                 before = daemon.counters()
                 meter = CpuMeter(daemon.pid).start()
                 time.sleep(seconds)
                 meter.stop()
-                stats = server.ask("stats", interval=1.0)
+                stats = server.ask("stats", interval=interval)
                 after = daemon.counters()
                 runs[run_name] = {
                     "share": meter.share,
@@ -92,21 +91,12 @@ def run(options: Options) -> ScenarioResult:
             at_most(f"poll jitter p99, {label}", measured["jitter"]["p99"], "ms", 100),
             Figure(f"peak RSS, {label}", measured["rss"], "MB"),
         ]
-    frozen = runs["freeze"]
-    result.figures += [
-        Figure("poll jitter p99, every reading an event, with gc.freeze() after start-up",
-               frozen["jitter"]["p99"], "ms",
-               note=f"experiment (bench/experiments/gc_freeze); max {frozen['jitter']['max']:.0f}"
-               f" ms against {runs['always']['jitter']['max']:.0f} ms without; CPU "
-               f"{100 * frozen['share']:.0f}%"),
-    ]
     result.notes.append(
         "Jitter: the daemon polls the devices sharing a connection at evenly spread phases of "
         "their interval (commit 'Modbus: spread the polls of devices sharing a connection'). "
         "The runtime freezes its start-up objects out of the garbage collector's full passes "
         "(gc.freeze(), commit 'Runtime: freeze start-up objects out of the garbage "
-        "collector's full passes'); the gc.freeze() run repeats that from outside "
-        "(bench/experiments/gc_freeze) as a control.")
+        "collector's full passes').")
     result.baselines.append(Figure("daemon / pymodbus alone CPU (report by exception)",
                                    runs["change"]["share"] / raw_share if raw_share else None,
                                    "x"))

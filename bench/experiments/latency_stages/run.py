@@ -1,11 +1,12 @@
 """S1's paced run with the daemon in this process, timed at each stage of the flow.
 
-MQTT (a Mosquitto the bench starts) → source → router → store → outbox → AMQP sink →
-RabbitMQ → the bench consumer, at ``--rate`` messages a second. Hooks on ``Router.submit``,
-``Store.write`` and the sink's publish record, per event, how long after the bridge received
-it (``received_at``) the event was handed to the router and stored, how long store writes take
-and how large they are, and how long after being stored it was published; the consumer adds
-the whole path. Run: ``python -m bench.experiments.latency_stages.run [--commit-interval S]``.
+MQTT (a stock Mosquitto the bench starts, or the shared one without the binary) → source →
+router → store → outbox → AMQP sink → RabbitMQ → the bench consumer, at ``--rate`` messages
+a second. Hooks on ``Router.submit``, ``Store.hold`` (the router's store write) and the
+sink's ``publish`` record, per event, how long after the bridge received it (``received_at``)
+the event was handed to the router and stored, how long store writes take and how large they
+are, and how long after being stored it was published; the consumer adds the whole path.
+Run: ``python -m bench.experiments.latency_stages.run [--commit-interval S]``.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from bench.harness import Peer, percentile, workdir
-from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, config, mosquitto
-from bridge.core.model import Event, Settlement
+from bench.scenarios.s1_mqtt_rabbitmq import EXCHANGE, STOCK, config, mosquitto
+from bridge.core.model import Event
 from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState
 from bridge.pipeline.outbox import Admission
-from bridge.pipeline.router import Router
+from bridge.pipeline.router import Router, Settlement
 from bridge.pipeline.store import Store
 from bridge.registry import load_config
 from bridge.runtime import Runtime
-from protocols.amqp.sink import _Publishing
+from protocols.amqp.sink import AmqpSink
 
 STAGES: dict[str, list[float]] = {
     "received -> handed to the router": [], "received -> stored": [],
@@ -35,7 +37,7 @@ BATCHES: list[float] = []
 
 
 def _hook() -> None:
-    submit, commit, publish = Router.submit, Store.commit, _Publishing.publish
+    submit, commit, publish = Router.submit, Store.commit, AmqpSink.publish
 
     async def timed_submit(self: Router, events: Sequence[Event],
                            settlements: Sequence[Settlement] = ()) -> None:
@@ -51,13 +53,14 @@ def _hook() -> None:
         BATCHES.append(len(admission.events))
         STAGES["received -> stored"].extend(now - e.received_at for e in admission.events)
 
-    def timed_publish(self: _Publishing, exchange: str, row: OutboxRow) -> None:
-        STAGES["stored -> published to RabbitMQ"].append(time.time() - row.created)
-        publish(self, exchange, row)
+    def timed_publish(self: AmqpSink, rows: Sequence[OutboxRow]) -> None:
+        publish(self, rows)
+        now = time.time()
+        STAGES["stored -> published to RabbitMQ"].extend(now - row.created for row in rows)
 
     Router.submit = timed_submit  # type: ignore[method-assign]
     Store.commit = timed_commit  # type: ignore[method-assign]
-    _Publishing.publish = timed_publish  # type: ignore[method-assign]
+    AmqpSink.publish = timed_publish  # type: ignore[method-assign]
 
 
 async def main() -> None:
@@ -73,8 +76,9 @@ async def main() -> None:
     if options.writer_checkpoints:
         Store.CHECKPOINT_EVERY = None
     _hook()
-    with workdir("latency") as directory, mosquitto(directory) as port:
-        document = config(port, None, True)
+    with workdir("latency") as directory, mosquitto(directory, STOCK, None) as own_port:
+        port = 1883 if own_port is None else own_port
+        document: dict[str, Any] = config(port, None, True)
         document["bridge"] = {"id": "bench", "state_dir": str(directory / "state")}
         document["api"] = {"enabled": False}
         if options.commit_interval is not None:

@@ -33,9 +33,10 @@ gain of a candidate is aiomqtt-on-asyncio's CPU per message divided by the candi
 from the same round. Reported: the median and range over the rounds.
 
 Run: ``.venv/bin/python -m bench.experiments.mqtt_clients.run`` (about 9 minutes); the table
-is printed and written to ``results.md`` beside this file, which ``python -m bench
---report-only`` puts into ``bench/RESULTS.md``; every run's figures are kept in ``runs.json``
-(``--report-only`` renders ``results.md`` from them again).
+is printed and written to ``bench/results/experiments/mqtt_clients/results.md``, which
+``python -m bench --report-only`` puts into ``bench/results/RESULTS.md``; every run's figures
+are kept in ``runs.json`` beside it (``--report-only`` renders ``results.md`` from them
+again).
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.figures import RESULTS
 from bench.harness import DAEMON_CORE, LOAD_CORE, Peer, PeerError, workdir
 from bench.report import machine
 
-HERE = Path(__file__).resolve().parent
-RUNS = HERE / "runs.json"
+OUTPUT = RESULTS / "experiments" / "mqtt_clients"
+"""Where the table and the runs go: with the bench's other generated output."""
+RUNS = OUTPUT / "runs.json"
 """Every run of the last measurement, for ``--report-only``."""
 CANDIDATES = (("aiomqtt", "asyncio"), ("aiomqtt", "uvloop"), ("gmqtt", "asyncio"),
               ("gmqtt", "uvloop"), ("gmqtt-direct", "asyncio"), ("gmqtt-direct", "uvloop"))
@@ -242,7 +245,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--commit-ms", type=float, default=0.0,
                         help="how long each simulated commit sleeps on its thread (QoS 1)")
-    parser.add_argument("--output", type=Path, default=HERE / "results.md")
+    parser.add_argument("--output", type=Path, default=OUTPUT / "results.md")
     parser.add_argument("--report-only", action="store_true",
                         help="render the table again from the runs kept in runs.json")
     options = parser.parse_args()

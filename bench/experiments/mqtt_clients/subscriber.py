@@ -130,13 +130,13 @@ async def run_aiomqtt(options: argparse.Namespace, tally: Tally,
         note = tally.note
         if committer is None:
             async for message in messages:
-                loads(message.payload)  # type: ignore[arg-type]
+                loads(message.payload)
                 note()
             return
         ack = paho_client.ack
         batch: list[int] = []
         async for message in messages:
-            loads(message.payload)  # type: ignore[arg-type]
+            loads(message.payload)
             note()
             batch.append(message.mid)
             if len(messages) == 0 or len(batch) >= MAX_BATCH:
@@ -261,7 +261,7 @@ async def run_gmqtt_direct(options: argparse.Namespace, tally: Tally,
         await client.disconnect()
 
 
-async def measure(read: Coroutine[Any, Any, None], tally: Tally, committer: Committer | None,
+async def measure(read: Coroutine[Any, Any, object], tally: Tally, committer: Committer | None,
                   options: argparse.Namespace) -> None:
     """Say ready, read until done, then report the count, the seconds and the CPU."""
     committing = (asyncio.create_task(committer.run(), name="commit")

@@ -1,9 +1,10 @@
 """Store → outbox → AMQP sink in one process, without a broker: events/s, CPU per event and
 the latency from ``Store.write`` to the sink publishing an event.
 
-The sink is the real ``AmqpSink`` publishing loop on a fake channel that confirms every
-publish at once (one ``multiple`` ack per loop turn), so what is measured is the store, the
-outbox and the sink's own work. Run: ``python -m bench.experiments.store_outbox.run``.
+The sink is the real ``AmqpSink`` on a fake connection (handed to it as its connection
+factory) whose channel confirms every publish at once (one ``multiple`` ack per loop turn), so
+what is measured is the store, the outbox and the sink's own work.
+Run: ``python -m bench.experiments.store_outbox.run``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pika.spec
 
 from bridge.core.model import Event, Quality, new_event_id
-from bridge.core.sink import SinkContext
 from bridge.core.status import EndpointStatus
 from bridge.pipeline.delivery import DeliveryContext, SinkDelivery, SinkOutbox, deliver
 from bridge.pipeline.outbox import Outbox, OutboxLimits
 from bridge.pipeline.store import Retention, Store, SyncMode
-from protocols.amqp.sink import AmqpSink, _Publishing
+from protocols.amqp.sink import AmqpSink
 from protocols.amqp.sink_config import AmqpSinkConfig
+
+Callback = Callable[..., Any]
 
 
 class _ConfirmFrame:
@@ -37,10 +40,23 @@ class _Channel:
     """Confirms what was published, once per loop turn, like a fast broker."""
 
     def __init__(self, published: dict[str, float]) -> None:
-        self.session: _Publishing | None = None
         self.published = published
         self.tag = 0
         self.scheduled = False
+        self.on_confirm: Callback | None = None
+
+    def add_on_close_callback(self, callback: Callback) -> None:
+        """Never closes."""
+
+    def add_on_return_callback(self, callback: Callback) -> None:
+        """Returns nothing: every message is routed."""
+
+    def exchange_declare(self, *args: Any, callback: Callback, **kwargs: Any) -> None:
+        asyncio.get_running_loop().call_soon(callback, None)
+
+    def confirm_delivery(self, on_confirm: Callback, *, callback: Callback) -> None:
+        self.on_confirm = on_confirm
+        asyncio.get_running_loop().call_soon(callback, None)
 
     def basic_publish(self, exchange: str, key: str, body: bytes, properties: Any,
                       mandatory: bool) -> None:
@@ -52,25 +68,43 @@ class _Channel:
 
     def _confirm(self) -> None:
         self.scheduled = False
-        assert self.session is not None
-        self.session.on_confirm(_ConfirmFrame(self.tag))
+        assert self.on_confirm is not None
+        self.on_confirm(_ConfirmFrame(self.tag))
 
 
-class _InstantConfirmSink(AmqpSink):
-    """The real AMQP sink's publishing, on a channel that confirms at once."""
+class _Connection:
+    """Opens at once and hands out the one channel."""
 
-    def __init__(self, config: AmqpSinkConfig, channel: _Channel) -> None:
-        super().__init__(config, bridge_id="edge")
-        self.channel = channel
+    def __init__(self, channel: _Channel, *, on_open_callback: Callback,
+                 on_close_callback: Callback, custom_ioloop: asyncio.AbstractEventLoop,
+                 **kwargs: Any) -> None:
+        self.loop = custom_ioloop
+        self.the_channel = channel
+        self.on_close = on_close_callback
+        self.is_closed = self.is_closing = False
+        custom_ioloop.call_soon(on_open_callback, self)
 
-    async def connect(self, context: SinkContext) -> None:
-        session = self._session = _Publishing("fake", step_timeout=5, context=context,
-                                              sink=self)
-        session.publishing = self.channel
-        self.channel.session = session
+    def add_on_connection_blocked_callback(self, callback: Callback) -> None:
+        """Never blocked."""
 
-    async def close(self) -> None:
-        self._session = None
+    def add_on_connection_unblocked_callback(self, callback: Callback) -> None:
+        """Never blocked."""
+
+    def channel(self, on_open_callback: Callback) -> None:
+        self.loop.call_soon(on_open_callback, self.the_channel)
+
+    def close(self) -> None:
+        self.is_closed = True
+        self.loop.call_soon(self.on_close, self, ConnectionError("closed"))
+
+
+def fake_broker_sink(config: AmqpSinkConfig, channel: _Channel) -> AmqpSink:
+    """The real AMQP sink, connecting to a fake broker."""
+
+    def connect(**kwargs: Any) -> Any:
+        return _Connection(channel, **kwargs)
+
+    return AmqpSink(config, bridge_id="edge", connection_factory=connect)
 
 
 def make_event(index: int) -> Event:
@@ -85,7 +119,7 @@ async def run(total: int, batch: int, rate: float | None, sink_on: bool,
               sync: SyncMode) -> dict[str, float]:
     config = AmqpSinkConfig.model_validate({"id": "rabbit", "protocol": "amqp"})
     published: dict[str, float] = {}
-    sink = _InstantConfirmSink(config, _Channel(published))
+    sink = fake_broker_sink(config, _Channel(published))
     with tempfile.TemporaryDirectory() as directory:
         outbox = Outbox(OutboxLimits(max_events=1_000_000, max_bytes=1 << 30),
                         [sink.route()] if sink_on else [])

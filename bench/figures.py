@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where a run writes RESULTS.md, results.json, the chart and the profiles: generated output,
+apart from the code (``--output`` and ``--smoke`` write elsewhere)."""
+
 
 @dataclass
 class Figure:
@@ -230,10 +234,14 @@ class Options:
     """How a scenario runs."""
 
     quick: bool = False
-    """Shorter runs and smaller loads: a smoke run, not figures to quote."""
+    """Shorter runs and smaller loads: figures not to quote."""
+    smoke: bool = False
+    """Tiny loads and windows of a fraction of a second: every code path of the scenario runs
+    in seconds, for the test suite; the figures mean nothing. Implies ``quick``, no profiles
+    and no pinning."""
     profile: bool = True
     """Take a py-spy profile of the daemon where a target is missed."""
-    out_dir: Path = Path(__file__).resolve().parent / "profiles"
+    out_dir: Path = RESULTS / "profiles"
     """Where profiles go."""
     pin: bool = True
     """Pin single-daemon layouts (and the baselines they are compared with) to one core and
@@ -241,6 +249,18 @@ class Options:
     messages: int | None = None
     """S1's burst size, overriding the default (100,000; 30,000 with ``quick``)."""
 
-    def seconds(self, full: float, quick: float) -> float:
-        """A duration for this mode."""
+    def __post_init__(self) -> None:
+        if self.smoke:
+            self.quick, self.profile, self.pin = True, False, False
+
+    def seconds(self, full: float, quick: float, smoke: float | None = None) -> float:
+        """A duration for this mode (``smoke``: the smoke run's, else the quick one's)."""
+        if self.smoke and smoke is not None:
+            return smoke
+        return quick if self.quick else full
+
+    def size(self, full: int, quick: int, smoke: int) -> int:
+        """A count (messages, variables, devices) for this mode."""
+        if self.smoke:
+            return smoke
         return quick if self.quick else full
