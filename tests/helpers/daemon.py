@@ -55,7 +55,7 @@ class Daemon:
         """The daemon's ``VmRSS`` and ``VmHWM`` in bytes."""
         return memory(self.pid)
 
-    async def until(self, text: str, within: float = 15.0) -> str:
+    async def until(self, text: str, within: float = 60.0) -> str:
         """Wait (at most ``within`` seconds) for a log line containing ``text``; return it."""
         async with asyncio.timeout(within):
             while True:

@@ -111,7 +111,7 @@ def test_a_config_using_a_plugin_that_failed_to_load_names_it(
     config = tmp_path / "config.yaml"
     config.write_text("sources:\n  - id: boom\n    protocol: exploding\n")
     result = _validate(plugin_path, config)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert (f"error: {config}:3: sources[0].protocol: protocol 'exploding' is not available: "
             "connector 'exploding' from distribution 'fieldbridge-faulty' failed to load"
             ) in result.stderr, result.stderr
