@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config.models import ApiSection, ResolvedPoint
+from bridge.core.counters import Counts
 from bridge.core.model import Event, Value
 from bridge.core.sink import PointInfo
 from bridge.core.source import BuildContext
@@ -109,7 +110,7 @@ class RouterFigures:
     """Events accepted from sources but not yet stored."""
     max_pending: int
     """Pending events beyond which sources wait (backpressure)."""
-    counters: Mapping[str, int]
+    counters: Counts
     """``events`` stored, ``backpressure_waits``, ``outbox_full_waits`` and others."""
     stored: int
     """Events written to the store since it was opened."""

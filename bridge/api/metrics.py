@@ -10,7 +10,6 @@ ids and protocols only: endpoints (which may hold credentials) and keys never ap
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import get_args
@@ -21,37 +20,13 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from bridge import __version__
 from bridge.api.auth import AuthFailure, KeyRing
-from bridge.api.stream import EndReason, EventHub
+from bridge.api.stream import ENDED, EndReason, EventHub
+from bridge.core.counters import EVENTS, STREAMS, Owner, declarations
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.facade import ApiFacade
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The media type of the text exposition format (0.0.4) that ``generate_latest`` writes."""
-
-_INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
-
-_SOURCE_COUNTERS = {
-    "readings": "Raw readings received from the source.",
-    "events": "Normalized events the source's readings were mapped to.",
-    "rejected": "Readings that could not be mapped at all (counted, logged, never dropped "
-    "silently).",
-    "errors": "Connection or device errors recorded.",
-}
-_ROUTER_COUNTERS = {
-    "events": "Events stored by the router.",
-    "backpressure_waits": "Times a source waited because too many events were pending.",
-    "outbox_full_waits": "Times the router waited for a sink to make room in a full outbox "
-    "(policy block).",
-}
-_SINK_COUNTERS = {
-    "published": "Messages published to the broker.",
-    "confirmed": "Messages the broker confirmed (and deleted from the outbox).",
-    "nacked": "Messages the broker refused (nack); they are published again.",
-    "republished": "Messages published again after a nack or a lost connection: consumers may "
-    "see these twice.",
-    "unroutable": "Messages the broker returned because no queue was bound for them.",
-    "errors": "Connection errors recorded.",
-}
 
 
 def registry(
@@ -68,12 +43,6 @@ def registry(
     return collectors
 
 
-def _metric_name(text: str) -> str:
-    """``text`` made into a valid metric name (invalid characters become ``_``)."""
-    name = _INVALID_NAME.sub("_", text)
-    return f"_{name}" if not name or name[0].isdigit() else name
-
-
 class _Families:
     """Metric families in the order they were first asked for; empty ones are left out."""
 
@@ -86,8 +55,7 @@ class _Families:
         """The gauge family called ``name``, created on first use."""
         family = self._gauges.get(name)
         if family is None:
-            family = self._gauges[name] = GaugeMetricFamily(_metric_name(name), help,
-                                                            labels=labels)
+            family = self._gauges[name] = GaugeMetricFamily(name, help, labels=labels)
             self._order.append(family)
         return family
 
@@ -95,8 +63,7 @@ class _Families:
         """The counter family called ``name`` (ending in ``_total``), created on first use."""
         family = self._counters.get(name)
         if family is None:
-            family = self._counters[name] = CounterMetricFamily(_metric_name(name), help,
-                                                                labels=labels)
+            family = self._counters[name] = CounterMetricFamily(name, help, labels=labels)
             self._order.append(family)
         return family
 
@@ -134,10 +101,9 @@ class RuntimeCollector(Collector):
         families.gauge("fieldbridge_router_max_pending_events",
                        "Pending events beyond which sources wait (backpressure).").add_metric(
             [], router.max_pending)
-        for key in sorted(set(_ROUTER_COUNTERS) | set(router.counters)):
-            families.counter(f"fieldbridge_router_{key}_total",
-                             _ROUTER_COUNTERS.get(key, f"Router counter '{key}'.")).add_metric(
-                [], router.counters.get(key, 0))
+        for counter in declarations(Owner.ROUTER):
+            families.counter(counter.metric("fieldbridge_router"), counter.help).add_metric(
+                [], router.counters[counter])
         families.counter("fieldbridge_store_written_events_total",
                          "Events written to the store since it was opened.").add_metric(
             [], router.stored)
@@ -189,7 +155,6 @@ def _endpoint(
 ) -> None:
     """The state, last success and counters of a source, a device or a sink."""
     kind = status.kind
-    known = _SINK_COUNTERS if kind == "sink" else _SOURCE_COUNTERS
     names, values = list(labels), list(labels.values())
     families.gauge(f"fieldbridge_{prefix}_up", f"1 when the {kind} is up, else 0.",
                    names).add_metric(values, 1 if status.state is ConnectionState.UP else 0)
@@ -202,9 +167,8 @@ def _endpoint(
         families.gauge(f"fieldbridge_{prefix}_last_success_timestamp_seconds",
                        f"When the {kind} last answered as expected (POSIX seconds).",
                        names).add_metric(values, status.last_success)
-    for key, count in sorted(status.counters.items()):
-        families.counter(f"fieldbridge_{prefix}_{key}_total",
-                         known.get(key, f"{kind.capitalize()} counter '{key}'."),
+    for counter, count in status.counters.items():
+        families.counter(counter.metric(f"fieldbridge_{prefix}"), counter.help,
                          names).add_metric(values, count)
 
 
@@ -230,17 +194,14 @@ class ApiCollector(Collector):
         hub = self.hub
         families.gauge("fieldbridge_api_stream_clients",
                        "Event stream clients connected.").add_metric([], hub.clients)
-        families.counter("fieldbridge_api_streams_total", "Event streams opened.").add_metric(
-            [], hub.counters["streams"])
-        families.counter("fieldbridge_api_stream_events_total",
-                         "Events queued for event stream clients.").add_metric(
-            [], hub.counters["events"])
-        ended = families.counter(
-            "fieldbridge_api_streams_ended_total",
-            "Event streams ended, by reason (slow_consumer and stalled: the client was "
-            "dropped).", ["reason"])
+        families.counter("fieldbridge_api_streams_total", STREAMS.help).add_metric(
+            [], hub.counters[STREAMS])
+        families.counter("fieldbridge_api_stream_events_total", EVENTS.help).add_metric(
+            [], hub.counters[EVENTS])
         for reason in get_args(EndReason):
-            ended.add_metric([reason], hub.counters[f"ended_{reason}"])
+            counter = ENDED[reason]
+            families.counter("fieldbridge_api_streams_ended_total", counter.help,
+                             ["reason"]).add_metric([reason], hub.counters[counter])
         requests = families.counter(
             "fieldbridge_api_device_requests_total",
             "Live reads and writes through the API, by operation and result (ok or the error "

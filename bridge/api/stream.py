@@ -28,11 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from bridge.core.counters import (
+    ENDED_CLOSING,
+    ENDED_DISCONNECTED,
+    ENDED_FINISHED,
+    ENDED_SLOW_CONSUMER,
+    ENDED_STALLED,
+    EVENTS,
+    STREAMS,
+    CounterSpec,
+    Counts,
+)
 from bridge.core.model import Event
 from bridge.facade import ApiFacade, TagFilter
 
@@ -40,6 +51,11 @@ EndReason = Literal["slow_consumer", "stalled", "closing", "disconnected", "fini
 """Why a subscription ended: the client fell behind, read nothing for ``send_timeout``, the
 server stops, the client went away, or the response ended for another reason (a store
 error)."""
+
+ENDED: dict[EndReason, CounterSpec] = {
+    "slow_consumer": ENDED_SLOW_CONSUMER, "stalled": ENDED_STALLED, "closing": ENDED_CLOSING,
+    "disconnected": ENDED_DISCONNECTED, "finished": ENDED_FINISHED}
+"""The counter of the subscriptions that ended, by reason."""
 
 KEEP_ALIVE = b": keep-alive\n\n"
 """An SSE comment: keeps proxies and idle timeouts from closing a quiet stream."""
@@ -204,7 +220,7 @@ class EventHub:
         self._streams = 0
         self._changed = asyncio.Event()
         self.closed = False
-        self.counters: Counter[str] = Counter()
+        self.counters = Counts()
         """``streams`` opened, ``events`` buffered, and ``ended_<reason>`` per end reason."""
 
     @property
@@ -221,7 +237,7 @@ class EventHub:
     def stream_opened(self) -> None:
         """A stream response starts."""
         self._streams += 1
-        self.counters["streams"] += 1
+        self.counters.add(STREAMS)
         self._notify()
 
     def stream_closed(self) -> None:
@@ -245,7 +261,7 @@ class EventHub:
     def discard(self, subscription: Subscription) -> None:
         """Stop delivering to ``subscription``; the hub unsubscribes with the last one."""
         if subscription.ended is not None:
-            self.counters[f"ended_{subscription.ended}"] += 1
+            self.counters.add(ENDED[subscription.ended])
         if subscription not in self._subscriptions:
             return
         del self._subscriptions[subscription]
@@ -283,7 +299,7 @@ class EventHub:
                     frame = frames[index] = event_frame(event.id, event.to_json())
                 if subscription.push(frame):
                     buffered += 1
-        self.counters["events"] += buffered
+        self.counters.add(EVENTS, buffered)
 
 
 def chunks(frames: Sequence[SseMessage]) -> list[bytes]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ import jmespath
 
 from bridge.config.models import ResolvedPoint
 from bridge.core.codec import compile_bytes_decoder, register_count
+from bridge.core.counters import BAD_VALUES, DROPPED_POINTS, Counts
 from bridge.core.mapping import PointProgram
 from bridge.core.message_points import MessagePoint, TimestampSpec
 from bridge.core.message_values import convert, payload_timestamp, quoted
@@ -275,7 +275,7 @@ class MessageMapper:
         """How the address is named in reasons: ``topic`` or ``routing key``."""
         self.max_points = max_points
         self._variables = variables
-        self._own_counters: Counter[str] = Counter()
+        self._own_counters = Counts()
         self._own_details: dict[str, Any] = {}
         self._status: EndpointStatus | None = None
         self._programs: dict[str, tuple[Route, PointProgram]] = {}
@@ -298,7 +298,7 @@ class MessageMapper:
         self._status = status
 
     @property
-    def counters(self) -> Counter[str]:
+    def counters(self) -> Counts:
         """What the mapping counted: the attached status's counters, or its own until then."""
         return self._own_counters if self._status is None else self._status.counters
 
@@ -341,7 +341,7 @@ class MessageMapper:
                     continue
                 ts = item.ts if item.ts is not None else reading.ts
                 if item.problem is not None:
-                    self.counters["bad_values"] += 1
+                    self.counters.add(BAD_VALUES)
                     self.details["last_bad_value"] = {
                         "point": program.point_id, "address": address, "reason": item.problem,
                         "at": time.time()}
@@ -416,6 +416,6 @@ class MessageMapper:
         return PointProgram(resolved, protocol=self.protocol, bridge_id=self.bridge_id)
 
     def _drop(self, template: str, address: str, reason: str) -> None:
-        self.counters["dropped_points"] += 1
+        self.counters.add(DROPPED_POINTS)
         self.details["last_dropped_point"] = {
             "point": template, "address": address, "reason": reason, "at": time.time()}

@@ -180,7 +180,8 @@ class SinkContext(Protocol):
     @property
     def status(self) -> EndpointStatus:
         """The sink's state and counters (a sink may count what only it knows, such as
-        unroutable messages, and mark itself degraded while its broker holds it back)."""
+        unroutable messages, with a counter declared in ``bridge.core.counters``, and mark
+        itself degraded while its broker holds it back)."""
         ...
 
     @property

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from bridge.core.counters import EVENTS, READINGS, REJECTED
 from bridge.core.message_mapper import MessageMapper
 from bridge.core.model import Event, Reading, Settlement, Value
 from bridge.core.status import EndpointStatus
@@ -97,11 +98,11 @@ def map_readings(mapper: Mapper, status: EndpointStatus,
     events: list[Event] = []
     settlements: list[Settlement] = []
     for reading in readings:
-        counters["readings"] += 1
+        counters.add(READINGS)
         try:
             mapped = mapper.map(reading)
         except DecodeError as exc:
-            counters["rejected"] += 1
+            counters.add(REJECTED)
             status.details["last_rejection"] = {
                 "address": str(reading.address), "reason": exc.reason, "at": time.time()}
             if reading.ack is not None:
@@ -110,7 +111,7 @@ def map_readings(mapper: Mapper, status: EndpointStatus,
         events.extend(mapped)
         if reading.ack is not None:
             settlements.append((reading.ack, None))
-    counters["events"] += len(events)
+    counters.add(EVENTS, len(events))
     return events, settlements
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from bridge.core.counters import CONNECTS, ERRORS, Counts
 from bridge.core.model import isoformat
 from bridge.errors import ErrorCategory
 
@@ -47,7 +47,7 @@ class EndpointStatus:
     last_error: str | None = None
     error_category: ErrorCategory | None = None
     last_error_at: float | None = None
-    counters: Counter[str] = field(default_factory=Counter)
+    counters: Counts = field(default_factory=Counts)
     children: dict[str, EndpointStatus] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     watcher: Callable[[EndpointStatus], None] | None = field(
@@ -80,7 +80,7 @@ class EndpointStatus:
 
     def connecting(self) -> None:
         """A connection attempt starts; a connection that is down stays down until it is up."""
-        self.counters["connects"] += 1
+        self.counters.add(CONNECTS)
         if self.state is not ConnectionState.DOWN:
             self._move(ConnectionState.CONNECTING)
 
@@ -124,7 +124,7 @@ class EndpointStatus:
         self.last_error = reason
         self.error_category = category
         self.last_error_at = time.time()
-        self.counters["errors"] += 1
+        self.counters.add(ERRORS)
 
     def snapshot(self) -> StatusSnapshot:
         """State, errors, counters, details and devices as plain data (sent by a worker
@@ -132,13 +132,14 @@ class EndpointStatus:
         return StatusSnapshot(
             state=self.state, since=self.since, last_success=self.last_success,
             last_error=self.last_error, error_category=self.error_category,
-            last_error_at=self.last_error_at, counters=dict(self.counters),
+            last_error_at=self.last_error_at, counters=self.counters.to_dict(),
             details=dict(self.details),
             children={name: child.snapshot() for name, child in self.children.items()})
 
     def mirror(self, snapshot: StatusSnapshot, *, counters: bool = True) -> None:
         """Take state, errors, details and devices (and counters, unless told not to) from a
-        ``snapshot``, without logging: the process that made it logged its changes."""
+        ``snapshot``, without logging: the process that made it logged its changes. A counter
+        name that is not declared raises ``UndeclaredCounterError``."""
         moved = snapshot.state is not self.state
         self.state = snapshot.state
         self.since = snapshot.since
@@ -147,7 +148,7 @@ class EndpointStatus:
         self.error_category = snapshot.error_category
         self.last_error_at = snapshot.last_error_at
         if counters:
-            self.counters = Counter(snapshot.counters)
+            self.counters = Counts(snapshot.counters)
         self.details.update(snapshot.details)
         for name, child in snapshot.children.items():
             self.child(name).mirror(child)
@@ -171,7 +172,7 @@ class EndpointStatus:
             "last_error": self.last_error,
             "error_category": self.error_category.value if self.error_category else None,
             "last_error_at": stamp(self.last_error_at),
-            "counters": dict(self.counters),
+            "counters": self.counters.to_dict(),
         }
         if self.details:
             entry["details"] = dict(self.details)
@@ -191,5 +192,6 @@ class StatusSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     error_category: ErrorCategory | None = None
     last_error_at: float | None = None
     counters: dict[str, int] = msgspec.field(default_factory=dict)
+    """Declared counter name → count (``Counts.to_dict``)."""
     details: dict[str, Any] = msgspec.field(default_factory=dict)
     children: dict[str, StatusSnapshot] = msgspec.field(default_factory=dict)

@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from bridge.core.counters import CONFIRMED, NACKED, PUBLISHED, REPUBLISHED
 from bridge.core.sink import BridgeView, OutboxRoute, OutboxRow, Sink
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
@@ -268,7 +269,7 @@ class _Connection:
         in_flight = self.in_flight
         for row in rows:
             in_flight[row.seq] = (row, now)
-        self._status.counters["published"] += len(rows)
+        self._status.counters.add(PUBLISHED, len(rows))
 
     def confirmed(self, seqs: Sequence[int]) -> None:
         """The broker took these rows."""
@@ -297,7 +298,7 @@ class _Connection:
             if keep is not None:
                 keep.append(row)
         if settled and last is not None:
-            self._status.counters["confirmed" if acked else "nacked"] += settled
+            self._status.counters.add(CONFIRMED if acked else NACKED, settled)
             latency = time.monotonic() - last
             if acked:
                 self.delivery.confirmed(settled, latency)
@@ -338,7 +339,7 @@ async def deliver(delivery: SinkDelivery, context: DeliveryContext) -> None:
         status.up()
         await _publish(delivery, connection, outbox)
     finally:
-        status.counters["republished"] += len(connection.in_flight)
+        status.counters.add(REPUBLISHED, len(connection.in_flight))
         delivery.in_flight = 0
         try:
             await _settle_outbox(connection, outbox)
@@ -423,7 +424,7 @@ async def _refused(sink: Sink, connection: _Connection, outbox: OutboxView, retr
     connection.refused_rows.clear()
     connection.refusing = True
     status = connection.status
-    status.counters["republished"] += count
+    status.counters.add(REPUBLISHED, count)
     status.degraded(f"the broker refused {count} messages ({sink.refusal}); publishing them "
                     f"again in {retry:g}s", ErrorCategory.TRANSIENT)
     with contextlib.suppress(TimeoutError):

@@ -19,9 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 
+from bridge.core.counters import (
+    BACKPRESSURE_WAITS,
+    EVENTS,
+    NOT_STORED,
+    OUTBOX_FULL_WAITS,
+    SETTLE_ERRORS,
+    STORE_FULL_WAITS,
+    Counts,
+)
 from bridge.core.model import Event, Settlement
 from bridge.errors import StoreFullError
 from bridge.pipeline.admission import AdmissionGate, Batch
@@ -54,7 +63,7 @@ class Router:
         """Seconds, at least, from the start of one batch's write to the next (group commit)."""
         self.latest: dict[str, Event] = {}
         """The last event of every point, kept in memory for the API."""
-        self.counters: Counter[str] = Counter()
+        self.counters = Counts()
         self._queue: deque[Batch] = deque()
         self._queued = 0
         self._arrived = asyncio.Event()
@@ -98,7 +107,7 @@ class Router:
             return
         source = events[0].source if events else None
         if not self._has_room(source):
-            self.counters["backpressure_waits"] += 1
+            self.counters.add(BACKPRESSURE_WAITS)
             async with self._room:
                 await self._room.wait_for(lambda: self._has_room(source))
         self._queue.append(Batch(events, settlements))
@@ -161,10 +170,10 @@ class Router:
             return False
         stored, settlements = self.gate.hold_back(batches, admission, generation)
         if admission.held:
-            self.counters["outbox_full_waits"] += 1
+            self.counters.add(OUTBOX_FULL_WAITS)
         for event in stored:
             self.latest[event.point] = event
-        self.counters["events"] += len(stored)
+        self.counters.add(EVENTS, len(stored))
         async with self._room:
             self._room.notify_all()
         await self._settle(settlements)
@@ -199,7 +208,7 @@ class Router:
                 break
             except StoreFullError as exc:
                 if delay == RETRY_FIRST:
-                    self.counters["store_full_waits"] += 1
+                    self.counters.add(STORE_FULL_WAITS)
                     logger.error("%s; sources wait and nothing is acknowledged upstream until "
                                  "it can write again", exc)
                 if self._stopping.is_set():
@@ -223,7 +232,7 @@ class Router:
             except Exception:
                 # The upstream connection may be gone; it will redeliver. One failed settle
                 # must not stop the router.
-                self.counters["settle_errors"] += 1
+                self.counters.add(SETTLE_ERRORS)
                 logger.exception("cannot settle an upstream message")
 
     def _abandon(self, batches: Sequence[Batch]) -> None:
@@ -231,6 +240,6 @@ class Router:
         upstream that redelivers, as MQTT QoS 1/2 and AMQP do, sends them again)."""
         count = sum(len(batch.events) for batch in batches)
         if count:
-            self.counters["not_stored"] += count
+            self.counters.add(NOT_STORED, count)
             logger.error("%d events not stored at shutdown: %s; their upstream messages are "
                          "not acknowledged", count, self.store.problem or "the store cannot write")

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from bridge.core.counters import RECONNECTS
 from bridge.core.source import SourceUnit
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
@@ -96,7 +97,7 @@ async def supervise(
                 logged = reason
         was_up = status.state in (ConnectionState.UP, ConnectionState.DEGRADED)
         status.down(reason, category)
-        status.counters["reconnects"] += 1
+        status.counters.add(RECONNECTS)
         if was_up and time.monotonic() - started >= STABLE_AFTER:
             backoff.reset()
         delay = backoff.next()

@@ -19,6 +19,7 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from bridge.core.counters import UNROUTABLE
 from bridge.core.model import Event
 from bridge.core.sink import OutboxRow, Sink, SinkContext, compile_address
 from bridge.core.status import EndpointStatus
@@ -165,7 +166,7 @@ class AmqpSink(Sink):
 
     def unroutable(self, routing_key: str, status: EndpointStatus) -> None:
         """The exchange had no binding for a message: RabbitMQ returned it, then confirmed it."""
-        status.counters["unroutable"] += 1
+        status.counters.add(UNROUTABLE)
         status.details["last_unroutable"] = {"routing_key": routing_key, "at": time.time()}
         if not self._warned_unroutable:
             self._warned_unroutable = True

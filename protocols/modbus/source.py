@@ -32,6 +32,16 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
+from bridge.core.counters import (
+    CYCLES,
+    EXCEPTIONS,
+    OVERRUNS,
+    PROTOCOL_ERRORS,
+    REQUESTS,
+    RESPONSES,
+    TIMEOUTS,
+    CounterSpec,
+)
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.core.status import ConnectionState, EndpointStatus
@@ -41,6 +51,7 @@ from protocols.modbus.client import (
     SKIPS_CYCLE,
     ClientFactory,
     Connection,
+    FailureKind,
     Outcome,
     create_client,
     open_client,
@@ -51,6 +62,11 @@ from protocols.modbus.mapping import PROTOCOL, BlockAddress, PointLocation
 from protocols.modbus.planner import Block
 
 logger = logging.getLogger(__name__)
+
+_FAILURE_COUNTERS: dict[FailureKind, CounterSpec] = {
+    "exception": EXCEPTIONS, "gateway": EXCEPTIONS, "timeout": TIMEOUTS,
+    "garbled": PROTOCOL_ERRORS}
+"""The counter of a request that failed, by how it failed."""
 
 
 def _is_hole(outcome: Outcome) -> bool:
@@ -168,8 +184,8 @@ class ModbusSource(Source):
             else:
                 deadline, missed = next_deadline(deadline, plan.interval, now)
                 if missed:
-                    status.counters["overruns"] += missed
-                    context.status.counters["overruns"] += missed
+                    status.counters.add(OVERRUNS, missed)
+                    context.status.counters.add(OVERRUNS, missed)
             await asyncio.sleep(deadline - now)
 
     async def _cycle(
@@ -209,7 +225,7 @@ class ModbusSource(Source):
                                      and worst.failure not in SKIPS_CYCLE):
                     worst = result
         for counters in (status.counters, source_status.counters):
-            counters["cycles"] += 1
+            counters.add(CYCLES)
         return readings, worst
 
     async def _narrow(
@@ -267,18 +283,11 @@ class ModbusSource(Source):
         """One counted request."""
         counted = (status.counters, source_status.counters)
         for counters in counted:
-            counters["requests"] += 1
+            counters.add(REQUESTS)
         outcome = await connection.read(block, unit)
-        if outcome.failure is None:
-            name = "responses"
-        elif outcome.failure in ("exception", "gateway"):
-            name = "exceptions"
-        elif outcome.failure == "timeout":
-            name = "timeouts"
-        else:
-            name = "protocol_errors"
+        counter = RESPONSES if outcome.failure is None else _FAILURE_COUNTERS[outcome.failure]
         for counters in counted:
-            counters[name] += 1
+            counters.add(counter)
         return outcome
 
     def _report(

@@ -39,6 +39,17 @@ from pathlib import Path
 
 import aiomqtt
 
+from bridge.core.counters import (
+    COMMANDS_DROPPED,
+    COMMANDS_REFUSED,
+    COMMANDS_REJECTED,
+    REBIRTH_REQUESTS,
+    REBIRTHS,
+    REBIRTHS_FOLDED,
+    WRITES,
+    WRITES_FAILED,
+    CounterSpec,
+)
 from bridge.core.model import Event, Value
 from bridge.core.sink import BridgeView, OutboxRow, PointInfo, SinkContext
 from bridge.core.status import EndpointStatus
@@ -144,9 +155,9 @@ class SparkplugSink(MqttSink):
             raise ConnectorError(self.endpoint, "not running", ErrorCategory.CONFIG)
         return self._bridge
 
-    def _count(self, counter: str, count: int = 1) -> None:
+    def _count(self, counter: CounterSpec, count: int = 1) -> None:
         if self._status is not None:
-            self._status.counters[counter] += count
+            self._status.counters.add(counter, count)
 
     # --- the MQTT sink's override points -------------------------------------------------
 
@@ -269,14 +280,14 @@ class SparkplugSink(MqttSink):
         if not self._born:
             self._reject(topic, "the edge node is not born yet")
         elif isinstance(command, Rebirth):
-            self._count("rebirth_requests")
+            self._count(REBIRTH_REQUESTS)
             if not self._pacer.request():
-                self._count("rebirths_folded")
+                self._count(REBIRTHS_FOLDED)
         else:
             self._queue(command)
 
     def _reject(self, topic: str, reason: str) -> None:
-        self._count("commands_rejected")
+        self._count(COMMANDS_REJECTED)
         if self._status is not None:
             self._status.details["last_command_rejection"] = {
                 "topic": topic, "reason": reason, "at": time.time()}
@@ -305,7 +316,7 @@ class SparkplugSink(MqttSink):
         try:
             queue.put_nowait(command)
         except asyncio.QueueFull:
-            self._count("commands_dropped")
+            self._count(COMMANDS_DROPPED)
             self._reject(self.node.topic(MessageType.DCMD, command.device),
                          f"{COMMAND_BACKLOG} commands already wait for the device")
 
@@ -415,7 +426,7 @@ class SparkplugSink(MqttSink):
             await self._changed.wait()
             if self._rebirth_wanted:
                 self._rebirth_wanted = False
-                self._count("rebirths")
+                self._count(REBIRTHS)
                 self._rebirth()
                 continue
             for message in self._follow():
@@ -437,7 +448,7 @@ class SparkplugSink(MqttSink):
         who = f"Sparkplug sink {self.id} (DCMD to device {command.device})"
         writes = [(write.point, write.value) for write in command.writes]
         if not self.config.commands:
-            self._count("commands_refused", len(writes))
+            self._count(COMMANDS_REFUSED, len(writes))
             points = ", ".join(point for point, _ in writes[:10])
             if len(writes) == 1:
                 self._refuse(who, writes[0][0], writes[0][1], "commands are off "
@@ -453,11 +464,11 @@ class SparkplugSink(MqttSink):
             outcomes = await self.bridge.write_command(writes, who)
         for outcome in outcomes:
             if outcome is None:
-                self._count("writes")
+                self._count(WRITES)
             elif isinstance(outcome, KeyError | NotWritableError):
-                self._count("commands_refused")
+                self._count(COMMANDS_REFUSED)
             else:
-                self._count("writes_failed")
+                self._count(WRITES_FAILED)
 
     async def _write_one(self, who: str, point: str, value: Value) -> Exception | None:
         """One write, audited as ``PUT /v1/points/{id}`` is."""

@@ -35,6 +35,7 @@ from asyncua.ua.object_ids import ObjectIds
 
 from bridge.config.models import ResolvedPoint
 from bridge.core.aio import primary_failure
+from bridge.core.counters import OVERRUNS
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.core.status import EndpointStatus
@@ -416,7 +417,7 @@ class OpcuaSource(Source):
             due += interval
             now = loop.time()
             if due < now:
-                status.counters["overruns"] += 1
+                status.counters.add(OVERRUNS)
                 due = now
             await asyncio.sleep(due - now)
 

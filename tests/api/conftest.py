@@ -19,6 +19,7 @@ from helpers.api import (
 )
 
 from bridge.api.app import create_app
+from bridge.core.counters import EVENTS, READINGS, REJECTED
 from bridge.core.model import Quality
 from bridge.errors import ErrorCategory
 from bridge.runtime import Runtime
@@ -32,7 +33,9 @@ async def plant(tmp_path: Path) -> AsyncIterator[Runtime]:
     boiler = runtime.sources["plc1"].status.child("boiler", "tcp://plc1.plant:502/1")
     boiler.success()
     runtime.sources["plc1"].status.success()
-    runtime.sources["plc1"].status.counters.update(readings=12, events=10, rejected=2)
+    counters = runtime.sources["plc1"].status.counters
+    for counter, count in ((READINGS, 12), (EVENTS, 10), (REJECTED, 2)):
+        counters.add(counter, count)
     meter = add_source(runtime, "meter-bus")
     meter.down("connection refused", ErrorCategory.TRANSIENT)
     add_point(runtime, "boiler.supply_temp", "plc1", "boiler", unit="degC",

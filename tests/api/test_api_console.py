@@ -24,6 +24,7 @@ from bridge.api.app import create_app
 from bridge.api.routes.console import CONSOLE_DIRECTORY, CONSOLE_PACKAGE
 from bridge.api.server import ApiServer
 from bridge.api.stream import StreamSettings
+from bridge.core.counters import READINGS
 from bridge.errors import ErrorCategory
 from bridge.runtime import Runtime
 
@@ -240,7 +241,7 @@ async def test_status_stream_refreshes_counters_without_repeating_itself(
         async with asyncio.timeout(SETTLE):
             _, first = await anext(stream)
             assert first["sources"][0]["counters"].get("readings", 0) == 0
-            runtime.sources["plc1"].status.counters["readings"] += 5
+            runtime.sources["plc1"].status.counters.add(READINGS, 5)
             _, second = await anext(stream)
         assert second["sources"][0]["counters"]["readings"] == 5
         assert second["sources"][0]["state"] == "up"

@@ -463,4 +463,4 @@ class BridgeRun:
         await wait_until(lambda: status.counters["confirmed"] >= count
                          and self.depth(sink_id) == 0, within,
                          f"{count} confirmed events (state {status.state}, last error "
-                         f"{status.last_error}, counters {dict(status.counters)})")
+                         f"{status.last_error}, counters {status.counters.to_dict()})")

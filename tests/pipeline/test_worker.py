@@ -29,6 +29,7 @@ from helpers.brokers import (
 from helpers.sinks import SINK, bodies, feed, make_event, write_bridge_config
 from helpers.workers import WITHIN, assert_gone, sink_worker_up
 
+from bridge.core.counters import READINGS
 from bridge.core.model import Quality, Reading
 from bridge.core.sink import OutboxRow
 from bridge.core.status import ConnectionState, EndpointStatus, StatusSnapshot
@@ -382,7 +383,7 @@ async def test_a_status_travels_typed_with_its_devices_and_errors() -> None:
     worker = EndpointStatus(name="plant", kind="source", protocol="modbus", endpoint="x")
     worker.child("boiler").down("timed out", ErrorCategory.DEVICE)
     worker.degraded("a device is down", ErrorCategory.DEVICE)
-    worker.counters["readings"] += 5
+    worker.counters.add(READINGS, 5)
     (frame,) = [frame async for frame in read_frames(stream(Status(worker.snapshot())),
                                                      SOURCE_REPORTS, "peer")]
     assert isinstance(frame, Status)

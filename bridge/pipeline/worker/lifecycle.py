@@ -16,9 +16,9 @@ import logging
 import os
 import socket
 import sys
-from collections import Counter
 from collections.abc import Callable, Mapping
 
+from bridge.core.counters import declared
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
 from bridge.pipeline.worker.frames import Status, encode
@@ -97,9 +97,11 @@ async def report_status(writer: asyncio.StreamWriter, current: Callable[[], Stat
         await asyncio.sleep(STATUS_EVERY)
 
 
-def add_counters(status: EndpointStatus, counted: Counter[str],
-                 counters: Mapping[str, int]) -> Counter[str]:
-    """Add to ``status`` what a worker counted since ``counted``; returns the new mark."""
-    for key, value in counters.items():
-        status.counters[key] += value - counted.get(key, 0)
-    return Counter(counters)
+def add_counters(status: EndpointStatus, counted: Mapping[str, int],
+                 counters: Mapping[str, int]) -> dict[str, int]:
+    """Add to ``status`` what a worker counted since ``counted``; returns the new mark.
+
+    The names are checked against the declarations: ``UndeclaredCounterError`` for any other."""
+    for name, value in counters.items():
+        status.counters.add(declared(name), value - counted.get(name, 0))
+    return dict(counters)

@@ -17,7 +17,6 @@ import asyncio
 import itertools
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,7 +86,7 @@ class SinkWorker(SinkDelivery):
         endpoint = self.sink.endpoint
         process, reader, writer = await spawn(endpoint, "sink worker process")
         self.pid = process.pid
-        counted: Counter[str] = Counter()
+        counted: dict[str, int] = {}
         answering: set[asyncio.Task[None]] = set()
         try:
             async with asyncio.TaskGroup() as group:

@@ -27,7 +27,6 @@ import logging
 import os
 import pickle
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ import msgspec
 
 from bridge.config.models import ResolvedPoint, SourceBase
 from bridge.core.aio import primary_failure
+from bridge.core.counters import EVENTS, READINGS, SETTLE_ERRORS
 from bridge.core.model import Reading, Settlement, Value
 from bridge.core.source import BuildContext, Source, SourceContext, SourceUnit, map_readings
 from bridge.core.status import ConnectionState, EndpointStatus, StatusSnapshot
@@ -95,7 +95,7 @@ class _Process:
     index: int
     pid: int
     writer: asyncio.StreamWriter
-    counted: Counter[str]
+    counted: dict[str, int]
     """Its counters as last added to the source's."""
     snapshot: StatusSnapshot | None = None
 
@@ -151,7 +151,7 @@ class WorkerSource(Source):
         submit = context.submit
         assert submit is not None
         process, reader, writer = await spawn(self.endpoint, f"worker process {index}")
-        running = _Process(index, process.pid, writer, Counter())
+        running = _Process(index, process.pid, writer, {})
         self.processes[index] = running
         try:
             writer.write(start(dataclasses.replace(self.spec, index=index)))
@@ -185,8 +185,8 @@ class WorkerSource(Source):
         status.details["workers"] = [
             {"worker": index, "pid": self.processes[index].pid, "state": each.state.value,
              "last_error": each.last_error,
-             "readings": each.counters.get("readings", 0),
-             "events": each.counters.get("events", 0)}
+             READINGS.name: each.counters.get(READINGS.name, 0),
+             EVENTS.name: each.counters.get(EVENTS.name, 0)}
             for index, each in sorted(snapshots, key=lambda item: item[0])]
 
     async def read(self, point_id: str) -> list[Reading]:
@@ -334,7 +334,7 @@ class _Worker:
                     await ack.reject(reason)
             except Exception:
                 # The upstream connection may be gone; it will redeliver.
-                self.status.counters["settle_errors"] += 1
+                self.status.counters.add(SETTLE_ERRORS)
                 logger.exception("cannot settle an upstream message")
         async with self.room:
             self.room.notify_all()
