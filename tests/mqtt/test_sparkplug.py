@@ -44,18 +44,6 @@ pytestmark = pytest.mark.broker
 EXAMPLE = Path(__file__).resolve().parents[2] / "mappings" / "sparkplug-example.yaml"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 async def test_births_data_and_a_device_that_goes_down_and_comes_back(
         tmp_path: Path, group: str, plc: ModbusTestServer, plc_link: TcpProxy,
         broker_link: TcpProxy, subscriber: Subscriber) -> None:
