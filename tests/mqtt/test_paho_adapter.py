@@ -52,12 +52,14 @@ async def test_hooks_report_the_connack_and_each_raw_publish_acknowledgement() -
                                connacks.append)
     async with client:
         assert paho_adapter.is_connected(client)
-        assert len(connacks) == 1 and connacks[0] is not None  # MQTT 5: CONNACK properties
+        assert len(connacks) == 1
+        assert connacks[0] is not None
         info = paho_adapter.publish_now(client, unique("fbtest/adapter/"), b"x", 1, False, None)
         assert info.rc == paho.MQTT_ERR_SUCCESS
         await wait_until(lambda: len(acknowledged) == 1)
         ((mid, reason),) = acknowledged
-        assert mid == info.mid and not reason.is_failure
+        assert mid == info.mid
+        assert not reason.is_failure
         # aiomqtt's own publish still completes: its on_publish is forwarded to.
         await asyncio.wait_for(client.publish(unique("fbtest/adapter/"), b"y", qos=1), WAIT)
         assert len(acknowledged) == 2
