@@ -7,7 +7,9 @@ history, inventory, live read, write and the event stream. ``metrics`` reads the
 health), ``models`` (request and response models), ``context`` (what handlers share: the
 facade, keys, ``authorize``), ``handlers`` (structured errors), ``auth`` (API keys),
 ``stream`` and ``sse`` (the live event stream) and ``metrics`` (Prometheus collectors).
-``server`` serves it on uvicorn as a runtime service (``ApiServer``).
+``server`` serves it on uvicorn as a runtime service (``ApiServer``), with the connection
+limits of ``connections``; ``uvicorn_adapter`` is the one module that touches uvicorn's
+internals (its HTTP/1.1 protocol, ASGI types and server state).
 
 May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.pipeline``,
 ``bridge.registry``, ``bridge.inventory``, ``bridge.facade`` and ``bridge.runtime``. The

@@ -14,16 +14,22 @@ import ipaddress
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI
 
 from bridge.api.app import create_app
-from bridge.api.connections import ConnectionLimits, limited_protocol
+from bridge.api.connections import ConnectionLimits
 from bridge.api.context import ApiContext
 from bridge.api.stream import StreamSettings
+from bridge.api.uvicorn_adapter import (
+    EmbeddedServer,
+    abort_unflushed,
+    limited_protocol,
+    request_tasks,
+)
 from bridge.config.models import ApiSection, Config
 from bridge.errors import ApiServerError
 from bridge.facade import ApiFacade
@@ -101,7 +107,7 @@ class ApiServer:
         api = self.runtime.api
         sockets = _bind(api.host, api.port)
         try:
-            server = _EmbeddedServer(_uvicorn_config(self.app, api))
+            server = EmbeddedServer(_uvicorn_config(self.app, api))
             async with asyncio.TaskGroup() as group:
                 task = group.create_task(server.serve(sockets=sockets), name="api")
                 await server.settled.wait()
@@ -126,7 +132,7 @@ class ApiServer:
             logger.warning("API listens on %s without api.keys: anyone who can reach it can "
                            "read every point", self.url)
 
-    async def _shutdown(self, server: _EmbeddedServer, task: asyncio.Task[None]) -> None:
+    async def _shutdown(self, server: EmbeddedServer, task: asyncio.Task[None]) -> None:
         self.context.close()  # event streams end now: stopping does not wait for them
         server.should_exit = True
         loop = asyncio.get_running_loop()
@@ -134,47 +140,16 @@ class ApiServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self.context.hub.wait_for_clients(0)
-        _abort_unflushed(server)
+        abort_unflushed(server)
         done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
         if not done:
             server.force_exit = True
             task.cancel()
         # Requests past uvicorn's graceful timeout are cancelled, maybe not yet finished.
-        requests = set(server.server_state.tasks)
+        requests = request_tasks(server)
         for request in requests:
             request.cancel()
         await asyncio.wait({task, *requests})
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside the daemon: no signal handling of its own, an event once serving, and
-    a failure to start kept rather than raised (``ApiServer`` raises it as its own error)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.settled = asyncio.Event()
-        """Set once the server accepts connections, or once it has failed to."""
-        self.failure: OSError | None = None
-        """Why the server could not start listening."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # The daemon owns SIGTERM and SIGINT; it stops the server through ApiServer.stop().
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.settled.set()
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().serve(sockets=sockets)
-        except OSError as exc:
-            if self.started:
-                raise
-            self.failure = exc  # the listeners could not be created: a start failure
-        finally:
-            self.settled.set()
 
 
 def _uvicorn_config(app: FastAPI, api: ApiSection) -> uvicorn.Config:
@@ -245,11 +220,3 @@ def _bind(host: str, port: int) -> list[socket.socket]:
 
 def _loopback_only(sockets: Sequence[socket.socket]) -> bool:
     return all(ipaddress.ip_address(sock.getsockname()[0]).is_loopback for sock in sockets)
-
-
-def _abort_unflushed(server: uvicorn.Server) -> None:
-    """Drop the connections that are closed but still flushing to a client that reads
-    nothing (a dropped event stream): uvicorn would wait for them to drain before it stops."""
-    for connection in list(server.server_state.connections):
-        if connection.transport.is_closing():
-            connection.transport.abort()

@@ -36,6 +36,8 @@ from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from bridge.demo import asyncua_server_adapter
+
 
 def _read_material(path: Path) -> tuple[bytes, Literal["pem", "der"]]:
     """A PEM or DER file's bytes and their encoding, as asyncua's server takes them."""
@@ -250,8 +252,7 @@ class PlantServer:
         await server.stop()
         # Sessions with subscriptions outlive their connection (for a reconnecting client
         # to take them over) until they time out; a stopped simulator ends them now.
-        for session in list(server.iserver._external_sessions.values()):
-            await session.close_session(True)
+        await asyncua_server_adapter.end_sessions(server)
 
     def _node(self, name: str) -> Node:
         if self.server is None:

@@ -49,32 +49,6 @@ ConnectionFactory = Callable[..., AsyncioConnection]
 """Creates the pika connection from keyword arguments; tests may pass a fake."""
 
 
-class CoalescingConnection(AsyncioConnection):  # type: ignore[misc]
-    """pika's asyncio connection, handing what is written during one turn of the event loop to
-    the socket in one piece.
-
-    pika writes every frame as a buffer of its own and sends each with a system call of its
-    own: three for every published message. A publisher that puts hundreds of messages on the
-    wire in one turn of the loop pays for one instead, which more than doubles the rate on a
-    busy machine. ``_adapter_emit_data`` is the hook pika's connection leaves to its adapters.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._unsent: list[bytes] = []
-        super().__init__(*args, **kwargs)
-
-    def _adapter_emit_data(self, data: bytes) -> None:
-        if not self._unsent:
-            self.ioloop.call_soon(self._emit_unsent)
-        self._unsent.append(data)
-
-    def _emit_unsent(self) -> None:
-        data = b"".join(self._unsent)
-        self._unsent.clear()
-        if self._transport is not None:  # not torn down in the meantime
-            super()._adapter_emit_data(data)
-
-
 async def connection_parameters(settings: AmqpConnectionSettings, endpoint: str, name: str,
                                 address: BrokerAddress | None = None,
                                 ssl_context: ssl.SSLContext | None = None,

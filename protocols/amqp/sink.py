@@ -26,10 +26,10 @@ from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
 from protocols.amqp.connection import (
     AmqpSession,
-    CoalescingConnection,
     ConnectionFactory,
     request,
 )
+from protocols.amqp.pika_adapter import CoalescingConnection
 from protocols.amqp.sink_config import AmqpSinkConfig, QueueBinding
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 The delivery engine (``bridge.pipeline.delivery``) hands the sink rows in ``seq`` order with
 at most ``window`` of them unconfirmed. The sink publishes them through the paho client under
-aiomqtt without waiting (``paho.Client.publish``), remembers the packet id of each, and turns
+aiomqtt without waiting (``paho_adapter.publish_now``), remembers the packet id of each, and turns
 paho's ``on_publish`` back into rows for the engine: for QoS 1 that is the broker's PUBACK, for
 QoS 2 its PUBCOMP, for QoS 0 the moment the message was written to the connection. An MQTT 5
 PUBACK with a failure reason code (not authorized, quota exceeded) is a refusal: the engine
@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -37,6 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bridge.core.model import Event
 from bridge.core.sink import OutboxRow, Sink, SinkContext, compile_address
 from bridge.errors import ConnectorError, ErrorCategory
+from protocols.mqtt import paho_adapter
 from protocols.mqtt.connection import (
     ClientFactory,
     client_arguments,
@@ -97,6 +98,10 @@ class _Connection:
             self.context.refused(seqs)
         else:
             self.context.confirmed(seqs)
+
+    def connected(self, properties: Properties | None) -> None:
+        """paho's ``on_connect``: remember the broker's Receive Maximum."""
+        self.receive_maximum = getattr(properties, "ReceiveMaximum", None)
 
 
 class MqttSink(Sink):
@@ -195,8 +200,8 @@ class MqttSink(Sink):
         connection = self._connection
         client = self.client
         assert connection is not None
-        info = client._client.publish(message.topic, message.payload, message.qos,
-                                      message.retain, message.properties)
+        info = paho_adapter.publish_now(client, message.topic, message.payload, message.qos,
+                                        message.retain, message.properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise ConnectorError(self.endpoint, f"cannot publish: {paho.error_string(info.rc)}",
                                  ErrorCategory.TRANSIENT)
@@ -234,22 +239,7 @@ class MqttSink(Sink):
         arguments["max_inflight_messages"] = 0
         arguments["max_queued_outgoing_messages"] = 2 * config.pipeline()
         client = self._client_factory(**arguments)
-        forward = cast(Callable[..., None], client._client.on_publish)  # aiomqtt's own
-
-        def on_publish(paho_client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                       properties: Properties) -> None:
-            forward(paho_client, userdata, mid, reason, properties)
-            connection.published(mid, reason)
-
-        client._client.on_publish = on_publish
-        forward_connect = cast(Callable[..., None], client._client.on_connect)
-
-        def on_connect(paho_client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                       properties: Properties | None = None) -> None:
-            forward_connect(paho_client, userdata, flags, reason, properties)
-            connection.receive_maximum = getattr(properties, "ReceiveMaximum", None)
-
-        client._client.on_connect = on_connect
+        paho_adapter.install_hooks(client, connection.published, connection.connected)
         try:
             await connection.exits.enter_async_context(client)
             connection.client = client
@@ -283,7 +273,7 @@ class MqttSink(Sink):
                     with contextlib.suppress(asyncio.CancelledError):
                         await receiver  # raises what broke on_command, for the supervisor
                 client = connection.client
-                if client is not None and client._client.is_connected():
+                if client is not None and paho_adapter.is_connected(client):
                     await self.on_closing()
             finally:
                 await connection.exits.aclose()

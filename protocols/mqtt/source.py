@@ -2,7 +2,8 @@
 
 QoS 1 and 2 messages are acknowledged by hand, after the router has stored their events:
 aiomqtt 2.5 has no manual-ack API yet (empicano/aiomqtt#345), so the source switches the
-underlying paho client to ``manual_ack`` before connecting and acks through it. The broker
+underlying paho client to ``manual_ack`` before connecting and acks through it
+(``protocols/mqtt/paho_adapter.py``). The broker
 re-delivers what was not acknowledged when the bridge reconnects with a persistent session
 (``clean_session: false``, the default).
 """
@@ -21,6 +22,7 @@ from bridge.core.batching import ReadingBatcher
 from bridge.core.model import Reading
 from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory
+from protocols.mqtt import paho_adapter
 from protocols.mqtt.config import MqttSourceConfig
 from protocols.mqtt.connection import (
     ClientFactory,
@@ -82,7 +84,7 @@ class MqttSource(Source):
         if self._manual_ack:
             # Before connecting: a persistent session's queued messages arrive right after
             # CONNACK and must not be acknowledged automatically.
-            client._client.manual_ack_set(True)
+            paho_adapter.enable_manual_ack(client)
         try:
             async with client:
                 await self._subscribe(client)
@@ -104,7 +106,7 @@ class MqttSource(Source):
 
     async def _receive(self, client: aiomqtt.Client, context: SourceContext) -> None:
         messages = client.messages
-        paho_client = client._client
+        paho_client = paho_adapter.paho_client(client)
         batcher = ReadingBatcher(context)
         async for message in messages:
             ack = (MqttAcknowledger(paho_client, message.mid, message.qos)

@@ -1,9 +1,9 @@
 """OPC-UA sessions: connecting a client (security, identity, certificates), closing it, and
 turning asyncua's and the network's failures into reasons and error categories.
 
-Everything the connector needs from asyncua's internals is used here and only here: the
-publish task a disconnect does not wait for, and the log lines asyncua writes about a
-connection that is already gone.
+What the connector needs from asyncua's internals (the publish task a disconnect does not
+wait for, a lost connection's socket, the log lines asyncua writes about a connection that is
+already gone) is reached through ``protocols/opcua/asyncua_adapter.py`` only.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge.core.status import EndpointStatus
 from bridge.errors import ConnectorError, ErrorCategory
+from protocols.opcua import asyncua_adapter
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.security import (
     MODES,
@@ -42,34 +43,7 @@ from protocols.opcua.security import (
 
 logger = logging.getLogger(__name__)
 
-
-class _LostConnectionNoise(logging.Filter):
-    """Drops what asyncua logs about a connection that is gone, which the source reports once
-    itself ("source ... down: connection lost"): a traceback from its publish loop and
-    warnings from closing a session nobody can answer."""
-
-    TEARDOWN = frozenset({
-        "close_session but connection wasn't established",
-        "close_session was called but connection is closed",
-        "close_secure_channel was called but connection is closed",
-    })
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.msg if isinstance(record.msg, str) else ""
-        if message in self.TEARDOWN:
-            return False
-        if message.startswith("Publish iteration crashed") and record.exc_info:
-            return not isinstance(record.exc_info[1], ConnectionError)
-        return True
-
-
-def _quiet_asyncua() -> None:
-    noise = _LostConnectionNoise()
-    for name in ("asyncua.client.ua_session.UaSession", "asyncua.client.ua_client.UaClient"):
-        logging.getLogger(name).addFilter(noise)
-
-
-_quiet_asyncua()
+asyncua_adapter.quiet_lost_connections()
 
 DEFAULT_PORT = 4840
 SESSION_TIMEOUT = 60.0
@@ -344,16 +318,12 @@ class Session:
         """Close the session (deleting its subscription) and wait for asyncua's tasks."""
         if not connected and client.state is UaClientState.DISCONNECTED:
             return
-        uaclient = client.uaclient
         # disconnect() cancels the publish loop but does not wait for it to finish.
-        publish = uaclient._publish_task
+        publish = asyncua_adapter.publish_task(client)
         if client.state is UaClientState.DISCONNECTED:
             # Lost: nobody answers a CloseSession, so only our side is torn down. asyncua
             # may have given up on a socket that is still open (a failed keep-alive).
-            if uaclient.protocol is not None:
-                if not uaclient.protocol.is_closed:
-                    uaclient.protocol.disconnect_socket()
-                uaclient.protocol = None
+            asyncua_adapter.drop_lost_transport(client)
             if publish is not None:
                 publish.cancel()
         try:

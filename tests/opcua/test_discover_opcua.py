@@ -23,6 +23,7 @@ from helpers.discovery import in_thread
 from bridge import cli
 from bridge.core.discovery import Budget, DiscoveryContext, Progress, StreamProgress
 from bridge.core.model import Quality
+from bridge.demo import asyncua_server_adapter
 from bridge.demo.opcua_plant import PlantServer
 from bridge.errors import ConnectorError, ErrorCategory
 from bridge.registry import load_config
@@ -144,8 +145,7 @@ async def server() -> AsyncIterator[str]:
         yield f"opc.tcp://127.0.0.1:{port}/"
     finally:
         await instance.stop()
-        for session in list(instance.iserver._external_sessions.values()):
-            await session.close_session(True)
+        await asyncua_server_adapter.end_sessions(instance)
 
 
 def _context(tmp_path: Path, **budget: Any) -> DiscoveryContext:

@@ -118,9 +118,11 @@ async def run_aiomqtt(options: argparse.Namespace, tally: Tally,
     """aiomqtt's message iterator; at QoS 1, paho's manual acknowledgement."""
     import aiomqtt
 
+    from protocols.mqtt import paho_adapter
+
     client = aiomqtt.Client(options.host, options.port, identifier=f"bench-{uuid.uuid4().hex}",
                             protocol=aiomqtt.ProtocolVersion.V311, clean_session=True)
-    paho_client = client._client
+    paho_client = paho_adapter.paho_client(client)
     if committer is not None:
         paho_client.manual_ack_set(True)
 
