@@ -29,6 +29,9 @@ from bridge.config.validation import field_error
 LogixType = Literal["BOOL", "SINT", "INT", "DINT", "LINT", "REAL", "LREAL", "STRING"]
 """The atomic types a point reads."""
 
+PointType = Literal["BOOL", "SINT", "INT", "DINT", "LINT", "REAL", "LREAL", "STRING", "STRUCT"]
+"""A point's type: an atomic one, or STRUCT for a structure whose members become points."""
+
 INTEGER_TYPES: dict[str, tuple[int, int]] = {
     "SINT": (-(2**7), 2**7 - 1),
     "INT": (-(2**15), 2**15 - 1),
@@ -99,7 +102,7 @@ class LogixPoint(PointBase):
     cip: CipAttribute | None = Field(
         default=None, description="Read one CIP attribute instead of a tag: "
         "`{class: 1, instance: 1, attribute: 7}`.")
-    type: LogixType | Literal["STRUCT"] = Field(
+    type: PointType = Field(
         description="BOOL, SINT, INT, DINT, LINT, REAL, LREAL or STRING; STRUCT for a whole "
         "structure (UDT) tag whose `members` become points.")
     count: int | None = Field(
