@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import SourceRunner, free_port
 from helpers.logix_server import LogixSimulator, build_unit
 
 from bridge.core.discovery import DiscoveryContext
 from bridge.core.model import Quality
 from bridge.errors import ConnectorError
 from bridge.registry import discoverable, load_config
-from helpers import SourceRunner, free_port
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import SourceRunner
 from helpers.logix_server import FakeClient, build_unit, source_yaml
 
 from bridge.config.models import ResolvedPoint
@@ -14,7 +15,6 @@ from bridge.core.discovery import DiscoveryContext
 from bridge.core.model import Quality
 from bridge.core.source import SourceUnit
 from bridge.registry import load_config
-from helpers import SourceRunner
 from protocols.logix import LogixSource
 from protocols.logix.discover import LogixDiscoverRequest, discover
 from protocols.logix.points import items, pack
