@@ -74,7 +74,8 @@ class CipAttribute(StrictModel):
     """One attribute of a CIP object: class, instance and attribute numbers."""
 
     class_code: int = Field(alias="class", ge=1, le=0xFFFF,
-                            description="The object's class (1: Identity, 0xF5: TCP/IP ...).")
+                            description="The object's class, written `class` (1: Identity, 0xF5: "
+                            "TCP/IP ...).")
     instance: int = Field(default=1, ge=0, le=0xFFFF, description="The instance; 0 is the "
                           "class itself.")
     attribute: int = Field(ge=1, le=0xFFFF, description="The attribute number.")
@@ -93,8 +94,7 @@ class StructMember(StrictModel):
 
 
 class LogixPoint(PointBase):
-    """One value in a Logix controller (by tag) or another EtherNet/IP device (by CIP
-    attribute)."""
+    """One value: a Logix tag, or a CIP attribute of another EtherNet/IP device."""
 
     tag: str | None = Field(
         default=None, description="Symbolic tag path: `Speed`, `Program:Main.Speed`, "
@@ -171,8 +171,8 @@ class LogixPoint(PointBase):
 
 
 class LogixSourceConfig(SourceBase):
-    """One EtherNet/IP connection to a Logix controller (or another CIP device) and the
-    points polled through it."""
+    """One EtherNet/IP connection to a Logix controller, or another CIP device, and its points.
+    """
 
     protocol: Literal["logix"] = Field(description="Always `logix`.")
     host: PlainText = Field(description="Host name or address of the controller's (or "
