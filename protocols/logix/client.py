@@ -140,6 +140,8 @@ class Pycomm3Client:
             self._driver = CIPDriver(host)
         self._driver._cfg["socket_timeout"] = config.timeout
         self._driver._cfg["connection_size"] = config.connection_size
+        # A standard forward open carries at most 511 bytes; larger needs the Large one.
+        self._driver._cfg["extended forward open"] = config.connection_size > 511
         self._database: dict[str, dict[str, Any]] | None = None
 
     @property
