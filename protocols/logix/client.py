@@ -27,6 +27,12 @@ from protocols.logix.config import CipAttribute, LogixSourceConfig
 
 logger = logging.getLogger(__name__)
 
+# pycomm3 logs every refused or failed request as an error with its traceback; the failure
+# reaches the status and the points' reasons instead. A level set for `pycomm3` by the user
+# (to debug it) is kept.
+if logging.getLogger("pycomm3").level == logging.NOTSET:
+    logging.getLogger("pycomm3").setLevel(logging.CRITICAL)
+
 DataTypes: Any = _DataTypes
 """pycomm3's types by name (subscripted by name at run time, which its stubs do not say)."""
 

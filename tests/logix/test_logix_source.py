@@ -4,6 +4,7 @@ a CIP attribute, and a controller that stops answering."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,9 @@ async def test_cip_attributes_of_the_identity_object(tmp_path: Path) -> None:
             assert runner.status.details["requests_per_cycle"] == 2
 
 
-async def test_a_controller_that_stops_answering_goes_down_then_up(tmp_path: Path) -> None:
+async def test_a_controller_that_stops_answering_goes_down_then_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.core.status")
     points = [{"name": "total", "tag": "Total", "type": "DINT"}]
     async with LogixSimulator() as simulator:
         unit = build_unit(tmp_path, source_yaml(simulator.port, points, timeout="300ms"))
@@ -113,3 +116,7 @@ async def test_a_controller_that_stops_answering_goes_down_then_up(tmp_path: Pat
                 simulator.resume()
             await runner.wait_for(lambda: runner.status.state is ConnectionState.UP
                                   and runner.events[-1].quality is Quality.GOOD)
+    messages = [record.getMessage() for record in caplog.records
+                if record.name == "bridge.core.status"]
+    assert len([message for message in messages if "source plc down" in message]) == 1, messages
+    assert len([message for message in messages if "source plc recovered" in message]) == 1
