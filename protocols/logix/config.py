@@ -192,9 +192,10 @@ class LogixSourceConfig(SourceBase):
         "forward open, in bytes (a controller that refuses it gets 500); the size granted is "
         "shown in the inventory and bounds each multi-service request.")
     upload_tags: bool = Field(
-        default=True, description="Read the controller's tag database at connect, so that "
-        "each configured tag is checked against it (name and type). A controller that "
-        "refuses the upload is read with the types configured here.")
+        default=True, description="Read the controller's tag database at connect: tags are "
+        "then read with the controller's own definitions (structure members and bits need "
+        "them). `false`, or a controller that refuses the upload, reads atomic tags and "
+        "arrays with the types configured here.")
     timeout: Duration = Field(default=2.0, gt=0, le=60,
                               description="Wait this long for each answer.")
     interval: Duration = Field(default=1.0, gt=0, description="Poll interval.")
