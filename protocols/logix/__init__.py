@@ -10,6 +10,7 @@ from bridge.config.yamlsource import KeyPath
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import ProtocolSpec
 from protocols.logix import discover
+from protocols.logix.client import ClientFactory, create_client
 from protocols.logix.config import LogixPoint, LogixSourceConfig
 from protocols.logix.mapping import PROTOCOL, LogixMapper, TagAddress
 from protocols.logix.points import items, logix_source, source_points
@@ -18,14 +19,16 @@ from protocols.logix.source import LogixSource
 __all__ = ["SPEC", "LogixMapper", "LogixSource", "TagAddress", "build", "check"]
 
 
-def build(source: SourceBase, points: Sequence[ResolvedPoint], context: BuildContext
-          ) -> SourceUnit:
-    """Compile the mapping, plan the reads, and create the source."""
+def build(source: SourceBase, points: Sequence[ResolvedPoint], context: BuildContext, *,
+          client_factory: ClientFactory = create_client) -> SourceUnit:
+    """Compile the mapping, plan the reads, and create the source (talking through
+    ``client_factory``'s client)."""
     config = logix_source(source)
     planned = items(points)
     mapper = LogixMapper(points, planned, bridge_id=context.bridge_id)
     specs = {point.id: point.spec for point in points if isinstance(point.spec, LogixPoint)}
-    return SourceUnit(source=LogixSource(config, planned, mapper, specs), mapper=mapper)
+    return SourceUnit(source=LogixSource(config, planned, mapper, specs,
+                                          client_factory=client_factory), mapper=mapper)
 
 
 def check(source: SourceBase, points: Sequence[ResolvedPoint]) -> list[tuple[KeyPath, str]]:

@@ -23,6 +23,7 @@ import yaml
 import helpers
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.registry import load_config, protocols
+from protocols.logix import build
 from protocols.logix.client import Declared, TagResult
 from protocols.logix.config import CipAttribute, LogixSourceConfig
 
@@ -98,15 +99,18 @@ def source_yaml(port: int, points: Sequence[Mapping[str, Any]], **settings: Any)
     return yaml.safe_dump({"sources": [source]}, sort_keys=False)
 
 
-def build_unit(tmp_path: Path, text: str) -> SourceUnit:
-    """Load a one-source config written as YAML text and build its source and mapper."""
+def build_unit(tmp_path: Path, text: str, client: FakeClient | None = None) -> SourceUnit:
+    """Load a one-source config written as YAML text and build its source and mapper (with
+    ``client`` instead of pycomm3's when given)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "fieldbridge.yaml"
     path.write_text(text, encoding="utf-8")
     config = load_config(path)
     source = config.sources[0]
-    return protocols()["logix"].source_unit(
-        source, config.points[source.id], BuildContext(bridge_id="test", state_dir=tmp_path))
+    context = BuildContext(bridge_id="test", state_dir=tmp_path)
+    if client is None:
+        return protocols()["logix"].source_unit(source, config.points[source.id], context)
+    return build(source, config.points[source.id], context, client_factory=client.factory)
 
 
 @dataclass

@@ -13,21 +13,11 @@ from helpers.logix_server import FakeClient, build_unit, source_yaml
 from bridge.config.models import ResolvedPoint
 from bridge.core.discovery import DiscoveryContext
 from bridge.core.model import Quality
-from bridge.core.source import SourceUnit
 from bridge.registry import load_config
-from protocols.logix import LogixSource
 from protocols.logix.discover import LogixDiscoverRequest, discover
 from protocols.logix.points import items, pack
 
 pytestmark = pytest.mark.asyncio
-
-
-def with_client(unit: SourceUnit, client: FakeClient) -> SourceUnit:
-    """The unit with its source talking to ``client``."""
-    source = unit.source
-    assert isinstance(source, LogixSource)
-    return SourceUnit(LogixSource(source.config, source.items, unit.mapper,  # type: ignore[arg-type]
-                                  source._points, client_factory=client.factory), unit.mapper)
 
 
 def resolved(tmp_path: Path, text: str) -> list[ResolvedPoint]:
@@ -45,7 +35,7 @@ async def test_a_structure_is_flattened_into_its_members(tmp_path: Path) -> None
     client = FakeClient(values={
         "Filler": {"Speed": 120.5, "Fault": False, "Status": {"Code": 7}},
         "Program:Main": {"Capper": {"Torque": 3.5}}}, database={})
-    unit = with_client(build_unit(tmp_path, source_yaml(1, points)), client)
+    unit = build_unit(tmp_path, source_yaml(1, points), client)
     async with SourceRunner(unit) as runner:
         await runner.wait_for(lambda: len({event.point for event in runner.events}) == 5)
         events = {event.point: event for event in runner.events}
@@ -67,7 +57,7 @@ async def test_a_refused_upload_declares_the_configured_types(tmp_path: Path) ->
               {"name": "speed", "tag": "Motor.Speed", "type": "REAL"}]
     client = FakeClient(values={"Total": 1, "Temps": [0.0, 0.0, 1.0, 2.0, 3.0],
                                 "Program:Main": {"Step": 2}, "Motor": {"Speed": 1.0}})
-    unit = with_client(build_unit(tmp_path, source_yaml(1, points)), client)
+    unit = build_unit(tmp_path, source_yaml(1, points), client)
     async with SourceRunner(unit) as runner:
         await runner.wait_for(lambda: len(runner.events) >= 6)
     assert {name: (declared.type, declared.elements)
@@ -90,7 +80,7 @@ async def test_reads_are_packed_within_the_connection_size(tmp_path: Path) -> No
         assert sum(item.reply_bytes + 2 for item in packet) <= 500
     client = FakeClient(values={f"Tag_With_A_Long_Name_{number}": float(number)
                                 for number in range(200)}, size=500)
-    unit = with_client(build_unit(tmp_path, text), client)
+    unit = build_unit(tmp_path, text, client)
     async with SourceRunner(unit) as runner:
         await runner.wait_for(lambda: len(runner.events) >= 200)
         assert runner.status.details["requests_per_cycle"] == len(small)
@@ -104,7 +94,7 @@ async def test_write_goes_through_the_inverse_transform(tmp_path: Path) -> None:
                "enum": {0: "off", 1: "auto"}},
               {"name": "small", "tag": "Small", "type": "SINT", "writable": True}]
     client = FakeClient(values={"Speed": 0, "Mode": 0, "Small": 0}, database={})
-    unit = with_client(build_unit(tmp_path, source_yaml(1, points)), client)
+    unit = build_unit(tmp_path, source_yaml(1, points), client)
     async with SourceRunner(unit) as runner:
         await runner.wait_for(lambda: len(runner.events) >= 3)
         await runner.source.write("speed", 25.5)
@@ -150,7 +140,7 @@ async def test_discovery_writes_a_mapping_from_the_tag_database(tmp_path: Path) 
     assert sorted(point.id for point in config.points[source.id]) == sorted([
         "Filler.Speed", "Filler.Status.Code", "Line_Speed", "Main.Step", "Recipe",
         "Zone_Temp.0", "Zone_Temp.1", "Zone_Temp.2", "Zone_Temp.3"])
-    unit = with_client(build_unit(tmp_path / "run", found.yaml), client)
+    unit = build_unit(tmp_path / "run", found.yaml, client)
     async with SourceRunner(unit) as runner:
         await runner.wait_for(lambda: len({event.point for event in runner.events}) == 9)
     assert all(event.quality is Quality.GOOD for event in runner.events)
