@@ -85,13 +85,15 @@ async def test_a_tag_the_controller_rejects_is_bad_and_named(tmp_path: Path) -> 
                 await runner.source.write("missing", 1)
 
 
-async def test_cip_attributes_of_the_identity_object(tmp_path: Path) -> None:
+@pytest.mark.parametrize("controller", [True, False])
+async def test_cip_attributes_of_the_identity_object(tmp_path: Path, controller: bool) -> None:
     points = [{"name": "vendor", "cip": {"class": 1, "instance": 1, "attribute": 1},
                "type": "INT"},
               {"name": "product", "cip": {"class": 1, "instance": 1, "attribute": 7},
                "type": "STRING"}]
     async with LogixSimulator() as simulator:
-        unit = build_unit(tmp_path, source_yaml(simulator.port, points))
+        unit = build_unit(tmp_path, source_yaml(simulator.port, points,
+                                                controller=controller))
         async with SourceRunner(unit) as runner:
             await runner.wait_for(lambda: len(latest(runner)) == 2)
             events = latest(runner)
@@ -120,3 +122,16 @@ async def test_a_controller_that_stops_answering_goes_down_then_up(
                 if record.name == "bridge.core.status"]
     assert len([message for message in messages if "source plc down" in message]) == 1, messages
     assert len([message for message in messages if "source plc recovered" in message]) == 1
+
+
+async def test_without_the_upload_the_configured_types_are_used(tmp_path: Path) -> None:
+    points = [{"name": "total", "tag": "Total", "type": "DINT"},
+              {"name": "temps", "tag": "Temps[0]", "type": "REAL", "count": 2}]
+    async with LogixSimulator() as simulator:
+        unit = build_unit(tmp_path, source_yaml(simulator.port, points, upload_tags=False,
+                                                connection_size=500))
+        async with SourceRunner(unit) as runner:
+            await runner.wait_for(lambda: len(latest(runner)) == 3)
+            assert all(event.quality is Quality.GOOD for event in latest(runner).values())
+            assert runner.status.details["tag_database"] == "configured types"
+            assert runner.status.details["connection_size"] == 500
