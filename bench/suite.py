@@ -25,6 +25,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "S5": ("bench.scenarios.s5_rest", "REST API"),
     "IDLE": ("bench.scenarios.idle", "idle footprint and start-up"),
     "DISC": ("bench.scenarios.discovery", "discovery: OPC-UA browse, Modbus scan"),
+    "LOGIX": ("bench.scenarios.logix", "Logix (EtherNet/IP) polling"),
 }
 """Scenario key to (module, title); each module has ``run(options) -> ScenarioResult``."""
 
