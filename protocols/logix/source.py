@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from bridge.core.counters import CYCLES, OVERRUNS, REQUESTS
 from bridge.core.model import Quality, Reading, Value
 from bridge.core.source import Source, SourceContext
 from bridge.errors import ConnectorError, ErrorCategory, ReadError, WriteError
@@ -156,7 +157,7 @@ class LogixSource(Source):
             deadline += interval
             if deadline < now:
                 missed = int((now - deadline) // interval) + 1
-                context.status.counters["overruns"] += missed
+                context.status.counters.add(OVERRUNS, missed)
                 deadline += missed * interval
             await asyncio.sleep(deadline - now)
 
@@ -166,12 +167,12 @@ class LogixSource(Source):
         readings: list[Reading] = []
         counters = context.status.counters
         for packet in packets:
-            counters["requests"] += 1
+            counters.add(REQUESTS)
             results = await self._read(client, packet)
             now = time.time()
             for item, result in zip(packet, results, strict=True):
                 readings.append(self._reading(item, result, now))
-        counters["cycles"] += 1
+        counters.add(CYCLES)
         return readings
 
     async def _read(self, client: LogixClient, packet: Sequence[ReadItem]) -> list[TagResult]:
