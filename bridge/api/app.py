@@ -21,8 +21,8 @@ from bridge.api import handlers, metrics
 from bridge.api.auth import KeyRing
 from bridge.api.bodies import BodyGuard
 from bridge.api.context import ApiContext
+from bridge.api.event_hub import EventHub, StreamSettings
 from bridge.api.routes import console, discover, events, health, inventory, points, status
-from bridge.api.stream import EventHub, StreamSettings
 from bridge.facade import ApiFacade
 
 

@@ -21,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from pydantic import WithJsonSchema
 
 from bridge.api.auth import AuthError, AuthFailure, KeyRing, Principal, Scope
-from bridge.api.stream import EventHub, StreamSettings
+from bridge.api.event_hub import EventHub, StreamSettings
 from bridge.config.models import parse_duration
 from bridge.core.model import parse_timestamp
 from bridge.errors import ApiError, StoreError

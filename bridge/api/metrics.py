@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from bridge import __version__
 from bridge.api.auth import AuthFailure, KeyRing
-from bridge.api.stream import ENDED, EndReason, EventHub
+from bridge.api.event_hub import ENDED, EndReason, EventHub
 from bridge.core.counters import EVENTS, STREAMS, Owner, declarations
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.facade import ApiFacade

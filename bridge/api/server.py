@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from bridge.api.app import create_app
 from bridge.api.connections import ConnectionLimits
 from bridge.api.context import ApiContext
-from bridge.api.stream import StreamSettings
+from bridge.api.event_hub import StreamSettings
 from bridge.api.uvicorn_adapter import (
     EmbeddedServer,
     abort_unflushed,

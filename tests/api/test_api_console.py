@@ -21,9 +21,9 @@ import pytest
 from helpers.api import add_source, close_runtime, key_config, open_runtime, write_config
 
 from bridge.api.app import create_app
+from bridge.api.event_hub import StreamSettings
 from bridge.api.routes.console import CONSOLE_DIRECTORY, CONSOLE_PACKAGE
 from bridge.api.server import ApiServer
-from bridge.api.stream import StreamSettings
 from bridge.core.counters import READINGS
 from bridge.errors import ErrorCategory
 from bridge.runtime import Runtime

@@ -7,7 +7,7 @@ from typing import get_args
 import httpx
 from helpers.api import parse_exposition, sample
 
-from bridge.api.stream import ENDED, EndReason
+from bridge.api.event_hub import ENDED, EndReason
 from bridge.core.counters import EVENTS, STREAMS, Owner, declarations
 from bridge.runtime import Runtime
 

@@ -17,8 +17,8 @@ import pytest
 from helpers.sse import SETTLE, Bridge, BridgeFactory, SseReader, make_event, points, write_config
 
 from bridge.api.app import create_app
+from bridge.api.event_hub import CHUNK_BYTES, StreamSettings, chunks, event_frame
 from bridge.api.server import ApiServer
-from bridge.api.stream import CHUNK_BYTES, StreamSettings, chunks, event_frame
 from bridge.core.model import Event, Quality, new_event_id
 from bridge.pipeline.outbox import Admission
 from bridge.pipeline.store import Retention, Store
@@ -287,7 +287,7 @@ async def test_a_slow_consumer_is_dropped_with_a_reason_and_can_resume(
             assert [message.id for message in await reader.events(2)] == [
                 event.id for event in head]
             # One stored batch larger than the client's queue: it cannot keep up.
-            with caplog.at_level(logging.WARNING, logger="bridge.api.stream"):
+            with caplog.at_level(logging.WARNING, logger="bridge.api.event_hub"):
                 await bridge.feed(burst)
                 rest = await reader.rest()
         assert [message.event for message in rest] == ["error"]
@@ -335,7 +335,7 @@ async def test_a_client_that_reads_nothing_is_dropped(
     try:
         fed = 0
         hub = bridge.server.context.hub
-        with caplog.at_level(logging.WARNING, logger="bridge.api.stream"):
+        with caplog.at_level(logging.WARNING, logger="bridge.api.event_hub"):
             async with asyncio.timeout(SETTLE * 3):
                 # Until the socket's buffers are full and the stream stops taking events:
                 # its queue overflowed, or a write waited longer than send_timeout.
@@ -515,7 +515,7 @@ async def test_a_client_past_its_byte_bound_is_dropped_at_once(
     try:
         hub = bridge.server.context.hub
         fed = 0
-        with caplog.at_level(logging.WARNING, logger="bridge.api.sse"):
+        with caplog.at_level(logging.WARNING, logger="bridge.api.sse_response"):
             async with asyncio.timeout(SETTLE):
                 while hub.subscriptions:
                     await bridge.feed([make_event(f"boiler.big{fed}", "x" * 60_000)])

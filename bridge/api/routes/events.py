@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from bridge.api.auth import Principal
 from bridge.api.context import Authorized, Context, TagQuery, store_problem, tag_filters
+from bridge.api.event_hub import EventFilter
 from bridge.api.models import (
     ERROR_RESPONSES,
     ErrorResponse,
@@ -18,8 +19,7 @@ from bridge.api.models import (
     event_stream_content,
     inline,
 )
-from bridge.api.sse import EventStreamResponse, Resume
-from bridge.api.stream import EventFilter
+from bridge.api.sse_response import EventStreamResponse, Resume
 from bridge.errors import ApiError, StoreError
 
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERROR_RESPONSES,

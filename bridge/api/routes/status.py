@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.api.auth import Principal
 from bridge.api.context import ApiContext, Authorized, Context, Identified
+from bridge.api.event_hub import KEEP_ALIVE, StreamSettings, message
 from bridge.api.handlers import JsonBody
 from bridge.api.models import (
     ERROR_RESPONSES,
@@ -32,7 +33,6 @@ from bridge.api.models import (
     component,
     event_stream_content,
 )
-from bridge.api.stream import KEEP_ALIVE, StreamSettings, message
 from bridge.errors import ApiError
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 One ``EventHub`` per API subscribes to the runtime's stored batches (only while a client is
 connected) and hands each to every client's ``Subscription``, which keeps the events its
 filter matches in a bounded buffer. An event is serialized once per batch, however many
-clients take it. ``bridge.api.sse`` writes a subscription to the client.
+clients take it. ``bridge.api.sse_response`` writes a subscription to the client.
 
 A client that resumes (``Last-Event-ID``) is subscribed first, so live events are buffered
 while the store's history after that id is replayed; then the buffer is sent. This relies on

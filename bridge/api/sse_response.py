@@ -1,7 +1,7 @@
 """The Server-Sent Events response of an event stream.
 
 ``EventStreamResponse`` subscribes to the ``EventHub`` when it starts, replays the stored
-history after ``Last-Event-ID`` first when asked (see ``bridge.api.stream`` for how the replay
+history after ``Last-Event-ID`` first when asked (see ``bridge.api.event_hub`` for how the replay
 and the live events meet without a gap or a duplicate), then writes what the subscription
 buffers until the client goes, falls behind, stalls, or the server stops.
 """
@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from bridge.api.connections import ABORT
-from bridge.api.stream import (
+from bridge.api.event_hub import (
     KEEP_ALIVE,
     EndReason,
     EventFilter,
