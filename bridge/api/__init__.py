@@ -6,8 +6,9 @@ history, inventory, live read, write and the event stream. ``metrics`` reads the
 ``app`` builds the application (``create_app``) from ``routes`` (points, events, inventory,
 health), ``models`` (request and response models), ``context`` (what handlers share: the
 facade, keys, ``authorize``), ``handlers`` (structured errors), ``auth`` (API keys),
-``event_hub`` and ``sse_response`` (the live event stream: the hub that fans stored events out to
-subscriptions, and the response that writes one to its client) and ``metrics`` (Prometheus collectors).
+``event_hub`` and ``sse_response`` (the live event stream: the hub that fans stored events
+out to subscriptions, and the response that writes one to its client) and ``metrics``
+(Prometheus collectors).
 ``server`` serves it on uvicorn as a runtime service (``ApiServer``), with the connection
 limits of ``connections``; ``uvicorn_adapter`` is the one module that touches uvicorn's
 internals (its HTTP/1.1 protocol, ASGI types and server state).
