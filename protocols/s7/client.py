@@ -38,7 +38,9 @@ PUT_GET_HINT = ("the PLC refuses access: on an S7-1200/1500 enable 'Permit acces
                 "turn off 'Optimized block access' for the DBs read, and check the protection "
                 "level")
 _ACCESS_WORDS = ("not allowed", "protection level", "not permitted", "not implemented",
-                 "password")
+                 "password", "class=0x81", "class=0x87")
+"""How a refusal for access reasons reads: the return codes' texts, and the header error
+classes of the application relationship (0x81, PUT/GET off) and of access (0x87)."""
 
 AREAS: dict[Area, SnapArea] = {"DB": SnapArea.DB, "M": SnapArea.MK, "I": SnapArea.PE,
                                "Q": SnapArea.PA, "T": SnapArea.TM, "C": SnapArea.CT}
@@ -161,7 +163,7 @@ class SnapClient:
             async with asyncio.timeout(self.config.timeout):
                 return bytes(await self._client.read_area(AREAS[area], db, start, count))
         except S7ProtocolError as exc:
-            if "operation failed" in str(exc):
+            if _is_refusal(exc):
                 raise RefusedError(access_reason(_short(exc))) from exc
             raise self._lost(exc) from exc
         except (S7Error, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
@@ -173,7 +175,7 @@ class SnapClient:
             async with asyncio.timeout(self.config.timeout):
                 await self._client.write_area(AREAS[area], db, start, bytearray(data))
         except S7ProtocolError as exc:
-            if "operation failed" in str(exc) or "write" in str(exc).lower():
+            if _is_refusal(exc):
                 raise RefusedError(access_reason(_short(exc))) from exc
             raise self._lost(exc) from exc
         except (S7Error, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
@@ -234,6 +236,13 @@ class SnapClient:
         """Disconnect, ignoring a connection that is already gone."""
         with contextlib.suppress(S7Error, OSError):
             await self._client.disconnect()
+
+
+def _is_refusal(exc: S7ProtocolError) -> bool:
+    """Whether the PLC answered with a refusal (an item's return code, or an error class in
+    the answer's header), rather than with something that is not an S7 answer."""
+    text = str(exc)
+    return "operation failed" in text or "error (class=0x" in text
 
 
 def _short(exc: BaseException) -> str:
