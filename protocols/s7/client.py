@@ -148,13 +148,20 @@ class SnapClient:
             async with asyncio.timeout(self.config.timeout):
                 await client.connect(self.config.host, (remote & 0xFF) >> 5, remote & 0x1F,
                                      self.config.port)
+        except S7ProtocolError as exc:
+            if _is_refusal(exc):
+                raise ConnectorError(self.endpoint, access_reason(
+                    f"the PLC refused the S7 connection: {_short(exc)}"),
+                    ErrorCategory.AUTH) from exc
+            raise self._lost(exc) from exc
         except (S7Error, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            error = self._lost(exc)
-            reason = error.reason
-            if "refused" in reason.lower() and "connection refused" not in reason.lower():
-                reason = f"{reason} (check rack/slot or the TSAPs; {PUT_GET_HINT})"
-            raise ConnectorError(self.endpoint, access_reason(reason), error.category) \
-                from exc
+            if "COTP" in str(exc):
+                # A PLC answers a connection request it will not serve with a disconnect.
+                raise ConnectorError(
+                    self.endpoint, f"the PLC refused the ISO connection ({exc}): check rack "
+                    "and slot (or the TSAPs) and the connection type; if they are right, "
+                    f"{PUT_GET_HINT}", ErrorCategory.AUTH) from exc
+            raise self._lost(exc) from exc
         return client.get_pdu_length()
 
     async def read(self, area: Area, db: int, start: int, count: int) -> bytes:

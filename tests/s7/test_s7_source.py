@@ -3,6 +3,7 @@ writes that leave their neighbours alone, refused addresses, and a PLC that goes
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,27 @@ async def test_a_plc_that_goes_away_turns_down_then_up(tmp_path: Path,
         server.start()
         await run.wait_for(lambda: run.status.state is ConnectionState.UP
                            and run.has("plc.count", quality=Quality.GOOD))
+
+
+async def test_a_refused_iso_connection_explains_put_get(tmp_path: Path) -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(64)  # the COTP connection request
+        writer.write(bytes.fromhex("0300000b" "06800001000100"))  # a disconnect request
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with runner(tmp_path, port) as run:
+            await run.wait_for(lambda: run.status.last_error is not None)
+            reason = run.status.last_error
+            category = run.status.error_category
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert reason is not None
+    assert "refused the ISO connection" in reason
+    assert "rack and slot" in reason
+    assert "PUT/GET" in reason
+    assert category is ErrorCategory.AUTH
