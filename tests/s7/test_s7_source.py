@@ -216,3 +216,19 @@ async def test_a_refused_iso_connection_explains_put_get(tmp_path: Path) -> None
     assert "rack and slot" in reason
     assert "PUT/GET" in reason
     assert category is ErrorCategory.AUTH
+
+
+async def test_a_live_read_goes_to_the_plc_now(tmp_path: Path, server: S7TestServer) -> None:
+    points = [{"name": "speed", "address": "MW2:INT"},
+              {"name": "missing", "address": "DB9.DBW0"}]
+    async with runner(tmp_path, server.port, points) as run:
+        await run.wait_for(lambda: run.has("plc.speed", quality=Quality.GOOD))
+        struct.pack_into(">h", server.areas["M"], 2, -77)
+        readings = await s7(run).read("plc.speed")
+        refused = await s7(run).read("plc.missing")
+        events = [event for reading in readings for event in run.unit.mapper.map(reading)]
+        bad = [event for reading in refused for event in run.unit.mapper.map(reading)]
+    assert [(event.point, event.value) for event in events] == [("plc.speed", -77)]
+    assert [event.quality for event in bad] == [Quality.BAD]
+    assert bad[0].reason is not None
+    assert bad[0].reason.startswith("DB9.DBW0: ")
