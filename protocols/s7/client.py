@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,22 @@ _ACCESS_WORDS = ("not allowed", "protection level", "not permitted", "not implem
                  "password", "class=0x81", "class=0x87")
 """How a refusal for access reasons reads: the return codes' texts, and the header error
 classes of the application relationship (0x81, PUT/GET off) and of access (0x87)."""
+
+logger = logging.getLogger(__name__)
+
+
+class _QuietSnap7(logging.Filter):
+    """Let python-snap7 log only while this module debugs: it logs every connection and
+    failure at INFO or WARNING, and those reach the source's status (logged once) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return logger.isEnabledFor(logging.DEBUG)
+
+
+for _name in ("snap7.async_client", "snap7.client_base", "snap7.s7protocol",
+              "snap7.connection"):
+    logging.getLogger(_name).addFilter(_QuietSnap7())
+
 
 AREAS: dict[Area, SnapArea] = {"DB": SnapArea.DB, "M": SnapArea.MK, "I": SnapArea.PE,
                                "Q": SnapArea.PA, "T": SnapArea.TM, "C": SnapArea.CT}

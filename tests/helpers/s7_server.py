@@ -31,7 +31,7 @@ class S7TestServer:
 
     def start(self) -> None:
         """Listen (again, after ``stop``) on the same port, with the same memory."""
-        logging.getLogger("snap7").setLevel(logging.WARNING)
+        logging.getLogger("snap7.server").setLevel(logging.ERROR)
         server = Server(log=False)
         for number, data in self.dbs.items():
             server.register_area(SrvArea.DB, number, data)

@@ -4,6 +4,7 @@ writes that leave their neighbours alone, refused addresses, and a PLC that goes
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +233,12 @@ async def test_a_live_read_goes_to_the_plc_now(tmp_path: Path, server: S7TestSer
     assert [event.quality for event in bad] == [Quality.BAD]
     assert bad[0].reason is not None
     assert bad[0].reason.startswith("DB9.DBW0: ")
+
+
+async def test_python_snap7_stays_quiet_unless_debugging(
+        tmp_path: Path, server: S7TestServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        async with runner(tmp_path, server.port, [{"name": "speed", "address": "MW2"}]) as run:
+            await run.wait_for(lambda: run.has("plc.speed", quality=Quality.GOOD))
+    assert [record.getMessage() for record in caplog.records
+            if record.name.startswith("snap7.") and record.name != "snap7.server"] == []
