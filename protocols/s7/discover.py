@@ -150,6 +150,8 @@ async def discover(request: S7DiscoverRequest, context: DiscoveryContext,
                    "state": identity.state, "pdu_size": pdu_size}))
     document = {"sources": [{**request.connection(), "points": points}]}
     partial = listing_error is not None or len(numbers) > request.max_blocks
+    if partial:
+        header.insert(0, "PARTIAL: " + "; ".join(warnings))
     context.progress.finish(f"{len(numbers)} DBs listed" if listing_error is None
                             else "block listing refused")
     return Discovery(protocol=PROTOCOL, yaml=render_yaml(document, header=header),

@@ -92,6 +92,7 @@ async def test_a_refused_block_listing_is_said_plainly(tmp_path: Path) -> None:
     assert result.partial
     assert any("refuses to list its blocks" in warning and "PUT/GET" in warning
                for warning in result.warnings)
+    assert result.yaml.startswith("# PARTIAL: the PLC refuses to list its blocks")
     assert "NO BLOCK LIST" in result.yaml
     assert "order code: 6ES7 515-2AM02-0AB0" in result.yaml
     path = tmp_path / "plc.yaml"
