@@ -183,16 +183,23 @@ async def test_a_refused_address_is_bad_and_names_it(tmp_path: Path,
     assert past_end.reason.startswith("DB1.DBD38:REAL: ")
 
 
-async def test_a_plc_that_goes_away_turns_down_then_up(tmp_path: Path,
-                                                       server: S7TestServer) -> None:
+async def test_a_plc_that_goes_away_turns_down_then_up(
+        tmp_path: Path, server: S7TestServer, caplog: pytest.LogCaptureFixture) -> None:
     async with runner(tmp_path, server.port, timeout="200ms") as run:
         await run.wait_for(lambda: run.has("plc.count", quality=Quality.GOOD))
-        server.stop()
-        await run.wait_for(lambda: run.status.state is ConnectionState.DOWN)
-        assert run.has("plc.count", quality=Quality.BAD)
-        server.start()
-        await run.wait_for(lambda: run.status.state is ConnectionState.UP
-                           and run.has("plc.count", quality=Quality.GOOD))
+        with caplog.at_level(logging.INFO):
+            server.stop()
+            await run.wait_for(lambda: run.status.state is ConnectionState.DOWN)
+            assert run.has("plc.count", quality=Quality.BAD)
+            # Several reconnects fail (the backoff is 50-200 ms) before the PLC is back.
+            await run.wait_for(lambda: run.status.counters["errors"] >= 3)
+            server.start()
+            await run.wait_for(lambda: run.status.state is ConnectionState.UP
+                               and run.has("plc.count", quality=Quality.GOOD))
+    changes = [record.getMessage() for record in caplog.records
+               if record.name == "bridge.core.status"]
+    assert len([line for line in changes if line.startswith("source plc down")]) == 1, changes
+    assert len([line for line in changes if line.startswith("source plc recovered")]) == 1
 
 
 async def test_a_refused_iso_connection_explains_put_get(tmp_path: Path) -> None:
