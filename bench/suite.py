@@ -23,6 +23,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "S3": ("bench.scenarios.s3_opcua", "OPC-UA subscription"),
     "S4": ("bench.scenarios.s4_many_devices", "many Modbus devices"),
     "S5": ("bench.scenarios.s5_rest", "REST API"),
+    "S7": ("bench.scenarios.s7", "Siemens S7 polling"),
     "IDLE": ("bench.scenarios.idle", "idle footprint and start-up"),
     "DISC": ("bench.scenarios.discovery", "discovery: OPC-UA browse, Modbus scan"),
     "LOGIX": ("bench.scenarios.logix", "Logix (EtherNet/IP) polling"),

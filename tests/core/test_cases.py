@@ -27,7 +27,9 @@ MQTT input, one entry per message (``json`` is encoded as JSON, ``payload`` is s
 
 AMQP input: ``routing_key`` instead of ``topic``, with an optional ``timestamp`` (POSIX seconds)
 and ``message_id``. OPC-UA input, one entry per data change: ``node`` (as the point names it),
-``value``, and optionally ``quality``, ``reason`` and ``ts``.
+``value``, and optionally ``quality``, ``reason`` and ``ts``. S7 input, one entry per block
+the source read: ``area`` (DB, M, I, Q, T, C), ``db``, ``start`` and the block's bytes as
+``hex``; or ``quality: bad`` with ``reason`` and ``count``.
 
 Expected events::
 
@@ -60,6 +62,7 @@ from bridge.core.source import BuildContext, Mapper
 from bridge.errors import ConfigError, DecodeError
 from bridge.registry import load_config, protocols
 from protocols.modbus.mapping import BlockAddress
+from protocols.s7.planner import Block as S7Block
 
 CASES = Path(__file__).resolve().parents[1] / "cases"
 CASE_DIRECTORIES = sorted(path.parent for path in CASES.glob("*/*/mapping.yaml"))
@@ -121,11 +124,22 @@ def _opcua_reading(config: Config, source_id: str, index: int, entry: dict[str, 
                    ts=entry.get("ts"), quality=quality, reason=entry.get("reason"))
 
 
+def _s7_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]) -> Reading:
+    data = bytes.fromhex(entry["hex"].replace(" ", "")) if "hex" in entry else None
+    count = int(entry["count"]) if "count" in entry else len(data or b"")
+    if entry["area"] in ("T", "C") and "count" not in entry:
+        count //= 2
+    address = S7Block(entry["area"], int(entry.get("db", 0)), int(entry["start"]), count)
+    return Reading(source_id, address, data, float(entry.get("at", index)),
+                   quality=Quality(entry.get("quality", "good")), reason=entry.get("reason"))
+
+
 READINGS: dict[str, Callable[[Config, str, int, dict[str, Any]], Reading]] = {
     "modbus": _modbus_reading,
     "mqtt": _mqtt_reading,
     "amqp": _amqp_reading,
     "opcua": _opcua_reading,
+    "s7": _s7_reading,
 }
 """How each protocol's input entries become readings."""
 

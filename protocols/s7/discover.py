@@ -1,0 +1,167 @@
+"""S7 discovery: the CPU's identity and its data blocks, written as a skeleton source.
+
+What bytes in a DB mean cannot be read from the PLC over S7comm (the symbols live in the
+engineering project): the result is a skeleton with one ``DB<n>.DBB0`` point per data block
+the PLC lists, with the DB's size where it tells, for the user to replace with the real
+addresses. An S7-1200/1500 with optimized blocks, or without PUT/GET access, refuses to
+list its blocks: the discovery says so plainly and writes a source with one merker byte
+(``MB0``) to start from.
+
+Imports ``bridge.config``, ``bridge.core.discovery``, ``bridge.errors`` and the S7 client
+and config.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from bridge.config.models import Duration, Identifier
+from bridge.core.discovery import (
+    DiscoveredItem,
+    Discovery,
+    DiscoveryContext,
+    DiscoveryRequest,
+    DiscoverySpec,
+    render_yaml,
+)
+from protocols.s7.client import ClientFactory, RefusedError, create_client
+from protocols.s7.config import MAX_PDU, MIN_PDU, PROTOCOL, ConnectionType, S7SourceConfig
+
+LISTING_REFUSED = ("the PLC refuses to list its blocks, as an S7-1200/1500 does for optimized "
+                   "blocks or without PUT/GET access: fill in the addresses from the "
+                   "engineering project (DBs must have 'Optimized block access' turned off)")
+
+
+class S7DiscoverRequest(DiscoveryRequest):
+    """Which PLC, and how to connect: the source's own connection settings."""
+
+    host: str = Field(description="The PLC's host name or address.")
+    port: int = Field(default=102, ge=1, le=65535, description="ISO-on-TCP port.")
+    rack: int = Field(default=0, ge=0, le=7, description="Rack of the CPU.")
+    slot: int = Field(default=1, ge=0, le=31, description="Slot of the CPU (S7-300: 2).")
+    connection_type: ConnectionType = Field(default="PG", description="PG, OP or S7_BASIC.")
+    pdu_size: int = Field(default=480, ge=MIN_PDU, le=MAX_PDU, description="PDU size asked.")
+    timeout: Duration = Field(default=2.0, gt=0, description="Per request, and connecting.")
+    max_blocks: int = Field(
+        default=200, ge=1, le=8192, description="Write at most this many DBs.")
+    source_id: Identifier = Field(default="plc", description="The generated source's id.")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a host is needed")
+        return value.strip()
+
+    def connection(self) -> dict[str, Any]:
+        """The generated source's connection settings."""
+        section: dict[str, Any] = {"id": self.source_id, "protocol": PROTOCOL,
+                                   "host": self.host}
+        if self.port != 102:
+            section["port"] = self.port
+        section.update(rack=self.rack, slot=self.slot)
+        if self.connection_type != "PG":
+            section["connection_type"] = self.connection_type
+        if self.pdu_size != 480:
+            section["pdu_size"] = self.pdu_size
+        section["timeout"] = f"{self.timeout:g}s"
+        section["interval"] = "1s"
+        return section
+
+    def source_config(self) -> S7SourceConfig:
+        """The source these settings describe, with a placeholder point."""
+        return S7SourceConfig.model_validate(
+            {**self.connection(), "timeout": self.timeout, "interval": 1.0,
+             "points": [{"name": "placeholder", "address": "MB0"}]})
+
+
+def _target(text: str) -> dict[str, Any]:
+    host, colon, port = text.rpartition(":")
+    if colon and port.isdigit() and (not host.count(":") or host.startswith("[")):
+        return {"host": host.strip("[]"), "port": port}
+    return {"host": text.strip("[]")}
+
+
+async def discover(request: S7DiscoverRequest, context: DiscoveryContext,
+                   client_factory: ClientFactory = create_client) -> Discovery:
+    """Read the CPU's identity and DB list and write a skeleton source.
+
+    Raises ``ConnectorError`` when the PLC cannot be reached.
+    """
+    config = request.source_config()
+    client = client_factory(config)
+    context.progress.announce(f"connecting to {config.endpoint()}")
+    warnings: list[str] = []
+    try:
+        pdu_size = await client.connect()
+        identity = await client.identity()
+        try:
+            numbers = await client.data_blocks()
+            listing_error = None
+        except RefusedError as exc:
+            numbers, listing_error = [], exc.reason
+        sizes: dict[int, int | None] = {}
+        for index, number in enumerate(numbers[:request.max_blocks]):
+            context.progress.update(index, min(len(numbers), request.max_blocks),
+                                    f"DB{number}")
+            sizes[number] = await client.block_size(number)
+    finally:
+        await client.close()
+    moment = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    header = [f"Generated by {context.command or 'fieldbridge discover s7'} on {moment}",
+              f"from {config.endpoint()}; PDU size {pdu_size} bytes.", ""]
+    described = {"order code": identity.order_code, "module": identity.module_name,
+                 "module type": identity.module_type, "serial number": identity.serial_number,
+                 "plant id": identity.plant_id, "CPU state": identity.state}
+    header.extend(f"{key}: {value}" for key, value in described.items() if value)
+    warnings.extend(identity.notes)
+    header.extend(f"note: {note}" for note in identity.notes)
+    header += ["", "A SKELETON: the PLC does not say what its bytes mean. Each DB gets one "
+               "point at its first byte;", "replace them with the real addresses "
+               "(DB10.DBD4:REAL, DB1.DBX0.3, DB2.DBB0:STRING[20] ...) and set `writable`."]
+    points: list[dict[str, Any]] = []
+    items: list[DiscoveredItem] = []
+    if listing_error is not None:
+        warnings.append(f"{LISTING_REFUSED} ({listing_error})")
+        header += ["", f"NO BLOCK LIST: {LISTING_REFUSED}.", f"The PLC said: {listing_error}",
+                   "MB0 below is a placeholder."]
+        points.append({"name": "merker_byte_0", "address": "MB0"})
+    else:
+        if len(numbers) > request.max_blocks:
+            warnings.append(f"{len(numbers)} DBs listed; only the first {request.max_blocks} "
+                            "are written (max_blocks)")
+        if not numbers:
+            header += ["", "The PLC lists no DBs; MB0 below is a placeholder."]
+            points.append({"name": "merker_byte_0", "address": "MB0"})
+        for number, size in sizes.items():
+            point: dict[str, Any] = {"name": f"db{number}.byte0",
+                                     "address": f"DB{number}.DBB0"}
+            if size is not None:
+                point["description"] = f"DB{number}: {size} bytes"
+            points.append(point)
+    for point in points:
+        items.append(DiscoveredItem(
+            name=point["name"], address=point["address"], type="BYTE",
+            description=point.get("description"),
+            extra={"order_code": identity.order_code, "module": identity.module_name,
+                   "state": identity.state, "pdu_size": pdu_size}))
+    document = {"sources": [{**request.connection(), "points": points}]}
+    partial = listing_error is not None or len(numbers) > request.max_blocks
+    if partial:
+        header.insert(0, "PARTIAL: " + "; ".join(warnings))
+    context.progress.finish(f"{len(numbers)} DBs listed" if listing_error is None
+                            else "block listing refused")
+    return Discovery(protocol=PROTOCOL, yaml=render_yaml(document, header=header),
+                     items=items, partial=partial, warnings=warnings)
+
+
+SPEC = DiscoverySpec(
+    request_model=S7DiscoverRequest,
+    run=discover,
+    target=_target,
+    target_name="HOST[:PORT]",
+    summary="read an S7 PLC's identity and data blocks and write a skeleton source",
+)
