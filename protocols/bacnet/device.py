@@ -85,7 +85,10 @@ class DeviceState:
     found: asyncio.Event = field(default_factory=asyncio.Event)
     restart: asyncio.Event = field(default_factory=asyncio.Event)
     locating: bool = False
-    located_at: float = 0.0
+    answers_due: int = 0
+    """I-Ams still to come for the Who-Is requests of the last search (one per target)."""
+    answers_until: float = 0.0
+    """When those stop being expected (monotonic)."""
 
     @property
     def hint(self) -> Address | None:

@@ -149,6 +149,8 @@ class BacnetSource(Source):
                 targets.append(address)
         device.found.clear()
         device.locating = True
+        device.answers_due = len(targets)
+        device.answers_until = time.monotonic() + self.config.timeout
         instance = device.config.instance
         try:
             for target in targets:
@@ -162,7 +164,6 @@ class BacnetSource(Source):
             raise DeviceGone(f"no I-Am from device {instance} (asked {asked})") from None
         finally:
             device.locating = False
-        device.located_at = time.monotonic()
         assert device.address is not None
         return device.address
 
@@ -315,6 +316,7 @@ class BacnetSource(Source):
         previous = device.address
         device.address, device.max_apdu, device.segmentation = address, max_apdu, segmentation
         if device.locating:
+            device.answers_due -= 1
             device.found.set()
             if previous is not None and previous != address:
                 self._moved(device, previous, address)
@@ -322,7 +324,9 @@ class BacnetSource(Source):
         if previous is not None and previous != address:
             self._moved(device, previous, address)
             device.restart.set()
-        elif time.monotonic() - device.located_at > 2 * self.config.timeout + 1:
+        elif device.answers_due > 0 and time.monotonic() < device.answers_until:
+            device.answers_due -= 1  # a late answer to our own Who-Is (another target's)
+        else:
             # An I-Am nobody asked for from where the device already was: it restarted,
             # and its COV subscriptions are gone with its memory.
             device.status.counters["announcements"] += 1

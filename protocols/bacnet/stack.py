@@ -160,12 +160,16 @@ def plain(value: Any, object_type: str | None = None, property_name: str | None 
 
 def _json_element(value: Any) -> Any:
     """One element of a list as JSON: a priority array slot is its value or null."""
-    for attribute in ("real", "unsigned", "integer", "boolean", "enumerated", "characterString",
-                      "double", "signed"):
-        inner = getattr(value, attribute, None)
-        if inner is not None:
-            return _json_element(inner)
-    if getattr(value, "null", None) is not None or isinstance(value, Null) or value is None:
+    if value is None or isinstance(value, Null):
         return None
-    plain_value = plain(value)
-    return plain_value if isinstance(plain_value, bool | int | float | str) else str(value)
+    if not isinstance(value, bool | int | float | str | bytes | list | tuple):
+        if getattr(value, "null", None) is not None:
+            return None
+        for attribute in ("real", "double", "unsigned", "integer", "boolean", "enumerated",
+                          "characterString"):
+            inner = getattr(value, attribute, None)
+            if inner is not None:
+                return _json_element(inner)
+    element = plain(value)
+    return element if isinstance(element, bool | int | float | str) or element is None else str(
+        value)

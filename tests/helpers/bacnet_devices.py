@@ -14,6 +14,7 @@ from typing import Any
 
 from bacpypes3.app import Application
 from bacpypes3.basetypes import ServicesSupported
+from bacpypes3.errors import ExecutionError, UnrecognizedService
 from bacpypes3.local.analog import AnalogInputObject, AnalogOutputObject, AnalogValueObject
 from bacpypes3.local.binary import BinaryInputObject, BinaryOutputObject, BinaryValueObject
 from bacpypes3.local.device import DeviceObject
@@ -101,13 +102,16 @@ class _LimitedApplication(Application):  # type: ignore[misc]
 
     async def do_SubscribeCOVRequest(self, apdu: Any) -> None:  # noqa: N802 - bacpypes3's
         if not self.cov:
-            from bacpypes3.errors import UnrecognizedService
             raise UnrecognizedService("no COV here")
+        if str(apdu.monitoredObjectIdentifier[0]).startswith("multi-state"):
+            # bacpypes3's COV detection of multi-state objects fails (it wants a
+            # cov-increment): refused as devices refuse COV on types they do not cover.
+            raise ExecutionError(errorClass="services",
+                                 errorCode="optional-functionality-not-supported")
         await super().do_SubscribeCOVRequest(apdu)
 
     async def do_ReadPropertyMultipleRequest(self, apdu: Any) -> None:  # noqa: N802
         if not self.multiple:
-            from bacpypes3.errors import UnrecognizedService
             raise UnrecognizedService("no ReadPropertyMultiple here")
         await super().do_ReadPropertyMultipleRequest(apdu)
 
