@@ -69,7 +69,7 @@ async def test_write_at_priority_then_relinquish(device: SimulatedDevice,
         await runner.wait_for(lambda: runner.has("ahu.valve", value=0.0))
         slots = json.loads((await source.read("ahu.valve_priorities"))[0].value)
         assert slots[7] is None
-        with pytest.raises(WriteError, match="not one of|cannot|expected"):
+        with pytest.raises(WriteError, match=r"not one of|cannot|expected"):
             await source.write("ahu.speed", "turbo")
         with pytest.raises(WriteError, match="refused the write of analog-output,9"):
             await source.write("ahu.ghost", 5.0)
@@ -130,7 +130,8 @@ async def test_device_moving_to_another_port_is_followed_and_logged_once(
         assert status.counters["moves"] == 1
         moved = [record for record in caplog.records if "moved" in record.getMessage()]
         assert len(moved) == 1
-        assert old in moved[0].getMessage() and device.address in moved[0].getMessage()
+        assert old in moved[0].getMessage()
+        assert device.address in moved[0].getMessage()
 
 
 async def test_silent_move_is_found_by_who_is_to_the_targets(tmp_path: Path) -> None:
