@@ -12,12 +12,13 @@ at the end of the file, not mapped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from bacpypes3.apdu import IAmRequest, WhoIsRequest
+from bacpypes3.apdu import ErrorRejectAbortNack, IAmRequest, WhoIsRequest
 from bacpypes3.pdu import Address
 from bacpypes3.primitivedata import ObjectIdentifier, PropertyIdentifier
 from pydantic import Field, field_validator, model_validator
@@ -45,7 +46,14 @@ from protocols.bacnet.config import (
     parse_address,
 )
 from protocols.bacnet.device import STATE_TEXT, UNIT_TYPES, UNITS
-from protocols.bacnet.reads import DeviceGone, DeviceReader, Item, Result, batch_size
+from protocols.bacnet.reads import (
+    DeviceGone,
+    DeviceReader,
+    Item,
+    Result,
+    batch_size,
+    refusal,
+)
 from protocols.bacnet.stack import open_application
 from protocols.bacnet.units import unit_name
 
@@ -62,8 +70,8 @@ class BacnetDiscoverRequest(DiscoveryRequest):
     """Where to send Who-Is, which instances, and the local port to ask from."""
 
     target: str = Field(
-        default="255.255.255.255", description="Who-Is destination: a broadcast address "
-        "(`192.0.2.255`) or one device's `host[:port]`.")
+        default="255.255.255.255", description="Who-Is destinations, comma-separated: "
+        "broadcast addresses (`192.0.2.255`) or single devices' `host[:port]`.")
     low: int | None = Field(default=None, ge=0, le=MAX_INSTANCE,
                             description="Lowest device instance asked for.")
     high: int | None = Field(default=None, ge=0, le=MAX_INSTANCE,
@@ -71,15 +79,28 @@ class BacnetDiscoverRequest(DiscoveryRequest):
     bind: str = Field(default="0.0.0.0:47808",
                       description="Local `address:port` to ask from (I-Ams come back to it).")
     wait: Duration = Field(default=3.0, gt=0, le=60,
-                           description="How long to collect I-Am answers.")
+                           description="How long to collect I-Am answers (shorter when "
+                           "every instance from low to high has answered).")
     timeout: Duration = Field(default=3.0, gt=0, description="How long each request waits.")
     source_id: Identifier = Field(default="bacnet", description="Id of the generated source.")
 
-    @field_validator("target", "bind")
+    @field_validator("bind")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("target")
+    @classmethod
+    def _targets(cls, value: str) -> str:
+        for target in value.split(","):
+            parse_address(target.strip())
+        return value
+
+    @property
+    def targets(self) -> list[str]:
+        """Each Who-Is destination."""
+        return [target.strip() for target in self.target.split(",")]
 
     @model_validator(mode="after")
     def _range(self) -> BacnetDiscoverRequest:
@@ -101,6 +122,8 @@ class _Found:
     points: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
+    element_by_element: bool = False
+    """The object list was read one element at a time."""
 
 
 def _target(text: str) -> dict[str, Any]:
@@ -115,25 +138,33 @@ async def discover(request: BacnetDiscoverRequest, context: DiscoveryContext) ->
                            name="fieldbridge-discover", timeout=request.timeout, retries=1)
     found: dict[int, _Found] = {}
     limit = context.budget.max_items
+    everyone = asyncio.Event()
+    expected = (request.high - request.low + 1 if request.low is not None
+                and request.high is not None else None)
 
     async def on_i_am(instance: int, address: Address, max_apdu: int, segmentation: str,
                       apdu: IAmRequest) -> None:
         if instance not in found and len(found) < limit:
             found[instance] = _Found(instance, address, max_apdu, segmentation)
             await app.device_info_cache.set_device_info(apdu)
+            if expected is not None and len(found) >= expected:
+                everyone.set()
 
     app.on_i_am = on_i_am
     reader = DeviceReader(app, timeout=request.timeout, retries=1)
     try:
-        target_host, target_port = parse_address(request.target)
-        who_is = WhoIsRequest(destination=Address(f"{target_host}:{target_port}"))
-        if request.low is not None:
-            who_is.deviceInstanceRangeLowLimit = request.low
-            who_is.deviceInstanceRangeHighLimit = request.high
+        for target in request.targets:
+            target_host, target_port = parse_address(target)
+            who_is = WhoIsRequest(destination=Address(f"{target_host}:{target_port}"))
+            if request.low is not None:
+                who_is.deviceInstanceRangeLowLimit = request.low
+                who_is.deviceInstanceRangeHighLimit = request.high
+            app.request(who_is)
         context.progress.announce(f"Who-Is to {request.target}, answers for {request.wait:g} s")
-        app.request(who_is)
-        # I-Ams come when each device is ready to answer: there is no last one to wait for.
-        await asyncio.sleep(request.wait)
+        # Without a range there is no last answer to wait for: I-Ams are collected for `wait`.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(request.wait):
+                await everyone.wait()
         devices = sorted(found.values(), key=lambda device: device.instance)
         for done, device in enumerate(devices):
             context.progress.update(done, len(devices), f"device {device.instance}")
@@ -148,14 +179,23 @@ async def discover(request: BacnetDiscoverRequest, context: DiscoveryContext) ->
 
 async def _object_list(reader: DeviceReader, device: _Found, device_id: ObjectIdentifier
                        ) -> list[ObjectIdentifier]:
+    """The device's object list: whole, or element by element when the whole is refused
+    (too long for a device that does not segment)."""
     whole = await reader.read_one(device.address, Item(device_id, OBJECT_LIST))
     if whole.error is None and isinstance(whole.value, list):
         return [ObjectIdentifier(entry) for entry in whole.value]
-    count = await reader.app.read_property(device.address, device_id, OBJECT_LIST, 0)
-    objects = []
-    for index in range(1, int(count) + 1):
-        objects.append(ObjectIdentifier(await reader.app.read_property(
-            device.address, device_id, OBJECT_LIST, index)))
+    try:
+        count = await reader.call(device.address, reader.app.read_property(
+            device.address, device_id, OBJECT_LIST, 0))
+        objects = []
+        for index in range(1, int(count) + 1):
+            objects.append(ObjectIdentifier(await reader.call(
+                device.address, reader.app.read_property(device.address, device_id,
+                                                         OBJECT_LIST, index))))
+    except ErrorRejectAbortNack as error:
+        raise DeviceGone(f"the object list cannot be read: {refusal(error)} (whole: "
+                         f"{whole.error})") from None
+    device.element_by_element = True
     return objects
 
 
@@ -251,6 +291,9 @@ def _result(request: BacnetDiscoverRequest, context: DiscoveryContext,
         "Set BACNET_BIND to the local address:port to listen on (default 0.0.0.0:47808).",
     ]
     header.extend(f"warning: {warning}" for warning in warnings)
+    header.extend(f"device {device.instance}: its object list was read element by element "
+                  "(too long for one answer)" for device in devices
+                  if device.element_by_element)
     footer: list[str] = []
     for device in devices:
         if device.skipped:
@@ -260,7 +303,7 @@ def _result(request: BacnetDiscoverRequest, context: DiscoveryContext,
     if sections:
         document["sources"] = [{
             "id": request.source_id, "protocol": PROTOCOL,
-            "bind": "${BACNET_BIND:-0.0.0.0:47808}", "who_is": [request.target],
+            "bind": "${BACNET_BIND:-0.0.0.0:47808}", "who_is": request.targets,
             "devices": sections}]
     else:
         header.append("No device answered with objects to map: there is no source to write.")

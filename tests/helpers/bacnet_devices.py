@@ -121,7 +121,8 @@ class SimulatedDevice:
 
     def __init__(self, instance: int, *, port: int | None = None, cov: bool = True,
                  multiple: bool = True, name: str | None = None,
-                 objects: list[Any] | None = None, max_apdu: int = 1476) -> None:
+                 objects: list[Any] | None = None, max_apdu: int = 1476,
+                 segmentation: str = "segmented-both") -> None:
         self.instance = instance
         self.port = port or free_udp_port()
         self.cov = cov
@@ -129,6 +130,7 @@ class SimulatedDevice:
         self.name = name or f"ahu-{instance}"
         self.objects = objects if objects is not None else standard_objects()
         self.max_apdu = max_apdu
+        self.segmentation = segmentation
         self.app: _LimitedApplication | None = None
 
     @property
@@ -141,7 +143,7 @@ class SimulatedDevice:
         device = DeviceObject(
             objectIdentifier=("device", self.instance), objectName=self.name,
             vendorIdentifier=999, maxApduLengthAccepted=self.max_apdu,
-            segmentationSupported="segmented-both")
+            segmentationSupported=self.segmentation)
         port_object = NetworkPortObject(self.address, objectIdentifier=("network-port", 1),
                                         objectName="NetworkPort-1")
         app = _LimitedApplication.from_object_list([device, port_object, *self.objects])
