@@ -83,3 +83,16 @@ def test_objects_and_properties_are_normalized(tmp_path: Path) -> None:
     ("cubic-feet-per-minute", "cubic-feet-per-minute"), ("no-units", None), (None, None)])
 def test_units_become_fieldbridge_names(bacnet: str | None, fieldbridge: str | None) -> None:
     assert unit_name(bacnet) == fieldbridge
+
+
+def test_one_property_with_two_priorities_is_refused(tmp_path: Path) -> None:
+    points = [{"name": "a", "object": "analog-output,1", "writable": True, "priority": 8},
+              {"name": "b", "object": "analog-output,1", "writable": True}]
+    path = write(tmp_path, devices=[device(points=points)])
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    (issue,) = raised.value.issues
+    assert issue.line is not None
+    assert "devices[0].points[1]" in issue.path
+    assert "point 'ahu.a' reads the same property with another mode or priority" in (
+        issue.message)

@@ -96,7 +96,7 @@ async def _connector(ports: list[int], objects: int, cycles: int) -> dict[str, f
         await first.wait()
         reader = source.reader
         assert reader is not None
-        states = list(source._devices.values())  # noqa: SLF001 - the bench drives the cycle
+        states = list(source._devices.values())
         requests_before = reader.requests
         started = time.perf_counter()
         for _ in range(cycles):
