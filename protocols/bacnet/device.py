@@ -175,6 +175,10 @@ class DeviceState:
                 received_at: float) -> Reading:
         """One reading: the value, or ``bad`` naming what the device refused."""
         item = watched.item
+        if watched.wanted == "cov" and watched.refused is not None:
+            return Reading(source=source_id, address=watched.address, value=None,
+                           received_at=received_at, quality=Quality.BAD,
+                           reason=f"{item}: {watched.refused}")
         if result.error is not None:
             return Reading(source=source_id, address=watched.address, value=None,
                            received_at=received_at, quality=Quality.BAD,

@@ -218,6 +218,8 @@ class BacnetSource(Source):
                 reason = await self._renew(device, address, subscription)
                 if reason is not None:
                     watched.refused = reason
+                    if watched.wanted == "cov":
+                        watched.mode = "cov"  # COV or nothing: bad with the refusal
                     continue
                 device.subscriptions[object_id] = subscription
             watched.mode = "cov"

@@ -119,3 +119,21 @@ async def test_unknown_object_and_property_are_bad_events_naming_them(
             assert "proportional-constant" in (missing.reason or "")
             assert runner.latest(f"{device}.zone_temp").quality is Quality.GOOD
         assert runner.status.children["ahu1"].state is ConnectionState.UP
+
+
+async def test_a_point_that_must_be_on_cov_is_bad_where_cov_is_refused(
+        devices: tuple[SimulatedDevice, SimulatedDevice], tmp_path: Path) -> None:
+    _, second = devices
+    device = {"id": "ahu2", "instance": second.instance, "address": second.address,
+              "interval": "100ms", "points": [
+                  {"name": "zone_temp", "object": "analog-input,1", "mode": "cov"},
+                  {"name": "setpoint", "object": "analog-value,1"}]}
+    async with SourceRunner(build_unit(tmp_path, source_yaml(devices=[device]))) as runner:
+        await runner.wait_for(lambda: runner.has("ahu2.zone_temp")
+                              and runner.has("ahu2.setpoint", quality=Quality.GOOD))
+        refused = runner.latest("ahu2.zone_temp")
+        assert refused.quality is Quality.BAD
+        assert "refused SubscribeCOV" in (refused.reason or "")
+        details = runner.status.children["ahu2"].details
+        assert details["modes"]["ahu2/analog-input,1/present-value"] == "cov"
+        assert "ahu2/analog-input,1/present-value" in details["cov_refused"]
