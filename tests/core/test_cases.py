@@ -27,7 +27,10 @@ MQTT input, one entry per message (``json`` is encoded as JSON, ``payload`` is s
 
 AMQP input: ``routing_key`` instead of ``topic``, with an optional ``timestamp`` (POSIX seconds)
 and ``message_id``. OPC-UA input, one entry per data change: ``node`` (as the point names it),
-``value``, and optionally ``quality``, ``reason`` and ``ts``.
+``value``, and optionally ``quality``, ``reason`` and ``ts``. BACnet input, one entry per
+property read: ``device``, ``object``, ``property`` (default ``present-value``), ``value``, and
+optionally ``quality``, ``reason``, ``unit`` (what the object's ``units`` gave) and
+``state_text``.
 
 Expected events::
 
@@ -121,11 +124,23 @@ def _opcua_reading(config: Config, source_id: str, index: int, entry: dict[str, 
                    ts=entry.get("ts"), quality=quality, reason=entry.get("reason"))
 
 
+def _bacnet_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]
+                    ) -> Reading:
+    address = f"{entry['device']}/{entry['object']}/{entry.get('property', 'present-value')}"
+    meta: dict[str, Any] = {"unit": entry.get("unit")}
+    if "state_text" in entry:
+        meta["state_text"] = entry["state_text"]
+    return Reading(source_id, address, entry.get("value"), float(entry.get("at", index)),
+                   quality=Quality(entry.get("quality", "good")), reason=entry.get("reason"),
+                   meta=meta)
+
+
 READINGS: dict[str, Callable[[Config, str, int, dict[str, Any]], Reading]] = {
     "modbus": _modbus_reading,
     "mqtt": _mqtt_reading,
     "amqp": _amqp_reading,
     "opcua": _opcua_reading,
+    "bacnet": _bacnet_reading,
 }
 """How each protocol's input entries become readings."""
 
