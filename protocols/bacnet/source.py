@@ -72,6 +72,12 @@ class BacnetSource(Source):
         self._app: BridgeApplication | None = None
         self._context: SourceContext | None = None
         self.reader: DeviceReader | None = None
+        """The running source's requests (and their count); ``None`` when not running."""
+
+    @property
+    def devices(self) -> list[DeviceState]:
+        """What the running source knows of each device."""
+        return list(self._devices.values())
 
     def device_endpoints(self) -> dict[str, str]:
         """Each device's instance and where it was last found (or its hint)."""
