@@ -96,7 +96,7 @@ async def _connector(ports: list[int], objects: int, cycles: int) -> dict[str, f
         await first.wait()
         reader = source.reader
         assert reader is not None
-        states = list(source._devices.values())
+        states = source.devices
         requests_before = reader.requests
         started = time.perf_counter()
         for _ in range(cycles):
