@@ -137,3 +137,18 @@ async def test_a_point_that_must_be_on_cov_is_bad_where_cov_is_refused(
         details = runner.status.children["ahu2"].details
         assert details["modes"]["ahu2/analog-input,1/present-value"] == "cov"
         assert "ahu2/analog-input,1/present-value" in details["cov_refused"]
+
+
+async def test_batches_fit_a_device_that_takes_short_apdus_without_segmenting(
+        tmp_path: Path) -> None:
+    with SimulatedDevice(1005, max_apdu=206, segmentation="no-segmentation") as small:
+        device = {"id": "small", "instance": small.instance, "address": small.address,
+                  "interval": "100ms", "points": every_point(mode="poll")}
+        async with SourceRunner(build_unit(tmp_path, source_yaml(devices=[device]))) as runner:
+            names = [point["name"] for point in every_point()]
+            await runner.wait_for(lambda: all(runner.has(f"small.{name}", quality=Quality.GOOD)
+                                              for name in names))
+            details = runner.status.children["small"].details
+            assert (details["max_apdu"], details["segmentation"]) == (206, "no-segmentation")
+            assert details["properties_per_request"] == 7
+            assert runner.latest("small.mode").value == "auto"

@@ -213,16 +213,17 @@ def build_unit(tmp_path: Any, text: str) -> Any:
 
 
 def every_point(**extra: Any) -> list[dict[str, Any]]:
-    """A point on every object of ``standard_objects()``, named after the object."""
+    """A point on every object of ``standard_objects()``, named after the object, each with
+    the ``extra`` settings."""
     return [
-        {"name": "zone_temp", "object": "analog-input,1"},
+        {"name": "zone_temp", "object": "analog-input,1", **extra},
         {"name": "valve", "object": "analog-output,1", "writable": True, **extra},
-        {"name": "setpoint", "object": "analog-value,1"},
-        {"name": "filter_alarm", "object": "binary-input,1"},
-        {"name": "fan", "object": "binary-output,1", "writable": True},
-        {"name": "occupied", "object": "binary-value,1"},
-        {"name": "status", "object": "multi-state-input,1"},
-        {"name": "speed", "object": "multi-state-output,1", "writable": True},
-        {"name": "mode", "object": "multi-state-value,1"},
-        {"name": "energy", "object": "accumulator,1"},
+        {"name": "setpoint", "object": "analog-value,1", **extra},
+        {"name": "filter_alarm", "object": "binary-input,1", **extra},
+        {"name": "fan", "object": "binary-output,1", "writable": True, **extra},
+        {"name": "occupied", "object": "binary-value,1", **extra},
+        {"name": "status", "object": "multi-state-input,1", **extra},
+        {"name": "speed", "object": "multi-state-output,1", "writable": True, **extra},
+        {"name": "mode", "object": "multi-state-value,1", **extra},
+        {"name": "energy", "object": "accumulator,1", **extra},
     ]
