@@ -143,8 +143,8 @@ class BacnetDevice(DeviceBase):
         "47808). Unset, or when the device no longer answers there, Who-Is finds it.")
     interval: Duration = Field(default=5.0, gt=0, description="Poll interval of its points.")
     cov_lifetime: Duration = Field(
-        default=300.0, ge=60, le=28800, description="Lifetime asked for each COV "
-        "subscription; renewed well before it ends.")
+        default=300.0, ge=2, le=28800, description="Lifetime asked for each COV "
+        "subscription (2 s .. 8 h); renewed when half of it has passed.")
     points: Sequence[BacnetPoint] = Field(
         default_factory=list, description="Points added to (or replacing, by name) the "
         "profile's.")

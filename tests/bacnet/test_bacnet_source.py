@@ -152,3 +152,18 @@ async def test_batches_fit_a_device_that_takes_short_apdus_without_segmenting(
             assert (details["max_apdu"], details["segmentation"]) == (206, "no-segmentation")
             assert details["properties_per_request"] == 7
             assert runner.latest("small.mode").value == "auto"
+
+
+async def test_cov_subscriptions_are_renewed_before_their_lifetime_ends(
+        devices: tuple[SimulatedDevice, SimulatedDevice], tmp_path: Path) -> None:
+    first, _ = devices
+    device = {"id": "ahu1", "instance": first.instance, "address": first.address,
+              "interval": "100ms", "cov_lifetime": "2s",
+              "points": [{"name": "zone_temp", "object": "analog-input,1", "mode": "cov"}]}
+    async with SourceRunner(build_unit(tmp_path, source_yaml(devices=[device]))) as runner:
+        await runner.wait_for(lambda: runner.has("ahu1.zone_temp", value=21.5))
+        counters = runner.status.children["ahu1"].counters
+        # Renewed at half the lifetime: three subscriptions span more than one lifetime.
+        await runner.wait_for(lambda: counters["cov_subscriptions"] >= 3)
+        first.object("zone-temp").presentValue = 22.75
+        await runner.wait_for(lambda: runner.has("ahu1.zone_temp", value=22.75))
