@@ -240,6 +240,20 @@ WRITES = declare("writes", "Command writes carried out on a point.", _K, unit="w
 WRITES_FAILED = declare("writes_failed", "Command writes the source could not carry out.", _K,
                         unit="writes")
 
+# --- BACnet devices --------------------------------------------------------------------------
+COV_SUBSCRIPTIONS = declare("cov_subscriptions", "COV subscriptions made or renewed.", _D,
+                            unit="subscriptions")
+COV_NOTIFICATIONS = declare("cov_notifications", "COV notifications received.", _D,
+                            unit="notifications")
+ANNOUNCEMENTS = declare("announcements", "I-Am announcements of a configured device (a "
+                        "restart: its subscriptions are made again).", _D, unit="announcements")
+MOVES = declare("moves", "Times a device answered from a new address and was followed.", _D,
+                unit="moves")
+UNKNOWN_I_AM = declare("unknown_i_am", "I-Am announcements from devices nobody configured "
+                       "(counted and dropped).", _S, unit="announcements")
+UNKNOWN_COV = declare("unknown_cov", "COV notifications from devices nobody configured "
+                      "(counted and dropped).", _S, unit="notifications")
+
 # --- event streams ---------------------------------------------------------------------------
 STREAMS = declare("streams", "Event streams opened.", _T, unit="streams")
 _ENDED_HELP = ("Event streams ended, by reason (slow_consumer and stalled: the client was "

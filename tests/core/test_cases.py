@@ -30,6 +30,10 @@ and ``message_id``. OPC-UA input, one entry per data change: ``node`` (as the po
 ``value``, and optionally ``quality``, ``reason`` and ``ts``. S7 input, one entry per block
 the source read: ``area`` (DB, M, I, Q, T, C), ``db``, ``start`` and the block's bytes as
 ``hex``; or ``quality: bad`` with ``reason`` and ``count``.
+BACnet input, one entry per
+property read: ``device``, ``object``, ``property`` (default ``present-value``), ``value``, and
+optionally ``quality``, ``reason``, ``unit`` (what the object's ``units`` gave) and
+``state_text``.
 
 Expected events::
 
@@ -134,12 +138,24 @@ def _s7_reading(config: Config, source_id: str, index: int, entry: dict[str, Any
                    quality=Quality(entry.get("quality", "good")), reason=entry.get("reason"))
 
 
+def _bacnet_reading(config: Config, source_id: str, index: int, entry: dict[str, Any]
+                    ) -> Reading:
+    address = f"{entry['device']}/{entry['object']}/{entry.get('property', 'present-value')}"
+    meta: dict[str, Any] = {"unit": entry.get("unit")}
+    if "state_text" in entry:
+        meta["state_text"] = entry["state_text"]
+    return Reading(source_id, address, entry.get("value"), float(entry.get("at", index)),
+                   quality=Quality(entry.get("quality", "good")), reason=entry.get("reason"),
+                   meta=meta)
+
+
 READINGS: dict[str, Callable[[Config, str, int, dict[str, Any]], Reading]] = {
     "modbus": _modbus_reading,
     "mqtt": _mqtt_reading,
     "amqp": _amqp_reading,
     "opcua": _opcua_reading,
     "s7": _s7_reading,
+    "bacnet": _bacnet_reading,
 }
 """How each protocol's input entries become readings."""
 
