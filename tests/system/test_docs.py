@@ -20,7 +20,7 @@ def test_readme_config_reference_is_generated_from_the_models() -> None:
     start, end = readme.index(START), readme.index(END) + len(END)
     assert readme[start:end] + "\n" == render(protocols()), (
         "README's config reference is stale: regenerate it with "
-        "`python -c 'import tests.test_docs as t; t.regenerate()'`")
+        "`.venv/bin/python tests/system/test_docs.py`")
 
 
 def regenerate() -> None:
@@ -85,3 +85,7 @@ def test_readme_layout_table_matches_the_tree() -> None:
             docstring = (ROOT / path / "__init__.py").read_text(encoding="utf-8")
             assert docstring.startswith('"""'), f"{path}__init__.py opens with no docstring"
             assert "May import" in docstring, f"{path}__init__.py does not say what it may import"
+
+
+if __name__ == "__main__":
+    regenerate()
