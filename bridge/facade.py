@@ -29,6 +29,7 @@ from bridge.errors import StoreError
 from bridge.inventory import (
     RuntimeParts,
     point_counts,
+    server_entries,
     sink_entries,
     sink_entry,
     source_entries,
@@ -312,6 +313,11 @@ class ApiFacade:
     def sink(self, sink_id: str) -> dict[str, Any]:
         """One sink's inventory entry; ``KeyError`` for an unknown sink."""
         return sink_entry(self._runtime, sink_id)
+
+    def servers(self) -> list[dict[str, Any]]:
+        """Every configured northbound server's inventory entry: state, port, clients and
+        request counters."""
+        return server_entries(self._runtime)
 
     # --- metrics ---
 

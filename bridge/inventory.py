@@ -1,4 +1,5 @@
-"""What a runtime runs, and its inventory: the running sources and sinks and their entries.
+"""What a runtime runs, and its inventory: the running sources, sinks and northbound servers
+and their entries.
 
 ``RunningSource`` and ``RunningSink`` pair a configured endpoint with its live status.
 ``RuntimeParts`` is what the facades (``bridge.facade``) and the inventory read of a runtime;
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 from bridge.config.models import Config, ResolvedPoint
 from bridge.core.model import Value
+from bridge.core.server import Server
 from bridge.core.sink import Sink
 from bridge.core.source import SourceUnit
 from bridge.core.status import EndpointStatus
@@ -49,6 +51,15 @@ class RunningSink:
     enabled: bool
 
 
+@dataclass
+class RunningServer:
+    """A configured northbound server and its live status (state, clients, counters)."""
+
+    server: Server
+    status: EndpointStatus
+    enabled: bool
+
+
 class RuntimeParts(Protocol):
     """The parts of a running runtime that its facades and inventory read.
 
@@ -68,6 +79,7 @@ class RuntimeParts(Protocol):
     outbox: Outbox
     sources: dict[str, RunningSource]
     sinks: dict[str, RunningSink]
+    servers: dict[str, RunningServer]
 
     async def write(self, point_id: str, value: Value, *, who: str) -> None:
         """The audited write path (``Runtime.write``)."""
@@ -136,3 +148,18 @@ def sink_entry(runtime: RuntimeParts, sink_id: str) -> dict[str, Any]:
 def sink_entries(runtime: RuntimeParts) -> list[dict[str, Any]]:
     """Every configured sink's inventory entry (``sink_entry``)."""
     return [sink_entry(runtime, sink_id) for sink_id in runtime.sinks]
+
+
+def server_entry(running: RunningServer) -> dict[str, Any]:
+    """One northbound server's inventory entry: state, where it listens, its counters
+    (requests, exceptions, clients) and whether it is enabled."""
+    entry = running.status.to_dict()
+    entry["enabled"] = running.enabled
+    entry["port"] = running.server.port
+    entry.setdefault("details", {}).update(running.server.details())
+    return entry
+
+
+def server_entries(runtime: RuntimeParts) -> list[dict[str, Any]]:
+    """Every configured northbound server's inventory entry (``server_entry``)."""
+    return [server_entry(running) for running in runtime.servers.values()]
