@@ -319,6 +319,11 @@ class ApiFacade:
         request counters."""
         return server_entries(self._runtime)
 
+    def server_statuses(self) -> Mapping[str, EndpointStatus]:
+        """The live status of every northbound server, by id."""
+        return {server_id: running.status
+                for server_id, running in self._runtime.servers.items()}
+
     # --- metrics ---
 
     def router_figures(self) -> RouterFigures:

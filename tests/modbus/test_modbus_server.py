@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from helpers import WAIT, free_port
+from helpers.api import parse_exposition, sample
 from helpers.brokers import wait_on
 from helpers.modbus_servers import ModbusTestServer, device
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 
+from bridge.api.app import create_app
 from bridge.core.codec import BYTE_ORDERS, compile_register_decoder
 from bridge.core.model import Quality
 from bridge.core.status import ConnectionState
@@ -336,3 +339,21 @@ async def test_the_connection_cap_refuses_one_more_client(tmp_path: Path) -> Non
         counters = north.runtime.servers["north"].status.counters
         assert counters["clients_refused"] >= 1
         assert counters["clients"] == 1
+
+
+async def test_the_inventory_and_metrics_count_requests_and_clients(tmp_path: Path) -> None:
+    async with running(tmp_path) as north:
+        await north.client.read_holding_registers(100, count=2, device_id=UNIT)
+        await north.client.read_holding_registers(0, count=1, device_id=UNIT)
+        transport = httpx.ASGITransport(app=create_app(north.runtime.facade()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            (entry,) = (await http.get("/v1/servers")).json()["items"]
+            metrics = parse_exposition((await http.get("/metrics")).text)
+        assert (entry["id"], entry["kind"], entry["state"], entry["port"]) == (
+            "north", "server", "up", north.port)
+        assert entry["details"]["connected_clients"] == 1
+        assert entry["counters"]["requests"] == 2
+        assert entry["counters"]["exception_02"] == 1
+        assert sample(metrics, "fieldbridge_server_requests_total", server="north",
+                      protocol="modbus") == 2
+        assert sample(metrics, "fieldbridge_server_up", server="north", protocol="modbus") == 1
