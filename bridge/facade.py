@@ -397,8 +397,9 @@ class ApiFacade:
 
 
 class SinkFacade:
-    """What a sink that mirrors the bridge (Sparkplug B) sees of a runtime: the runtime's
-    implementation of the sink contract's ``bridge.core.sink.BridgeView``."""
+    """What a sink that mirrors the bridge (Sparkplug B) or a northbound server sees of a
+    runtime: the runtime's implementation of ``bridge.core.sink.BridgeView`` and
+    ``bridge.core.server.ServerView``."""
 
     def __init__(self, runtime: RuntimeParts) -> None:
         self._runtime = runtime
@@ -427,6 +428,11 @@ class SinkFacade:
     def watch(self, watcher: Callable[[], None]) -> Callable[[], None]:
         """Call ``watcher`` after any source or device changed state."""
         return self._runtime.watch_states(watcher)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with every batch of events once it is stored (a northbound
+        server pushes them to its subscribed clients)."""
+        return self._runtime.router.add_listener(listener)
 
     async def write(self, point_id: str, value: Value, who: str) -> None:
         """The runtime's audited write path."""

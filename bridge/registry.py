@@ -38,7 +38,7 @@ from bridge.config.models import (
 )
 from bridge.config.yamlsource import KeyPath
 from bridge.core.discovery import DiscoverySpec
-from bridge.core.server import Server, ServerCheck, no_server_issues
+from bridge.core.server import Server, ServerCheck, ServerFactory, no_server_issues
 from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.errors import ConnectorUnavailableError
@@ -90,7 +90,7 @@ class ProtocolSpec:
     server_model: type[ServerBase] | None = None
     """The northbound server's config model, if the protocol can serve points (``servers:``);
     ``protocol`` is ``Literal[name]``."""
-    build_server: Callable[[ServerBase], Server] | None = None
+    build_server: ServerFactory | None = None
     """Create the server for one configured server."""
     check_server: Callable[[ServerBase, Mapping[str, ResolvedPoint]], list[ServerCheck]] = (
         no_server_issues)
@@ -122,12 +122,12 @@ class ProtocolSpec:
             raise ConnectorUnavailableError(self.name, "sink")
         return self.build_sink(config, context)
 
-    def server(self, config: ServerBase) -> Server:
+    def server(self, config: ServerBase, context: BuildContext) -> Server:
         """Create the server for one configured server; ``ConnectorUnavailableError``
         without one."""
         if self.build_server is None:
             raise ConnectorUnavailableError(self.name, "server")
-        return self.build_server(config)
+        return self.build_server(config, context)
 
 
 @dataclass(frozen=True)

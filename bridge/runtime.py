@@ -125,7 +125,7 @@ class Runtime:
         self._state_watchers: list[Callable[[], None]] = []
         self.servers: dict[str, RunningServer] = {}
         for server_config in config.servers:
-            server = registry[server_config.protocol].server(server_config)
+            server = registry[server_config.protocol].server(server_config, context)
             status = EndpointStatus(name=server.id, kind="server", protocol=server.protocol,
                                     endpoint=server.endpoint)
             if not server_config.enabled:

@@ -13,14 +13,30 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from bridge.config.models import ResolvedPoint, ServerBase
 from bridge.config.yamlsource import KeyPath
 from bridge.core.model import Event, Quality
 from bridge.core.sink import BridgeView
+from bridge.core.source import BuildContext
 from bridge.core.status import EndpointStatus
+
+
+class ServerView(BridgeView, Protocol):
+    """What a northbound server sees of the bridge: the mirror's view, and every stored
+    batch of events as it is stored (to push data changes to subscribed clients)."""
+
+    def subscribe(self, listener: Callable[[Sequence[Event]], None]) -> Callable[[], None]:
+        """Call ``listener`` on the event loop with every stored batch of events; returns
+        the function that unsubscribes it."""
+        ...
+
+
+ServerFactory = Callable[[ServerBase, BuildContext], "Server"]
+"""Builds the server of one configured ``servers:`` entry (its state in the context's
+``state_dir``: an OPC-UA server's certificate and trust list)."""
 
 
 class Server(abc.ABC):
@@ -43,7 +59,7 @@ class Server(abc.ABC):
         """The port it listens on while it serves; ``None`` before ``start``."""
 
     @abc.abstractmethod
-    async def start(self, bridge: BridgeView, status: EndpointStatus) -> None:
+    async def start(self, bridge: ServerView, status: EndpointStatus) -> None:
         """Bind and start serving the points ``bridge`` shows; count in ``status``."""
 
     @abc.abstractmethod

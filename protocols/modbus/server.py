@@ -26,8 +26,9 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from bridge.config.models import ServerBase
 from bridge.core.codec import compile_register_decoder
 from bridge.core.model import Event, Value
-from bridge.core.server import Server, servable
+from bridge.core.server import Server, ServerView, servable
 from bridge.core.sink import BridgeView
+from bridge.core.source import BuildContext
 from bridge.core.status import ConnectionState, EndpointStatus
 from bridge.errors import ErrorCategory, NotWritableError, ServerError, WriteError
 from protocols.modbus.config import BIT_TABLES, Table
@@ -327,7 +328,7 @@ class ModbusServer(Server):
         """The port while it serves."""
         return self.config.port if self._listener is not None else None
 
-    async def start(self, bridge: BridgeView, status: EndpointStatus) -> None:
+    async def start(self, bridge: ServerView, status: EndpointStatus) -> None:
         """Bind the port and serve; ``ServerError`` when it cannot be bound."""
         registers = RegisterMap(self.config, status)
         registers.bridge = bridge
@@ -363,7 +364,7 @@ def _bind_problem(config: ModbusServerConfig) -> str:
     return "the address cannot be bound"
 
 
-def build_server(config: ServerBase) -> Server:
+def build_server(config: ServerBase, context: BuildContext) -> Server:
     """The server of one configured Modbus ``servers:`` entry."""
     if not isinstance(config, ModbusServerConfig):
         raise TypeError(f"server {config.id} is not a Modbus server")
