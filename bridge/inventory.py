@@ -14,22 +14,24 @@ May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.regi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.config.models import Config, ResolvedPoint
+from bridge.config.models import Config, ResolvedPoint, ServerBase
 from bridge.core.model import Value
-from bridge.core.server import Server
+from bridge.core.server import Server, ServerView
 from bridge.core.sink import Sink
-from bridge.core.source import SourceUnit
+from bridge.core.source import BuildContext, SourceUnit
 from bridge.core.status import EndpointStatus
 from bridge.pipeline.delivery import SinkDelivery
 from bridge.pipeline.outbox import Outbox
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Store
+from bridge.registry import protocols
 
 
 @dataclass
@@ -58,6 +60,40 @@ class RunningServer:
     server: Server
     status: EndpointStatus
     enabled: bool
+
+
+def build_servers(configs: Sequence[ServerBase],
+                  context: BuildContext) -> dict[str, RunningServer]:
+    """The northbound servers of a configuration, built by their protocols, not started."""
+    servers: dict[str, RunningServer] = {}
+    for config in configs:
+        server = protocols()[config.protocol].server(config, context)
+        status = EndpointStatus(name=server.id, kind="server", protocol=server.protocol,
+                                endpoint=server.endpoint)
+        if not config.enabled:
+            status.disabled()
+        servers[server.id] = RunningServer(server, status, config.enabled)
+    return servers
+
+
+async def start_servers(servers: dict[str, RunningServer], view: ServerView,
+                        stack: contextlib.AsyncExitStack, ports: dict[str, int]) -> None:
+    """Start every enabled server, whatever the state of sources, sinks and store, each
+    stopped by ``stack``; a port that cannot be bound raises ``ServerError``. ``ports``
+    gets the port of each, as ``server ID``."""
+    for server_id, running in servers.items():
+        if not running.enabled:
+            continue
+        await running.server.start(view, running.status)
+        stack.push_async_callback(_stop_server, running, ports)
+        running.status.up()
+        if running.server.port is not None:
+            ports[f"server {server_id}"] = running.server.port
+
+
+async def _stop_server(running: RunningServer, ports: dict[str, int]) -> None:
+    ports.pop(f"server {running.server.id}", None)
+    await running.server.stop()
 
 
 class RuntimeParts(Protocol):

@@ -36,7 +36,15 @@ from bridge.errors import (
     shorten,
 )
 from bridge.facade import ApiFacade, SinkFacade
-from bridge.inventory import RunningServer, RunningSink, RunningSource, sink_entries, sink_entry
+from bridge.inventory import (
+    RunningServer,
+    RunningSink,
+    RunningSource,
+    build_servers,
+    sink_entries,
+    sink_entry,
+    start_servers,
+)
 from bridge.pipeline.delivery import DeliveryContext, SinkDelivery, SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxLimits
@@ -123,14 +131,7 @@ class Runtime:
         self.reloads = 0
         """Reloads applied since start."""
         self._state_watchers: list[Callable[[], None]] = []
-        self.servers: dict[str, RunningServer] = {}
-        for server_config in config.servers:
-            server = registry[server_config.protocol].server(server_config, context)
-            status = EndpointStatus(name=server.id, kind="server", protocol=server.protocol,
-                                    endpoint=server.endpoint)
-            if not server_config.enabled:
-                status.disabled()
-            self.servers[server.id] = RunningServer(server, status, server_config.enabled)
+        self.servers: dict[str, RunningServer] = build_servers(config.servers, context)
         for source_config in config.sources:
             self.sources[source_config.id] = self._build_source(config, source_config)
 
@@ -345,7 +346,7 @@ class Runtime:
                     running.push_async_callback(self._stop_service, service)
                     if service.port is not None:
                         self.ports[service.name] = service.port
-                await self._start_servers(running)
+                await start_servers(self.servers, SinkFacade(self), running, self.ports)
                 if not self.store.is_open:
                     if not await self._wait_for_store():
                         return
@@ -354,23 +355,6 @@ class Runtime:
                     await self._serve(group)
         finally:
             self.store.close()
-
-    async def _start_servers(self, stack: contextlib.AsyncExitStack) -> None:
-        """Start every enabled northbound server, whatever the state of sources, sinks and
-        store: a port that cannot be bound is a plain error (``ServerError``) here."""
-        view = SinkFacade(self)
-        for server_id, running in self.servers.items():
-            if not running.enabled:
-                continue
-            await running.server.start(view, running.status)
-            stack.push_async_callback(self._stop_server, server_id)
-            running.status.up()
-            if running.server.port is not None:
-                self.ports[f"server {server_id}"] = running.server.port
-
-    async def _stop_server(self, server_id: str) -> None:
-        self.ports.pop(f"server {server_id}", None)
-        await self.servers[server_id].server.stop()
 
     async def _wait_for_store(self) -> bool:
         """Try to open the store, with backoff, until it opens (``True``) or the runtime is

@@ -119,9 +119,7 @@ def root_model(catalog: Catalog) -> type[BaseModel]:
         sources=(list[source_union], Field(default_factory=list)),
         outbox=(OutboxSection, Field(default_factory=OutboxSection)),
         sinks=(list[sink_union], Field(default_factory=list)),
-        servers=(list[server_union], Field(
-            default_factory=list, description="Northbound servers (Modbus TCP, OPC-UA) that "
-            "serve the latest value of configured points to clients that pull.")),
+        servers=(list[server_union], Field(default_factory=list)),
     )
     return cast(type[BaseModel], model)
 
@@ -198,9 +196,8 @@ def _mark_substituted(config: Config) -> None:
     user name), so that its endpoint shows them masked. A number (a port) is no secret, and
     masking its digits would mangle the rest of the endpoint."""
     document = config.document
-    sections: tuple[tuple[str, Sequence[SourceBase | SinkBase | ServerBase]], ...] = (
-        ("sources", config.sources), ("sinks", config.sinks), ("servers", config.servers))
-    for section, entries in sections:
+    for section, entries in (("sources", config.sources), ("sinks", config.sinks),
+                             ("servers", config.servers)):
         for index, entry in enumerate(entries):
             values = []
             for path in document.substituted:

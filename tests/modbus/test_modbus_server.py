@@ -110,7 +110,8 @@ SPECIAL = [
 
 
 def write_config(tmp_path: Path, source_port: int, server_port: int,
-                 interval: str = "50ms", **server: Any) -> Path:
+                 interval: str = "50ms", sinks: list[dict[str, Any]] | None = None,
+                 **server: Any) -> Path:
     """A configuration with one Modbus source and one Modbus server."""
     document = {
         "bridge": {"id": "edge", "state_dir": str(tmp_path / "state")},
@@ -121,6 +122,7 @@ def write_config(tmp_path: Path, source_port: int, server_port: int,
                                   "points": SOURCE_POINTS}]}],
         "servers": [{"id": "north", "protocol": "modbus", "port": server_port,
                      "units": [{"unit": UNIT, "registers": ENTRIES + SPECIAL}], **server}],
+        "sinks": sinks or [],
     }
     path = tmp_path / "fieldbridge.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
@@ -146,12 +148,13 @@ class North:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, *, wait_good: bool = True, interval: str = "50ms",
-                  **server: Any) -> AsyncIterator[North]:
+                  sinks: list[dict[str, Any]] | None = None, **server: Any
+                  ) -> AsyncIterator[North]:
     """The device, the runtime serving it northbound, and a client of the server."""
     async with ModbusTestServer([device(UNIT, holding=HOLDING, coils=[True])]) as plc:
         port = free_port()
         runtime = Runtime(load_config(write_config(tmp_path, plc.port, port, interval,
-                                                   **server)))
+                                                   sinks, **server)))
         changed = asyncio.Event()
         runtime.router.add_listener(lambda events: changed.set())
         runtime.watch_states(changed.set)
@@ -288,6 +291,19 @@ async def test_writes_accepted_refused_and_audited(
         assert any(message.startswith("write failed: modbus server north unit 1")
                    for message in audit), audit
         assert north.runtime.servers["north"].status.counters["writes"] == 2
+
+
+async def test_serving_goes_on_through_a_sink_outage(tmp_path: Path) -> None:
+    # The sink's broker is not there: events wait in its outbox, the server serves on.
+    sink = {"id": "broker", "protocol": "mqtt", "host": "127.0.0.1", "port": free_port()}
+    async with running(tmp_path, sinks=[sink]) as north:
+        assert north.runtime.sinks["broker"].status.state is not ConnectionState.UP
+        await north.device.set_registers(UNIT, 0, list(struct.unpack(">2H",
+                                                                      struct.pack(">f", 30.0))))
+        await north.until(lambda: north.runtime.router.latest["meter.temp"].value == 30.0,
+                          "the new temperature")
+        response = await north.client.read_input_registers(10, count=1, device_id=UNIT)
+        assert response.registers == [300]
 
 
 async def test_the_port_is_bound_while_every_source_is_down(tmp_path: Path) -> None:
