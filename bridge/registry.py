@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -96,6 +97,9 @@ class ProtocolSpec:
         no_server_issues)
     """Checks of a server against the configured points (every point it serves exists,
     its type fits): (key path inside the server's entry, message)."""
+    server_template: Callable[[Sequence[ResolvedPoint]], dict[str, Any]] | None = None
+    """A starting ``servers:`` entry that serves the given points, as plain data
+    (``fieldbridge serve-map``); ``None``: not offered."""
 
     def __post_init__(self) -> None:
         if (self.source_model is None) != (self.build is None):

@@ -22,6 +22,7 @@ from protocols.modbus.planner import Block, plan
 from protocols.modbus.server import build_server
 from protocols.modbus.server_config import ModbusServerConfig
 from protocols.modbus.server_config import check as check_server
+from protocols.modbus.server_config import template as server_template
 from protocols.modbus.source import ModbusSource
 
 __all__ = ["SPEC", "Block", "BlockAddress", "ModbusMapper", "ModbusSource", "build", "check"]
@@ -126,5 +127,6 @@ SPEC = ProtocolSpec(
     server_model=ModbusServerConfig,
     build_server=build_server,
     check_server=check_server,
+    server_template=server_template,
 )
 """The Modbus entry of the protocol registry."""

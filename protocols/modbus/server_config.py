@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -184,4 +184,31 @@ def check(server: ServerBase, points: Mapping[str, ResolvedPoint]) -> list[tuple
     return issues
 
 
-__all__ = ["BIT_TABLES", "ModbusServerConfig", "ServedRegister", "ServedUnit", "check"]
+def template(points: Sequence[ResolvedPoint]) -> dict[str, Any]:
+    """A starting server for unit 1: bools in coils (writable) or discrete inputs, whole
+    numbers as int32 and other numbers as float32 in holding (writable) or input registers,
+    each table from address 0 in point order. Strings are left out: their length is the
+    operator's to choose."""
+    registers: list[dict[str, Any]] = []
+    next_address = dict.fromkeys(("coil", "discrete", "input", "holding"), 0)
+    for point in sorted(points, key=lambda point: point.id):
+        kind = point.spec.value_type()
+        if kind == "string":
+            continue
+        writable = point.spec.writable
+        if kind == "bool":
+            table, data_type, size = ("coil" if writable else "discrete"), "bool", 1
+        else:
+            table = "holding" if writable else "input"
+            data_type, size = ("int32", 2) if kind == "integer" else ("float32", 2)
+        entry: dict[str, Any] = {"point": point.id, "table": table,
+                                 "address": next_address[table], "type": data_type}
+        if writable:
+            entry["writable"] = True
+        registers.append(entry)
+        next_address[table] += size
+    return {"id": "modbus-server", "protocol": "modbus", "host": "127.0.0.1", "port": 5020,
+            "units": [{"unit": 1, "registers": registers}]}
+
+
+__all__ = ["BIT_TABLES", "ModbusServerConfig", "ServedRegister", "ServedUnit", "check", "template"]

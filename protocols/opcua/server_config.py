@@ -25,7 +25,7 @@ class OpcuaUser(StrictModel):
 
     name: Identifier = Field(description="The user name a client logs in with.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the password "
-                        "(`fieldbridge hash-key PASSWORD` prints it); never the password.")
+                        "(`fieldbridge hash-key` prints it); never the password.")
     role: Literal["read", "write"] = Field(
         default="read", description="`read` browses and reads; `write` may also write "
         "writable points (through the audited write path).")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bridge.cli import main
 from bridge.errors import ConfigError
 from bridge.registry import load_config
 from protocols.modbus.server_config import ModbusServerConfig
@@ -130,3 +131,26 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     issue = refused(tmp_path, [{"point": "meter.temp", "table": "input", "address": 0,
                                 "type": "float32", "colour": "red"}])
     assert "registers[0].colour: unknown key" in issue
+
+
+def test_serve_map_writes_a_register_map_that_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load(tmp_path, [{"point": "meter.temp", "table": "input", "address": 0,
+                     "type": "float32"}])
+    path = tmp_path / "config.yaml"
+    document = yaml.safe_load(path.read_text())
+    del document["servers"]
+    document["sources"][0]["devices"][0]["points"].append(
+        {"name": "run", "table": "coil", "address": 0, "writable": True})
+    path.write_text(yaml.safe_dump(document))
+    assert main(["serve-map", "-c", str(path)]) == 0
+    section = yaml.safe_load(capsys.readouterr().out)
+    path.write_text(yaml.safe_dump({**document, **section}))
+    (server,) = load_config(path).servers
+    assert isinstance(server, ModbusServerConfig)
+    served = [(entry.point, entry.table, entry.address, entry.register.data_type,
+               entry.writable) for entry in server.units[0].registers]
+    assert served == [("meter.run", "coil", 0, "bool", True),
+                      ("meter.setpoint", "holding", 0, "int32", True),
+                      ("meter.temp", "input", 0, "float32", False)]  # the string is left out

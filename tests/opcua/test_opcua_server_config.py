@@ -14,7 +14,7 @@ from bridge.registry import load_config
 from protocols.opcua.server_config import OpcuaServerConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "mappings" / "opcua-server-example.yaml"
-HASH = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+HASH = "c4bbcb1fbec99d65bf59d85c8cb62ee2db963f0fe106f483d9afa73bd4e39a8a"
 
 
 def load(tmp_path: Path, **server: Any) -> OpcuaServerConfig:
