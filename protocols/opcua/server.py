@@ -388,8 +388,11 @@ def _status_code(event: Event, source_down: bool) -> int:
 
 
 def _as(value: Value, variant_type: ua.VariantType | None) -> Value:
+    """``value`` as the variable's type holds it (a whole float in an Int64, say)."""
     if variant_type is ua.VariantType.Double and isinstance(value, int):
         return float(value)
+    if variant_type is ua.VariantType.Int64 and isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 

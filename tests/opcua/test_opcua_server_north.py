@@ -239,6 +239,34 @@ def client_certificate(directory: Path) -> tuple[Path, Path]:
     return directory / "client.der", directory / "client.pem"
 
 
+@pytest.mark.parametrize(("policy", "mode"), [
+    ("Basic256Sha256", "Sign"), ("Aes256Sha256RsaPss", "Sign"),
+    ("Aes256Sha256RsaPss", "SignAndEncrypt")])
+async def test_each_security_mode_serves_a_trusted_client(
+    tmp_path: Path, policy: str, mode: str
+) -> None:
+    certificate, key = client_certificate(tmp_path / "client")
+    async with running(tmp_path, allow_none=False) as north:
+        server_dir = tmp_path / "state" / "opcua-server" / "north"
+        digest = hashlib.sha1(certificate.read_bytes()).hexdigest()
+        shutil.copy(certificate, server_dir / "pki" / "trusted" / f"{digest}.der")
+        with pytest.raises((UaError, ConnectionError, TimeoutError, OSError)):
+            async with connected(north.url, user="viewer"):
+                pass  # SecurityPolicy None is not offered
+        client = Client(north.url, timeout=5)
+        client.application_uri = "urn:test:client"
+        await client.set_security_string(
+            f"{policy},{mode},{certificate},{key},{server_dir / 'server.der'}")
+        client.set_user("viewer")
+        client.set_password(PASSWORD)
+        await client.connect()
+        try:
+            value = await variable_value(client, "boiler.temp")
+            assert value.Value.Value == pytest.approx(21.5)
+        finally:
+            await client.disconnect()
+
+
 async def test_an_untrusted_certificate_is_refused_until_trusted(tmp_path: Path) -> None:
     certificate, key = client_certificate(tmp_path / "client")
     async with running(tmp_path, allow_none=False) as north:
