@@ -111,7 +111,7 @@ class ProtocolSpec:
                 f"protocol '{self.name}': a server needs both server_model and build_server")
         if self.source_model is None and self.sink_model is None and self.server_model is None:
             raise ValueError(
-                f"protocol '{self.name}' provides neither a source, a sink nor a server")
+                f"protocol '{self.name}' provides neither a source nor a sink (nor a server)")
 
     def source_unit(self, source: SourceBase, points: Sequence[ResolvedPoint],
                     context: BuildContext) -> SourceUnit:
