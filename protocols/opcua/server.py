@@ -216,6 +216,9 @@ class OpcuaServer(Server):
                 ua.Variant(None, ua.VariantType.Null), datatype=data_type)
             await variable.write_attribute(AttributeIds.Description, ua.DataValue(
                 ua.Variant(ua.LocalizedText(_description(point)), ua.VariantType.LocalizedText)))
+            await server.write_attribute_value(variable.nodeid, ua.DataValue(
+                ua.Variant(None, ua.VariantType.Null),
+                StatusCode=ua.StatusCode(ua.UInt32(StatusCodes.BadWaitingForInitialData))))
             if point.writable:
                 await variable.set_writable()
             if point.unit:

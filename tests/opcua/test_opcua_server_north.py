@@ -216,6 +216,22 @@ async def test_writes_accepted_refused_and_audited(
         assert await north.device.holding(UNIT, 1) == [55]
 
 
+async def test_the_port_is_bound_while_every_source_is_down(tmp_path: Path) -> None:
+    port = free_port()
+    runtime = Runtime(load_config(write_config(tmp_path, free_port(), port)))
+    task = asyncio.create_task(runtime.run(), name="test.runtime")
+    try:
+        await asyncio.wait_for(runtime.ready.wait(), WAIT)
+        async with connected(f"opc.tcp://127.0.0.1:{port}/fieldbridge") as client:
+            value = await variable_value(client, "boiler.temp")
+            assert value.StatusCode.value == ua.StatusCodes.BadWaitingForInitialData
+        (entry,) = runtime.facade().servers()
+        assert (entry["state"], entry["port"]) == ("up", port)
+    finally:
+        runtime.stop()
+        await task
+
+
 async def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
