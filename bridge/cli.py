@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from bridge import __version__
@@ -99,6 +100,21 @@ def _hash_key(read_stdin: bool) -> int:
         print("error: use a key of at least 16 characters", file=sys.stderr)
         return 1
     print(hashlib.sha256(key.encode()).hexdigest())
+    return 0
+
+
+def _serve_map(path: str, protocol: str) -> int:
+    """Print a ``servers:`` section serving the configured points, to edit and include."""
+    spec = protocols().get(protocol)
+    if spec is None or spec.server_template is None:
+        offered = sorted(name for name, candidate in protocols().items()
+                         if candidate.server_template is not None)
+        print(f"error: no server template for '{protocol}' (offered: {', '.join(offered)})",
+              file=sys.stderr)
+        return 2
+    config = load_config(path)
+    section = {"servers": [spec.server_template(list(config.point_index().values()))]}
+    print(yaml.safe_dump(section, sort_keys=False), end="")
     return 0
 
 
@@ -268,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("event-schema", help="print the JSON Schema of the normalized event")
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)")
     _add_discover(commands)
+    serve_map = commands.add_parser(
+        "serve-map", help="print a starting northbound server for the configured points")
+    serve_map.add_argument("-c", "--config", required=True, help="the configuration file")
+    serve_map.add_argument("--protocol", default="modbus", help="the server's protocol")
     hash_key = commands.add_parser("hash-key", help="print the SHA-256 of an API key for config")
     hash_key.add_argument("--stdin", action="store_true", help="read the key from stdin")
     worker = commands.add_parser("worker")
@@ -299,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if arguments.command == "hash-key":
             return _hash_key(arguments.stdin)
+        if arguments.command == "serve-map":
+            return _serve_map(arguments.config, arguments.protocol)
         if arguments.command == "discover":
             return _discover(arguments)
         if arguments.command == "worker":

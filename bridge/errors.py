@@ -112,6 +112,16 @@ class ApiServerError(BridgeError):
         super().__init__(f"API cannot listen on {address}: {reason}")
 
 
+class ServerError(BridgeError):
+    """A northbound server cannot serve: its address cannot be bound, say."""
+
+    def __init__(self, server: str, endpoint: str, reason: str) -> None:
+        self.server = server
+        self.endpoint = endpoint
+        self.reason = reason
+        super().__init__(f"server '{server}' cannot listen on {endpoint}: {reason}")
+
+
 class ApiError(BridgeError):
     """A request the API refuses: the HTTP status, a stable code, a message and a hint.
 

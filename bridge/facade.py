@@ -30,6 +30,7 @@ from bridge.errors import StoreError
 from bridge.inventory import (
     RuntimeParts,
     point_counts,
+    server_entries,
     sink_entries,
     sink_entry,
     source_entries,
@@ -314,6 +315,16 @@ class ApiFacade:
         """One sink's inventory entry; ``KeyError`` for an unknown sink."""
         return sink_entry(self._runtime, sink_id)
 
+    def servers(self) -> list[dict[str, Any]]:
+        """Every configured northbound server's inventory entry: state, port, clients and
+        request counters."""
+        return server_entries(self._runtime)
+
+    def server_statuses(self) -> Mapping[str, EndpointStatus]:
+        """The live status of every northbound server, by id."""
+        return {server_id: running.status
+                for server_id, running in self._runtime.servers.items()}
+
     # --- metrics ---
 
     def router_figures(self) -> RouterFigures:
@@ -387,8 +398,9 @@ class ApiFacade:
 
 
 class SinkFacade:
-    """What a sink that mirrors the bridge (Sparkplug B) sees of a runtime: the runtime's
-    implementation of the sink contract's ``bridge.core.sink.BridgeView``."""
+    """What a sink that mirrors the bridge (Sparkplug B) or a northbound server sees of a
+    runtime: the runtime's implementation of ``bridge.core.sink.BridgeView`` and
+    ``bridge.core.server.ServerView``."""
 
     def __init__(self, runtime: RuntimeParts) -> None:
         self._runtime = runtime
@@ -417,6 +429,11 @@ class SinkFacade:
     def watch(self, watcher: Callable[[], None]) -> Callable[[], None]:
         """Call ``watcher`` after any source or device changed state."""
         return self._runtime.watch_states(watcher)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with every batch of events once it is stored (a northbound
+        server pushes them to its subscribed clients)."""
+        return self._runtime.router.add_listener(listener)
 
     async def write(self, point_id: str, value: Value, who: str) -> None:
         """The runtime's audited write path."""

@@ -1,4 +1,5 @@
-"""What a runtime runs, and its inventory: the running sources and sinks and their entries.
+"""What a runtime runs, and its inventory: the running sources, sinks and northbound servers
+and their entries.
 
 ``RunningSource`` and ``RunningSink`` pair a configured endpoint with its live status.
 ``RuntimeParts`` is what the facades (``bridge.facade``) and the inventory read of a runtime;
@@ -13,21 +14,24 @@ May import: ``bridge.errors``, ``bridge.config``, ``bridge.core``, ``bridge.regi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.config.models import Config, ResolvedPoint
+from bridge.config.models import Config, ResolvedPoint, ServerBase
 from bridge.core.model import Value
+from bridge.core.server import Server, ServerView
 from bridge.core.sink import Sink
-from bridge.core.source import SourceUnit
+from bridge.core.source import BuildContext, SourceUnit
 from bridge.core.status import EndpointStatus
 from bridge.pipeline.delivery import SinkDelivery
 from bridge.pipeline.outbox import Outbox
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Store
+from bridge.registry import protocols
 
 
 @dataclass
@@ -49,6 +53,49 @@ class RunningSink:
     enabled: bool
 
 
+@dataclass
+class RunningServer:
+    """A configured northbound server and its live status (state, clients, counters)."""
+
+    server: Server
+    status: EndpointStatus
+    enabled: bool
+
+
+def build_servers(configs: Sequence[ServerBase],
+                  context: BuildContext) -> dict[str, RunningServer]:
+    """The northbound servers of a configuration, built by their protocols, not started."""
+    servers: dict[str, RunningServer] = {}
+    for config in configs:
+        server = protocols()[config.protocol].server(config, context)
+        status = EndpointStatus(name=server.id, kind="server", protocol=server.protocol,
+                                endpoint=server.endpoint)
+        if not config.enabled:
+            status.disabled()
+        servers[server.id] = RunningServer(server, status, config.enabled)
+    return servers
+
+
+async def start_servers(servers: dict[str, RunningServer], view: ServerView,
+                        stack: contextlib.AsyncExitStack, ports: dict[str, int]) -> None:
+    """Start every enabled server, whatever the state of sources, sinks and store, each
+    stopped by ``stack``; a port that cannot be bound raises ``ServerError``. ``ports``
+    gets the port of each, as ``server ID``."""
+    for server_id, running in servers.items():
+        if not running.enabled:
+            continue
+        await running.server.start(view, running.status)
+        stack.push_async_callback(_stop_server, running, ports)
+        running.status.up()
+        if running.server.port is not None:
+            ports[f"server {server_id}"] = running.server.port
+
+
+async def _stop_server(running: RunningServer, ports: dict[str, int]) -> None:
+    ports.pop(f"server {running.server.id}", None)
+    await running.server.stop()
+
+
 class RuntimeParts(Protocol):
     """The parts of a running runtime that its facades and inventory read.
 
@@ -68,6 +115,7 @@ class RuntimeParts(Protocol):
     outbox: Outbox
     sources: dict[str, RunningSource]
     sinks: dict[str, RunningSink]
+    servers: dict[str, RunningServer]
 
     async def write(self, point_id: str, value: Value, *, who: str) -> None:
         """The audited write path (``Runtime.write``)."""
@@ -136,3 +184,18 @@ def sink_entry(runtime: RuntimeParts, sink_id: str) -> dict[str, Any]:
 def sink_entries(runtime: RuntimeParts) -> list[dict[str, Any]]:
     """Every configured sink's inventory entry (``sink_entry``)."""
     return [sink_entry(runtime, sink_id) for sink_id in runtime.sinks]
+
+
+def server_entry(running: RunningServer) -> dict[str, Any]:
+    """One northbound server's inventory entry: state, where it listens, its counters
+    (requests, exceptions, clients) and whether it is enabled."""
+    entry = running.status.to_dict()
+    entry["enabled"] = running.enabled
+    entry["port"] = running.server.port
+    entry.setdefault("details", {}).update(running.server.details())
+    return entry
+
+
+def server_entries(runtime: RuntimeParts) -> list[dict[str, Any]]:
+    """Every configured northbound server's inventory entry (``server_entry``)."""
+    return [server_entry(running) for running in runtime.servers.values()]

@@ -18,19 +18,28 @@ only here, never by importing ``protocols/``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from bridge.config import loader
 from bridge.config.loader import Catalog
-from bridge.config.models import Config, ProfileBase, ResolvedPoint, SinkBase, SourceBase
+from bridge.config.models import (
+    Config,
+    ProfileBase,
+    ResolvedPoint,
+    ServerBase,
+    SinkBase,
+    SourceBase,
+)
 from bridge.config.yamlsource import KeyPath
 from bridge.core.discovery import DiscoverySpec
+from bridge.core.server import Server, ServerCheck, ServerFactory, no_server_issues
 from bridge.core.sink import Sink
 from bridge.core.source import BuildContext, SourceUnit
 from bridge.errors import ConnectorUnavailableError
@@ -54,7 +63,8 @@ def _no_issues(source: SourceBase, points: Sequence[ResolvedPoint]) -> list[tupl
 
 @dataclass(frozen=True)
 class ProtocolSpec:
-    """What the core needs to know about one protocol connector: a source, a sink, or both."""
+    """What the core needs to know about one protocol connector: a source, a sink, a
+    northbound server, or several of them."""
 
     name: str
     source_model: type[SourceBase] | None = None
@@ -78,14 +88,30 @@ class ProtocolSpec:
     discovery: DiscoverySpec | None = None
     """How to browse, scan or sample an endpoint of this protocol and write its mapping
     (``fieldbridge discover``, ``POST /v1/discover/{protocol}``); ``None``: not offered."""
+    server_model: type[ServerBase] | None = None
+    """The northbound server's config model, if the protocol can serve points (``servers:``);
+    ``protocol`` is ``Literal[name]``."""
+    build_server: ServerFactory | None = None
+    """Create the server for one configured server."""
+    check_server: Callable[[ServerBase, Mapping[str, ResolvedPoint]], list[ServerCheck]] = (
+        no_server_issues)
+    """Checks of a server against the configured points (every point it serves exists,
+    its type fits): (key path inside the server's entry, message)."""
+    server_template: Callable[[Sequence[ResolvedPoint]], dict[str, Any]] | None = None
+    """A starting ``servers:`` entry that serves the given points, as plain data
+    (``fieldbridge serve-map``); ``None``: not offered."""
 
     def __post_init__(self) -> None:
         if (self.source_model is None) != (self.build is None):
             raise ValueError(f"protocol '{self.name}': a source needs both source_model and build")
         if (self.sink_model is None) != (self.build_sink is None):
             raise ValueError(f"protocol '{self.name}': a sink needs both sink_model and build_sink")
-        if self.source_model is None and self.sink_model is None:
-            raise ValueError(f"protocol '{self.name}' provides neither a source nor a sink")
+        if (self.server_model is None) != (self.build_server is None):
+            raise ValueError(
+                f"protocol '{self.name}': a server needs both server_model and build_server")
+        if self.source_model is None and self.sink_model is None and self.server_model is None:
+            raise ValueError(
+                f"protocol '{self.name}' provides neither a source nor a sink (nor a server)")
 
     def source_unit(self, source: SourceBase, points: Sequence[ResolvedPoint],
                     context: BuildContext) -> SourceUnit:
@@ -99,6 +125,13 @@ class ProtocolSpec:
         if self.build_sink is None:
             raise ConnectorUnavailableError(self.name, "sink")
         return self.build_sink(config, context)
+
+    def server(self, config: ServerBase, context: BuildContext) -> Server:
+        """Create the server for one configured server; ``ConnectorUnavailableError``
+        without one."""
+        if self.build_server is None:
+            raise ConnectorUnavailableError(self.name, "server")
+        return self.build_server(config, context)
 
 
 @dataclass(frozen=True)

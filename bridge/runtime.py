@@ -36,7 +36,15 @@ from bridge.errors import (
     shorten,
 )
 from bridge.facade import ApiFacade, SinkFacade
-from bridge.inventory import RunningSink, RunningSource, sink_entries, sink_entry
+from bridge.inventory import (
+    RunningServer,
+    RunningSink,
+    RunningSource,
+    build_servers,
+    sink_entries,
+    sink_entry,
+    start_servers,
+)
 from bridge.pipeline.delivery import DeliveryContext, SinkDelivery, SinkOutbox
 from bridge.pipeline.notify import notify, watchdog_interval
 from bridge.pipeline.outbox import Outbox, OutboxLimits
@@ -123,6 +131,7 @@ class Runtime:
         self.reloads = 0
         """Reloads applied since start."""
         self._state_watchers: list[Callable[[], None]] = []
+        self.servers: dict[str, RunningServer] = build_servers(config.servers, context)
         for source_config in config.sources:
             self.sources[source_config.id] = self._build_source(config, source_config)
 
@@ -228,6 +237,8 @@ class Runtime:
                 changes.append(f"{section}: changed, applied at the next restart")
         if new.sinks != old.sinks:
             changes.append("sinks: changed, applied at the next restart")
+        if new.servers != old.servers:
+            changes.append("servers: changed, applied at the next restart")
         old_sources = {source.id: source for source in old.sources}
         new_sources = {source.id: source for source in new.sources}
         for source_id in sorted(old_sources.keys() - new_sources.keys()):
@@ -335,6 +346,7 @@ class Runtime:
                     running.push_async_callback(self._stop_service, service)
                     if service.port is not None:
                         self.ports[service.name] = service.port
+                await start_servers(self.servers, SinkFacade(self), running, self.ports)
                 if not self.store.is_open:
                     if not await self._wait_for_store():
                         return

@@ -113,6 +113,9 @@ class RuntimeCollector(Collector):
             for device_id, device in status.children.items():
                 _endpoint(families, "device", device, {**labels, "device": device_id})
         self._sinks(families)
+        for server_id, status in runtime.server_statuses().items():
+            _endpoint(families, "server", status, {"server": server_id,
+                                                   "protocol": status.protocol})
         yield from families
 
     def _sinks(self, families: _Families) -> None:

@@ -175,6 +175,30 @@ class SinkList(BaseModel):
     items: list[SinkModel]
 
 
+class ServerModel(BaseModel):
+    """A configured northbound server: state, port and counters (requests, exceptions,
+    clients); ``details``: connected_clients and what it serves."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    kind: Literal["server"]
+    protocol: str
+    endpoint: str = Field(description="Where it listens.")
+    enabled: bool
+    port: int | None = Field(description="The port it listens on; unset while not serving.")
+    state: Literal["connecting", "up", "degraded", "down", "disabled"]
+    since: str | None = Field(json_schema_extra=ISO_TIME)
+    counters: dict[str, int]
+    details: dict[str, Any]
+
+
+class ServerList(BaseModel):
+    """Every configured northbound server."""
+
+    items: list[ServerModel]
+
+
 class Liveness(BaseModel):
     """The process is alive and its event loop turns."""
 

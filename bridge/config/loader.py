@@ -30,6 +30,7 @@ from bridge.config.models import (
     ProfileBase,
     ReportSpec,
     ResolvedPoint,
+    ServerBase,
     SinkBase,
     SourceBase,
     StoreSection,
@@ -63,6 +64,18 @@ class ConnectorModels(Protocol):
         ...
 
     @property
+    def server_model(self) -> type[ServerBase] | None:
+        """The northbound server's model, if the protocol can serve points."""
+        ...
+
+    @property
+    def check_server(
+        self,
+    ) -> Callable[[ServerBase, Mapping[str, ResolvedPoint]], list[tuple[KeyPath, str]]]:
+        """Checks of a server against the configured points: (key path, message)."""
+        ...
+
+    @property
     def source_points(self) -> Callable[[SourceBase, KeyPath], list[ResolvedPoint]]:
         """Points declared on the source itself (not through devices)."""
         ...
@@ -93,6 +106,7 @@ def root_model(catalog: Catalog) -> type[BaseModel]:
     source_union: Any = _tagged([spec.source_model for spec in specs])
     profile_union: Any = _tagged([spec.profile_model for spec in specs])
     sink_union: Any = _tagged([spec.sink_model for spec in specs])
+    server_union: Any = _tagged([spec.server_model for spec in specs])
     model = create_model(
         "FieldbridgeConfig",
         __base__=StrictModel,
@@ -105,6 +119,7 @@ def root_model(catalog: Catalog) -> type[BaseModel]:
         sources=(list[source_union], Field(default_factory=list)),
         outbox=(OutboxSection, Field(default_factory=OutboxSection)),
         sinks=(list[sink_union], Field(default_factory=list)),
+        servers=(list[server_union], Field(default_factory=list)),
     )
     return cast(type[BaseModel], model)
 
@@ -163,6 +178,7 @@ def load_config(path: str | Path, catalog: Catalog) -> Config:
         document=document,
         outbox=model.outbox,  # type: ignore[attr-defined]
         sinks=list(model.sinks),  # type: ignore[attr-defined]
+        servers=list(model.servers),  # type: ignore[attr-defined]
     )
     _mark_substituted(config)
     _resolve(config, catalog, issues)
@@ -180,7 +196,8 @@ def _mark_substituted(config: Config) -> None:
     user name), so that its endpoint shows them masked. A number (a port) is no secret, and
     masking its digits would mangle the rest of the endpoint."""
     document = config.document
-    for section, entries in (("sources", config.sources), ("sinks", config.sinks)):
+    for section, entries in (("sources", config.sources), ("sinks", config.sinks),
+                             ("servers", config.servers)):
         for index, entry in enumerate(entries):
             values = []
             for path in document.substituted:
@@ -338,7 +355,7 @@ def _unavailable(document: Document, catalog: Catalog, issues: list[ConfigIssue]
     """A section whose protocol's connector is registered but could not be loaded."""
     if not catalog.unavailable or not isinstance(document.data, dict):
         return
-    for section in ("sources", "sinks"):
+    for section in ("sources", "sinks", "servers"):
         entries = document.data.get(section)
         if not isinstance(entries, list):
             continue
@@ -403,6 +420,22 @@ def _resolve(config: Config, catalog: Catalog, issues: list[ConfigIssue]) -> Non
             if source_id not in seen_sources:
                 issues.append(document.issue(("sinks", index, "sources", position),
                                              f"no source has the id '{source_id}'"))
+    _check_servers(config, catalog, issues)
+
+
+def _check_servers(config: Config, catalog: Catalog, issues: list[ConfigIssue]) -> None:
+    """Server ids are unique, and each server's own check against the points holds."""
+    document = config.document
+    seen: set[str] = set()
+    index_of_points = config.point_index()
+    for index, server in enumerate(config.servers):
+        if server.id in seen:
+            issues.append(document.issue(("servers", index, "id"),
+                                         f"server id '{server.id}' is used twice"))
+        seen.add(server.id)
+        spec = catalog.protocols[server.protocol]
+        for key_path, message in spec.check_server(server, index_of_points):
+            issues.append(document.issue(("servers", index, *key_path), message))
 
 
 def _device_points(

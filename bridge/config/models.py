@@ -406,6 +406,25 @@ class SinkBase(_MaskedEndpoint):
         return self.id
 
 
+class ServerBase(_MaskedEndpoint):
+    """What every northbound server has, whatever its protocol: it serves the latest value
+    of configured points to clients that pull (a SCADA polling Modbus, a historian browsing
+    OPC-UA)."""
+
+    id: Identifier = Field(description="Server id, unique within the bridge.")
+    protocol: str
+    enabled: bool = Field(default=True, description="A disabled server is validated, not run.")
+    host: PlainText = Field(
+        default="127.0.0.1", description="Listen address; loopback unless told otherwise.")
+    port: int = Field(ge=1, le=65535, description="Listen port; it is bound at start-up, "
+                      "whatever the state of sources and sinks.")
+
+    def endpoint(self) -> str:
+        """Where this server listens."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.protocol}://{host}:{self.port}"
+
+
 @dataclass(frozen=True)
 class ResolvedPoint:
     """A point after its profile, device and source settings are merged."""
@@ -452,6 +471,7 @@ class Config:
     document: Document = field(repr=False)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     sinks: list[SinkBase] = field(default_factory=list)
+    servers: list[ServerBase] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:

@@ -103,6 +103,8 @@ def render(protocols: Mapping[str, ConnectorModels]) -> str:
         groups = [source_group] if source_group else []
         if spec.sink_model is not None:
             groups.append([(f"sink (`protocol: {name}`)", spec.sink_model)])
+        if spec.server_model is not None:
+            groups.append([(f"server (`protocol: {name}`)", spec.server_model)])
         for group in groups:
             lines += _group_tables(name, group, seen)
     lines.append(END)

@@ -30,6 +30,7 @@ class Owner(enum.StrEnum):
     SINK = "sink"
     ROUTER = "router"
     STREAM = "stream"
+    SERVER = "server"
 
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -169,7 +170,8 @@ class Counts:
         return f"Counts({self.to_dict()!r})"
 
 
-_S, _D, _K, _R, _T = Owner.SOURCE, Owner.DEVICE, Owner.SINK, Owner.ROUTER, Owner.STREAM
+_S, _D, _K, _R, _T, _V = (Owner.SOURCE, Owner.DEVICE, Owner.SINK, Owner.ROUTER, Owner.STREAM,
+                          Owner.SERVER)
 
 # --- sources and devices ---------------------------------------------------------------------
 READINGS = declare("readings", "Raw readings received from the source.", _S, _D,
@@ -189,10 +191,12 @@ RECONNECTS = declare("reconnects", "Connections made again after one was lost.",
 CYCLES = declare("cycles", "Poll cycles run.", _S, _D, unit="cycles")
 OVERRUNS = declare("overruns", "Poll cycles skipped because the previous one was still "
                    "running.", _S, _D, unit="cycles")
-REQUESTS = declare("requests", "Requests sent to the device.", _S, _D, unit="requests")
+REQUESTS = declare("requests", "Requests: sent to a device by a source, or received from a "
+                   "client by a northbound server.", _S, _D, _V, unit="requests")
 RESPONSES = declare("responses", "Requests the device answered with data.", _S, _D,
                     unit="requests")
-EXCEPTIONS = declare("exceptions", "Requests the device answered with an exception.", _S, _D,
+EXCEPTIONS = declare("exceptions", "Requests answered with an exception: by the device (a "
+                     "source), or by the bridge (a northbound server).", _S, _D, _V,
                      unit="requests")
 TIMEOUTS = declare("timeouts", "Requests the device did not answer in time.", _S, _D,
                    unit="requests")
@@ -236,9 +240,10 @@ COMMANDS_DROPPED = declare("commands_dropped", "Commands dropped because their d
                            "had too many waiting (also counted as rejected).", _K, unit="commands")
 COMMANDS_REFUSED = declare("commands_refused", "Command writes refused (commands off, an "
                            "unknown point or one not writable).", _K, unit="writes")
-WRITES = declare("writes", "Command writes carried out on a point.", _K, unit="writes")
-WRITES_FAILED = declare("writes_failed", "Command writes the source could not carry out.", _K,
-                        unit="writes")
+WRITES = declare("writes", "Writes carried out on a point: Sparkplug B commands, or a "
+                 "northbound server's clients.", _K, _V, unit="writes")
+WRITES_FAILED = declare("writes_failed", "Writes (Sparkplug B commands, a northbound server's "
+                        "clients) the source could not carry out.", _K, _V, unit="writes")
 
 # --- BACnet devices --------------------------------------------------------------------------
 COV_SUBSCRIPTIONS = declare("cov_subscriptions", "COV subscriptions made or renewed.", _D,
@@ -253,6 +258,27 @@ UNKNOWN_I_AM = declare("unknown_i_am", "I-Am announcements from devices nobody c
                        "(counted and dropped).", _S, unit="announcements")
 UNKNOWN_COV = declare("unknown_cov", "COV notifications from devices nobody configured "
                       "(counted and dropped).", _S, unit="notifications")
+
+# --- northbound servers ----------------------------------------------------------------------
+EXCEPTION_02 = declare("exception_02", "Modbus requests answered with exception 02 (illegal data "
+                       "address: outside the map, or a read-only entry written).", _V,
+                       unit="requests")
+EXCEPTION_03 = declare("exception_03", "Modbus requests answered with exception 03 (illegal data "
+                       "value: a value the point cannot hold, part of a value written).", _V,
+                       unit="requests")
+EXCEPTION_04 = declare("exception_04", "Modbus requests answered with exception 04 (a point bad, "
+                       "stale, or its source down; a device refusing a write).", _V,
+                       unit="requests")
+EXCEPTION_0B = declare("exception_0b", "Modbus requests for a unit id the server does not "
+                       "serve (exception 0B).", _V, unit="requests")
+CLIENTS = declare("clients", "Client connections accepted.", _V, unit="connections")
+CLIENTS_REFUSED = declare("clients_refused", "Client connections refused (not in "
+                          "allowed_networks, or over max_connections).", _V, unit="connections")
+VALUE_UPDATES = declare("value_updates", "Values written into the served address space as "
+                        "events were stored.", _V, unit="values")
+CERTIFICATES_REJECTED = declare("certificates_rejected", "Client certificates refused because "
+                                "they are not trusted (saved under pki/rejected).", _V,
+                                unit="certificates")
 
 # --- event streams ---------------------------------------------------------------------------
 STREAMS = declare("streams", "Event streams opened.", _T, unit="streams")

@@ -1,4 +1,5 @@
-"""The Modbus connector: TCP, RTU over TCP and RTU serial sources polling register maps."""
+"""The Modbus connector: TCP, RTU over TCP and RTU serial sources polling register maps, and
+a Modbus TCP server serving bridged points."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from protocols.modbus.config import (
 from protocols.modbus.holes import DevicePlan
 from protocols.modbus.mapping import PROTOCOL, BlockAddress, ModbusMapper
 from protocols.modbus.planner import Block, plan
+from protocols.modbus.server import build_server
+from protocols.modbus.server_config import ModbusServerConfig
+from protocols.modbus.server_config import check as check_server
+from protocols.modbus.server_config import template as server_template
 from protocols.modbus.source import ModbusSource
 
 __all__ = ["SPEC", "Block", "BlockAddress", "ModbusMapper", "ModbusSource", "build", "check"]
@@ -119,5 +124,9 @@ SPEC = ProtocolSpec(
     profile_model=ModbusProfile,
     check=check,
     discovery=discover.SPEC,
+    server_model=ModbusServerConfig,
+    build_server=build_server,
+    check_server=check_server,
+    server_template=server_template,
 )
 """The Modbus entry of the protocol registry."""

@@ -20,6 +20,9 @@ from protocols.opcua.config import (
     source_points,
 )
 from protocols.opcua.mapping import OpcuaMapper
+from protocols.opcua.server import build_server
+from protocols.opcua.server_config import OpcuaServerConfig
+from protocols.opcua.server_config import check as check_server
 from protocols.opcua.source import OpcuaSource
 
 __all__ = [
@@ -53,4 +56,7 @@ SPEC = ProtocolSpec(
     source_points=source_points,
     check=check,
     discovery=discover.SPEC,
+    server_model=OpcuaServerConfig,
+    build_server=build_server,
+    check_server=check_server,
 )

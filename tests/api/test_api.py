@@ -343,7 +343,8 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     assert set(document["paths"]) == {
         "/v1/points", "/v1/points/{point_id}", "/v1/points/{point_id}/history",
         "/v1/points/{point_id}/live", "/v1/events/stream", "/v1/sources",
-        "/v1/sources/{source_id}", "/v1/sinks", "/v1/sinks/{sink_id}", "/v1/status/stream",
+        "/v1/sources/{source_id}", "/v1/sinks", "/v1/sinks/{sink_id}", "/v1/servers",
+        "/v1/status/stream",
         "/v1/whoami", "/health/live", "/health/ready", "/metrics", "/v1/discover/{protocol}"}
     assert set(document["paths"]["/v1/points/{point_id}"]) == {"get", "put"}
     stream = document["paths"]["/v1/events/stream"]["get"]

@@ -1,5 +1,6 @@
-"""``/v1/sources`` and ``/v1/sinks``: every configured endpoint with its state, last error
-and counters (sources with their devices, sinks with their outbox and delivery figures)."""
+"""``/v1/sources``, ``/v1/sinks`` and ``/v1/servers``: every configured endpoint with its
+state, last error and counters (sources with their devices, sinks with their outbox and
+delivery figures, northbound servers with their clients and requests)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from bridge.api.handlers import JsonBody
 from bridge.api.models import (
     ERROR_RESPONSES,
     NOT_FOUND,
+    ServerList,
     SinkList,
     SinkModel,
     SourceList,
@@ -59,3 +61,10 @@ async def get_sink(
         raise ApiError(404, "not_found", f"no sink '{sink_id}'",
                        "GET /v1/sinks lists the configured sinks") from None
     return JsonBody(entry)
+
+
+@router.get("/servers", response_model=ServerList, tags=["servers"])
+async def list_servers(context: Context) -> JsonBody:
+    """Every configured northbound server with its state, port, clients and request
+    counters."""
+    return JsonBody({"items": context.runtime.servers()})
