@@ -136,12 +136,11 @@ class Router:
         started = -self.commit_interval
         writing = True
         while not self._closing:
-            await self._arrived.wait()
-            if self._closing:
-                break
             if not self._queue and not self.gate.retry_due(False):
-                # Woken by a sink that made room while nothing is held back for it.
+                # Nothing to store: sleep until a source hands in events, a sink makes room
+                # for what is held back, or shutdown (no timer).
                 self._arrived.clear()
+                await self._arrived.wait()
                 continue
             if self.commit_interval:
                 # An optional floor between commits (``store.commit_interval``).
@@ -198,8 +197,6 @@ class Router:
             batch = self._queue.popleft()
             batches.append(batch)
             fresh += len(batch.events)
-        if not self._queue:
-            self._arrived.clear()
         return batches, fresh
 
     async def _store(self, batches: list[Batch]) -> Admission | None:
