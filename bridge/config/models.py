@@ -362,11 +362,12 @@ class StoreSection(StrictModel):
         default=3600.0, ge=0, description="The event log keeps events for resuming streams "
         "at most this long.")
     commit_interval: Duration = Field(
-        default=0.005, ge=0, le=1.0,
-        description="Shortest time between two commits: what arrives meanwhile is committed "
-        "together. Under load, fewer and larger transactions cost less CPU per event; an event "
-        "waits at most this long, and the first after a quiet spell not at all. 0: commit as "
-        "soon as anything arrives.")
+        default=0.0, ge=0, le=1.0,
+        description="Shortest time between the starts of two commits. 0 (the default): group "
+        "commit with no wait, a batch is committed as soon as the previous commit is done, and "
+        "what arrives meanwhile is committed together. A longer interval makes fewer, larger "
+        "transactions under load at the cost of latency; the first event after a quiet spell "
+        "never waits.")
 
 
 class OutboxSection(StrictModel):

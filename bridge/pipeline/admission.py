@@ -105,9 +105,11 @@ class AdmissionGate:
             outbox.room_listeners.append(self.made_room)
 
     def made_room(self) -> None:
-        """A sink's events were confirmed: wake the router to retry what is held back."""
+        """A sink's events were confirmed: wake the router to retry what is held back (with
+        nothing held back, the router is not woken for it)."""
         self.generation += 1
-        self._wake()
+        if self._held:
+            self._wake()
 
     @property
     def holding(self) -> bool:

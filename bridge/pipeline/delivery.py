@@ -403,7 +403,12 @@ async def _publish(delivery: SinkDelivery, connection: _Connection, outbox: Outb
         if connection.confirming is None and connection.confirmed_seqs and (
                 len(connection.confirmed_seqs) >= CONFIRM_BATCH or not progressed):
             confirmed, connection.confirmed_seqs = connection.confirmed_seqs, []
-            connection.confirming = _wake_when_done(outbox.confirm(confirmed), signal)
+            confirming = outbox.confirm(confirmed)
+            if confirming.done():
+                # Recorded on the loop already (the daemon's own outbox): no wake-up for it.
+                confirming.result()
+            else:
+                connection.confirming = _wake_when_done(confirming, signal)
             retry = sink.retry
         if not progressed:
             await signal.wait()

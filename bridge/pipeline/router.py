@@ -1,10 +1,13 @@
 """The router: stores events in batches, settles acknowledgements, fans events out.
 
 Sources hand in events through ``submit``; when more than ``max_pending`` events wait to be
-stored, ``submit`` waits, so a fast source slows down instead of growing memory. Batches are at
-least ``commit_interval`` apart: under load what arrives meanwhile is stored together. Storing a
-batch writes its history and its event-log row in one transaction; only then are its upstream
-messages acknowledged, so an acknowledged message's events are always in the outbox.
+stored, ``submit`` waits, so a fast source slows down instead of growing memory. Group commit:
+a batch goes to the store's writer as soon as the writer is free, with no timer in between;
+while a commit is in flight, what arrives gathers into the next batch. So at a low rate every
+event is committed at once, and under load a batch is bounded by size (``max_batch``) and by
+age (the time one commit takes). Storing a batch writes its history and its event-log row in
+one transaction; only then are its upstream messages acknowledged, so an acknowledged
+message's events are always in the outbox (and on disk under ``store.sync: full``).
 
 Under the ``block`` policy, the router asks its admission gate (``bridge.pipeline.admission``)
 what of each batch is stored: the gate holds back the events that a full sink takes, in order,
@@ -60,7 +63,8 @@ class Router:
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.commit_interval = commit_interval
-        """Seconds, at least, from the start of one batch's write to the next (group commit)."""
+        """Seconds, at least, from the start of one batch's write to the next; 0 (the default):
+        the next batch goes as soon as the writer is free."""
         self.latest: dict[str, Event] = {}
         """The last event of every point, kept in memory for the API."""
         self.counters = Counts()
@@ -117,40 +121,51 @@ class Router:
     async def run(self) -> None:
         """Store queued events until cancelled; then store what is left.
 
-        A batch being stored when the router is cancelled is finished first (it is shielded),
-        so nothing a source handed in is lost at shutdown, unless the store cannot write then:
-        what is left is given up, unacknowledged upstream.
+        The batches are stored by one task of their own for the router's lifetime (no task
+        per batch); cancelling ``run`` lets it finish the batch it is storing, so nothing a
+        source handed in is lost at shutdown, unless the store cannot write then: what is left
+        is given up, unacknowledged upstream.
         """
-        flushing: asyncio.Task[bool] | None = None
+        committing = asyncio.create_task(self._commit_batches(), name="router.commit")
+        try:
+            await asyncio.shield(committing)
+        finally:
+            # Cancelled (shutdown): the task stores what sources already handed in before it
+            # returns, beyond the outbox's bound if need be (sources are stopped: it cannot
+            # grow more).
+            self._closing = True
+            self._stopping.set()
+            self._arrived.set()
+            await committing
+
+    async def _commit_batches(self) -> None:
+        """Hand the writer one batch after another, each as soon as the previous one is
+        committed; at shutdown (``_closing``) store what is left."""
         loop = asyncio.get_running_loop()
         started = -self.commit_interval
-        try:
-            while True:
+        writing = True
+        while not self._closing:
+            if not self._queue and not self.gate.retry_due(False):
+                # Nothing to store: sleep until a source hands in events, a sink makes room
+                # for what is held back, or shutdown (no timer).
+                self._arrived.clear()
                 await self._arrived.wait()
-                if not self._queue and not self.gate.retry_due(self._closing):
-                    # Woken by a sink that made room while nothing is held back for it.
-                    self._arrived.clear()
-                    continue
-                # Group commit: while batches follow each other closely, gather what arrives
-                # for the rest of the interval, so a busy store commits fewer, larger batches.
+                continue
+            if self.commit_interval:
+                # An optional floor between commits (``store.commit_interval``).
                 delay = started + self.commit_interval - loop.time()
                 if delay > 0 and self._queued < self.max_batch:
                     await asyncio.sleep(delay)
                 started = loop.time()
-                flushing = asyncio.create_task(self._flush(), name="router.flush")
-                await asyncio.shield(flushing)
-        finally:
-            # Cancelled (shutdown): store what sources already handed in before returning,
-            # beyond the outbox's bound if need be (sources are stopped: it cannot grow more).
-            self._closing = True
-            self._stopping.set()
-            writing = await asyncio.shield(flushing) if flushing is not None else True
-            while writing and (self._queue or self.gate.holding):
-                writing = await asyncio.shield(self._flush())
-            if not writing:
-                self._abandon([*self.gate.release(), *self._queue])
-                self._queue.clear()
-                self._queued = 0
+            writing = await self._flush()
+            if not writing:  # the store cannot write and the router is stopping
+                break
+        while writing and (self._queue or self.gate.holding):
+            writing = await self._flush()
+        if not writing:
+            self._abandon([*self.gate.release(), *self._queue])
+            self._queue.clear()
+            self._queued = 0
 
     async def _flush(self) -> bool:
         """Store, settle and announce one batch; ``False`` when the store could not write it
@@ -191,8 +206,6 @@ class Router:
             batch = self._queue.popleft()
             batches.append(batch)
             fresh += len(batch.events)
-        if not self._queue:
-            self._arrived.clear()
         return batches, fresh
 
     async def _store(self, batches: list[Batch]) -> Admission | None:

@@ -15,7 +15,7 @@ from bridge.core.model import Event, Quality, new_event_id
 from bridge.core.sink import EventSelector, OutboxRoute
 from bridge.pipeline.admission import AdmissionGate, Batch
 from bridge.pipeline.delivery import SinkOutbox
-from bridge.pipeline.outbox import Outbox, OutboxLimits
+from bridge.pipeline.outbox import Admission, Outbox, OutboxLimits
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Replay, Retention, Store
 
@@ -326,8 +326,37 @@ async def test_the_gate_holds_a_full_sinks_points_in_order_until_a_sink_made_roo
         assert gate.retry_due(closing=False)
         assert [list(batch.events) for batch in gate.release()] == [[first.events[5]]]
         assert not gate.holding
+        # With nothing held back, room made wakes nobody (an idle router stays asleep).
+        outbox_of(store).made_room()
+        assert woken == [1]
     finally:
         store.close()
+
+
+async def test_room_made_while_the_batch_that_is_held_commits_still_retries_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = SinkOutbox(store, SINK)
+    commit = store.commit
+    confirmed: list[int] = []
+
+    async def confirming_meanwhile(admission: Admission) -> None:
+        await commit(admission)
+        if not confirmed:  # the sink confirms before the router saw what it held back
+            confirmed.extend(row.seq for row in await sink.read(0, 5))
+            await sink.confirm(confirmed)
+
+    monkeypatch.setattr(store, "commit", confirming_meanwhile)
+    routed = Router(store)
+    runner = asyncio.create_task(routed.run())
+    try:
+        await routed.submit([make_event("a.p", value) for value in range(7)])
+        await wait_until(lambda: store.history_count("a.p") == 7 and routed.pending == 0,
+                         what="the held events to be stored")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert (len(confirmed), routed.counters["outbox_full_waits"]) == (5, 1)
 
 
 async def test_router_stores_past_the_bound_when_it_stops(store: Store) -> None:

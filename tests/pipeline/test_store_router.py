@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers.store import CountingAck, make_event
 
+from bridge.config.models import StoreSection
 from bridge.pipeline.outbox import Admission
 from bridge.pipeline.router import Router
 from bridge.pipeline.store import Replay, Retention, Store
@@ -221,7 +222,7 @@ def test_unwritable_store_is_a_clear_error(tmp_path: Path) -> None:
         broken.open()
 
 
-async def test_batches_arriving_within_the_commit_interval_are_committed_together(
+async def test_a_commit_interval_gathers_batches_into_one_commit(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
@@ -251,6 +252,47 @@ async def test_batches_arriving_within_the_commit_interval_are_committed_togethe
     assert writes == [1, 4]
     assert [event.value for event in store.history("a", newest_first=False)][-4:] == [
         1.0, 2.0, 3.0, 4.0]
+
+
+async def test_a_batch_goes_to_the_writer_as_soon_as_it_is_free(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: no timer between commits; what arrives during one commit is the next."""
+    writes: list[list[object]] = []
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def gated(admission: Admission) -> None:
+        # A writer that takes no time once released: only the router's own waits remain.
+        writes.append([event.value for event in admission.events])
+        entered.set()
+        await release.wait()
+
+    monkeypatch.setattr(store, "commit", gated)
+    # Built as the daemon builds it, with the configuration's defaults.
+    routed = Router(store, commit_interval=StoreSection().commit_interval)
+    task = asyncio.create_task(routed.run(), name="router")
+    try:
+        await routed.submit([make_event("a", 0.0)])
+        await entered.wait()
+        for value in (1.0, 2.0, 3.0):  # arrive while the first commit is in flight
+            await routed.submit([make_event("a", value)])
+        entered.clear()
+        release.set()
+        await entered.wait()
+        entered.clear()
+        # Straight after a commit: handed to the writer within a few turns of the loop, with
+        # no timer to wait for.
+        await routed.submit([make_event("a", 4.0)])
+        for _ in range(10):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0)
+        assert entered.is_set()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert writes == [[0.0], [1.0, 2.0, 3.0], [4.0]]
 
 
 # --- history in chunks ------------------------------------------------------------------------

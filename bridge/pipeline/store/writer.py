@@ -52,9 +52,10 @@ class Store:
     LATEST_EVERY = 5.0
     """Seconds between updates of the ``latest`` table (with a batch, in its transaction)."""
     CHECKPOINT_EVERY: float | None = 1.0
-    """Seconds between checkpoints of the write-ahead log, made by a thread of their own so the
-    writer never waits for one (they copy pages and sync the files); ``None``: SQLite's own
-    checkpoints, made by the writer whenever the log reaches 1,000 pages."""
+    """Seconds between checkpoints of the write-ahead log, at most, made by a thread of their
+    own so the writer never waits for one (they copy pages and sync the files), and only after
+    something was written (an idle store wakes no thread); ``None``: SQLite's own checkpoints,
+    made by the writer whenever the log reaches 1,000 pages."""
     FALLBACK_CHECKPOINT_PAGES = 16_384
     """The writer still checkpoints when the log reaches this many pages (64 MiB), should the
     checkpoint thread fall behind."""
@@ -86,6 +87,8 @@ class Store:
         """Events written since open."""
         self._checkpointing: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
+        self._wrote = threading.Event()
+        """Set by the writer after each commit: the log has pages to checkpoint."""
 
     @property
     def retention(self) -> Retention:
@@ -124,6 +127,7 @@ class Store:
             self._reader.execute("PRAGMA query_only = ON")
             if self.CHECKPOINT_EVERY is not None:
                 self._stop_checkpoints.clear()
+                self._wrote.clear()
                 self._checkpointing = threading.Thread(
                     target=self._checkpoint, args=(self.CHECKPOINT_EVERY,),
                     name="store-checkpoint", daemon=True)
@@ -161,11 +165,16 @@ class Store:
         self._writer = writer
 
     def _checkpoint(self, every: float) -> None:
-        """Copy the write-ahead log into the database every ``every`` seconds (PASSIVE: never
-        waits for the writer or the readers; what it cannot copy now it copies next time)."""
+        """Copy the write-ahead log into the database at most every ``every`` seconds, once
+        something was written (PASSIVE: never waits for the writer or the readers; what it
+        cannot copy now it copies next time). With nothing written it sleeps without a timer."""
         connection = sqlite3.connect(self.path)
         try:
-            while not self._stop_checkpoints.wait(every):
+            while True:
+                self._wrote.wait()
+                if self._stop_checkpoints.wait(every):
+                    break
+                self._wrote.clear()
                 try:
                     connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
@@ -179,6 +188,7 @@ class Store:
         """Close both connections and stop the writer and checkpoint threads."""
         if self._checkpointing is not None:
             self._stop_checkpoints.set()
+            self._wrote.set()
             self._checkpointing.join()
             self._checkpointing = None
         if self._executor is not None:
@@ -338,6 +348,7 @@ class Store:
         sinks = (self.outbox.committed(admission, first, created)
                  if self.outbox is not None else frozenset[str]())
         self.written += len(events)
+        self._wrote.set()
         self._prune_when_due(now)
         return sinks
 
@@ -401,6 +412,7 @@ class Store:
             if self.outbox is not None:
                 self.outbox.save(writer)
             self.log.trim(writer, now, self._latest.mark, self.outbox)
+        self._wrote.set()
 
     # --- reading -------------------------------------------------------------------------------
 
