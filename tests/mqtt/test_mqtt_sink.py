@@ -65,10 +65,12 @@ class Subscriber:
             self._changed.set()
 
     async def wait_for(self, predicate: Callable[[], bool], what: str,
-                       within: float = SETTLE) -> None:
-        """Wait until ``predicate()`` holds after some message; fail after ``within`` s."""
+                       within: float = SETTLE, detail: Callable[[], str] | None = None) -> None:
+        """Wait until ``predicate()`` holds after some message; fail after ``within`` s, saying
+        what ``detail()`` says of the state then."""
         await wait_on(self._changed, predicate, within,
-                      lambda: f"{what}; {len(self.messages)} messages")
+                      lambda: f"{what}; {len(self.messages)} messages"
+                      + (f"; {detail()}" if detail is not None else ""))
 
     async def count(self, count: int, within: float = SETTLE) -> list[aiomqtt.Message]:
         """The first ``count`` messages, once they are there."""
@@ -269,8 +271,15 @@ async def test_a_cut_connection_loses_nothing_at_qos_1(tmp_path: Path, prefix: s
             await wait_until(lambda: status.counters["reconnects"] >= 1, what="the cut seen")
             await bridge.delivered(SINK, len(events))
             expected = {event.id for event in events}
+
+            def missing() -> str:
+                received = set(subscriber.ids())
+                lost = [index for index, event in enumerate(events) if event.id not in received]
+                counters = {spec.name: value for spec, value in status.counters.items()}
+                return f"missing events at indexes {lost[:50]} ({len(lost)}); sink {counters}"
+
             await subscriber.wait_for(lambda: expected <= set(subscriber.ids()),
-                                      "every event at least once")
+                                      "every event at least once", detail=missing)
     assert proxy.connections >= 2
     ids = subscriber.ids()
     assert set(ids) == expected  # duplicates allowed, loss not
