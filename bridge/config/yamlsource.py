@@ -206,8 +206,21 @@ MAX_DEPTH = 100
 file of a hundred thousand ``[`` must be an error with its line, not a ``RecursionError``."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+"""The booleans of YAML 1.2. PyYAML follows YAML 1.1, where ``on``, ``off``, ``yes``, ``no``,
+``y`` and ``n`` are booleans too: ``enum: {0: off, 1: on}`` would map to ``False``/``True``
+and ``on:`` as a key would be ``True``. Here they are the words they look like; a boolean
+setting still takes them (the models read ``yes`` or ``on`` as true)."""
+
+
 class _DepthLimitedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, whose recursive composer refuses to nest past ``MAX_DEPTH``."""
+    """PyYAML's safe loader with YAML 1.2 booleans, whose recursive composer refuses to nest
+    past ``MAX_DEPTH``."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     depth = 0
 
@@ -221,6 +234,9 @@ class _DepthLimitedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+_DepthLimitedLoader.add_implicit_resolver(_BOOL, _YAML12_BOOL, list("tTfF"))
 
 
 def load_yaml(path: Path, issues: list[ConfigIssue]) -> Document:

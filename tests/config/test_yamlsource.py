@@ -8,6 +8,7 @@ import pytest
 
 from bridge.config.yamlsource import format_path, load_yaml, substitute
 from bridge.errors import ConfigIssue
+from bridge.registry import load_config
 
 
 def _load(tmp_path: Path, text: str) -> tuple[object, list[ConfigIssue], object]:
@@ -112,3 +113,17 @@ def test_aliases_within_the_budget_still_expand(tmp_path: Path) -> None:
     document = load_yaml(path, issues)
     assert issues == []
     assert document.data["points"] == [{"unit": "degC", "scale": 0.1}] * 2
+
+
+def test_booleans_are_yaml_1_2_so_on_off_yes_no_stay_words(tmp_path: Path) -> None:
+    data, issues, _ = _load(tmp_path, "timestamp: {on: item}\nlabels: [off, on, yes, no, y, n]\n"
+                                      "flags: [true, False, TRUE]\n")
+    assert issues == []
+    assert data == {"timestamp": {"on": "item"}, "labels": ["off", "on", "yes", "no", "y", "n"],
+                    "flags": [True, False, True]}
+
+
+def test_a_boolean_setting_still_reads_yes_and_no(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("bridge: {id: t, state_dir: state}\napi: {enabled: no}\n")
+    assert load_config(path).api.enabled is False
